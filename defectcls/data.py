@@ -1,0 +1,316 @@
+"""Image loading, the one preprocessing path, folder scanning, splits, cache and batch augmentation.
+
+Inference, training, evaluation, the app, bench and export all go through
+``load_image`` -> ``fit_square`` -> ``normalize``; training keeps the output of
+``fit_square`` in memory (decoded once) and layers augmentation on top.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import DefectclsError, ImageLoadError
+
+IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+LABELS = ("good", "bad")
+MIN_SIDE = 16
+MAX_PIXELS = 50_000_000  # ~7000x7000; larger is refused before decoding (decompression bombs)
+MAX_BYTES = 50 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int  # 0 good, 1 bad
+
+
+def _to_uint8(img: Image.Image) -> Image.Image:
+    """High bit-depth and float images to 8-bit, keeping the full range."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
+        return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    """Composite transparent images onto black, the background of our photos."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return img
+
+
+def load_image(src: str | os.PathLike | bytes, color: str = "gray") -> np.ndarray:
+    """Decode any supported image to uint8: HxW for 'gray', HxWx3 for 'rgb'.
+
+    Raises ImageLoadError with a one-line reason for anything that is not a
+    usable picture (empty, not an image, truncated, too small, too large).
+    """
+    if color not in ("gray", "rgb"):
+        raise DefectclsError(f"color must be 'gray' or 'rgb', got {color!r}")
+    name = "upload" if isinstance(src, bytes | bytearray) else os.fspath(src)
+    try:
+        if isinstance(src, bytes | bytearray):
+            data = bytes(src)
+        else:
+            size = os.path.getsize(src)
+            if size > MAX_BYTES:
+                raise ImageLoadError(f"{name}: file is {size / 1e6:.0f} MB, more than the {MAX_BYTES / 1e6:.0f} MB allowed")
+            with open(src, "rb") as fh:
+                data = fh.read()
+    except ImageLoadError:
+        raise
+    except OSError as exc:
+        raise ImageLoadError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
+    if not data:
+        raise ImageLoadError(f"{name}: file is empty")
+    if len(data) > MAX_BYTES:
+        raise ImageLoadError(f"{name}: file is {len(data) / 1e6:.0f} MB, more than the {MAX_BYTES / 1e6:.0f} MB allowed")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageLoadError(f"{name}: image is {w}x{h} pixels, more than the {MAX_PIXELS:,} allowed")
+            img.seek(0)  # first frame of animated GIFs and multi-page TIFFs
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"{name}: image declares too many pixels (decompression bomb)") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageLoadError(f"{name}: not a recognised image (PNG, JPEG, BMP, TIFF, ...)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError(f"{name}: image data is broken or truncated ({exc})") from exc
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise ImageLoadError(f"{name}: image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+    img = _flatten_alpha(_to_uint8(img))
+    try:
+        img = img.convert("L" if color == "gray" else "RGB")
+    except (OSError, ValueError) as exc:
+        raise ImageLoadError(f"{name}: cannot convert image mode {img.mode} ({exc})") from exc
+    return np.asarray(img)
+
+
+def fit_square(arr: np.ndarray, size: int) -> np.ndarray:
+    """Pad to a centred square with black (keeps the aspect ratio), then resize to size x size."""
+    h, w = arr.shape[:2]
+    if h != w:
+        side = max(h, w)
+        pad = [((side - h) // 2, side - h - (side - h) // 2), ((side - w) // 2, side - w - (side - w) // 2)]
+        if arr.ndim == 3:
+            pad.append((0, 0))
+        arr = np.pad(arr, pad)
+    if arr.shape[0] != size:
+        img = Image.fromarray(arr)
+        arr = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))
+    return np.ascontiguousarray(arr)
+
+
+def normalize(arr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 HxW or HxWxC (or a batch NxCxHxW) -> float32 CxHxW, (x/255 - mean) / std."""
+    x = arr.astype(np.float32) / 255.0
+    if x.ndim == 2:
+        x = x[None]
+    elif x.ndim == 3 and x.shape[-1] in (1, 3) and x.shape[0] not in (1, 3):
+        x = x.transpose(2, 0, 1)
+    c = x.shape[-3]
+    m = np.asarray(mean, np.float32).reshape(c, 1, 1)
+    s = np.asarray(std, np.float32).reshape(c, 1, 1)
+    return np.ascontiguousarray((x - m) / s)
+
+
+def preprocess(src: str | os.PathLike | bytes | np.ndarray, img_size: int, color: str,
+               mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """The one preprocessing path: file/bytes/array -> float32 CxHxW ready for the model."""
+    arr = src if isinstance(src, np.ndarray) else load_image(src, color)
+    arr = as_color(arr, color)
+    return normalize(fit_square(arr, img_size), mean, std)
+
+
+def as_color(arr: np.ndarray, color: str) -> np.ndarray:
+    """Bring an already decoded uint8 array to the colour mode a model wants."""
+    if arr.dtype != np.uint8:
+        raise ImageLoadError(f"array input must be uint8, got {arr.dtype}")
+    if color == "gray" and arr.ndim == 3:
+        return np.asarray(Image.fromarray(arr[..., :3] if arr.shape[-1] >= 3 else arr[..., 0]).convert("L"))
+    if color == "rgb" and arr.ndim == 2:
+        return np.repeat(arr[..., None], 3, axis=2)
+    return arr
+
+
+# ---------------------------------------------------------------- folders and splits
+
+def scan_folder(root: str | os.PathLike) -> list[Sample]:
+    """All images under ROOT/good and ROOT/bad (recursively), sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DefectclsError(f"data folder {root} does not exist")
+    samples: list[Sample] = []
+    for label, name in enumerate(LABELS):
+        sub = root / name
+        if not sub.is_dir():
+            raise DefectclsError(f"data folder {root} has no '{name}/' subfolder (expected {root}/good and {root}/bad)")
+        samples += [Sample(str(p), label) for p in sorted(sub.rglob("*")) if p.suffix.lower() in IMG_EXTS and p.is_file()]
+    if not samples:
+        raise DefectclsError(f"no images (PNG, JPEG, BMP, TIFF) found in {root}/good or {root}/bad")
+    return samples
+
+
+def read_label_csv(path: str | os.PathLike) -> list[Sample]:
+    """Read a reviewed-labels CSV (columns path,label first; labels good/bad)."""
+    out: list[Sample] = []
+    base = Path(path).resolve().parent
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or "path" not in reader.fieldnames or "label" not in reader.fieldnames:
+                raise DefectclsError(f"{path}: a labels CSV needs 'path' and 'label' columns")
+            for i, row in enumerate(reader, start=2):
+                label = (row.get("label") or "").strip().lower()
+                if label not in LABELS:
+                    raise DefectclsError(f"{path}:{i}: label must be 'good' or 'bad', got {label!r}")
+                p = Path(row["path"])
+                out.append(Sample(str(p if p.is_absolute() else base / p), LABELS.index(label)))
+    except OSError as exc:
+        raise DefectclsError(f"cannot read labels CSV {path}: {exc.strerror or exc}") from exc
+    return out
+
+
+def merge_labels(samples: list[Sample], extra: list[Sample]) -> tuple[list[Sample], int, int]:
+    """Extra labels override samples with the same file and add the rest; returns (samples, overridden, added)."""
+    index = {os.path.realpath(s.path): i for i, s in enumerate(samples)}
+    merged = list(samples)
+    overridden = added = 0
+    for s in extra:
+        key = os.path.realpath(s.path)
+        if key in index:
+            if merged[index[key]].label != s.label:
+                overridden += 1
+            merged[index[key]] = Sample(merged[index[key]].path, s.label)
+        else:
+            index[key] = len(merged)
+            merged.append(s)
+            added += 1
+    return merged, overridden, added
+
+
+def stratified_split(labels: Sequence[int], fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+                     seed: int = 0) -> dict[str, list[int]]:
+    """Seeded per-class split into train/val/test index lists (each class in every part when it can be)."""
+    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise DefectclsError(f"split fractions must sum to 1, got {fractions}")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n = len(idx)
+        n_val = max(1, round(fractions[1] * n)) if fractions[1] > 0 and n >= 3 else 0
+        n_test = max(1, round(fractions[2] * n)) if fractions[2] > 0 and n >= 3 else 0
+        parts["val"] += idx[:n_val].tolist()
+        parts["test"] += idx[n_val:n_val + n_test].tolist()
+        parts["train"] += idx[n_val + n_test:].tolist()
+    return {k: sorted(v) for k, v in parts.items()}
+
+
+def fingerprint(samples: Sequence[Sample]) -> str:
+    """A cheap identity of a labelled file list: names, sizes and labels."""
+    h = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: s.path):
+        try:
+            size = os.path.getsize(s.path)
+        except OSError:
+            size = -1
+        h.update(f"{os.path.basename(s.path)}\t{size}\t{s.label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- decode cache
+
+def _decode_one(args: tuple[str, int, str]) -> tuple[np.ndarray | None, str | None]:
+    path, size, color = args
+    try:
+        arr = fit_square(load_image(path, color), size)
+    except ImageLoadError as exc:
+        return None, str(exc)
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None
+
+
+def cache_path(samples: Sequence[Sample], size: int, color: str) -> Path:
+    root = Path(os.environ.get("DEFECTCLS_CACHE_DIR") or Path.home() / ".cache" / "defectcls")
+    h = hashlib.sha256(f"{size}|{color}|".encode())
+    for s in samples:
+        try:
+            st = os.stat(s.path)
+            h.update(f"{os.path.realpath(s.path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{s.path}|missing\n".encode())
+    return root / f"decoded-{h.hexdigest()[:20]}.npz"
+
+
+def decode_all(samples: Sequence[Sample], size: int, color: str = "gray", workers: int | None = None,
+               use_disk_cache: bool = True, progress: bool = False) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """Decode every sample once to uint8 NxCxSxS at working size.
+
+    Returns (array of the readable ones, their indices into samples, [(path, reason)] of unreadable ones).
+    A disk cache keyed by paths, sizes and mtimes makes re-runs skip decoding.
+    """
+    cpath = cache_path(samples, size, color) if use_disk_cache else None
+    if cpath is not None and cpath.exists():
+        try:
+            with np.load(cpath, allow_pickle=False) as z:
+                bad = [tuple(x) for x in z["failed"].tolist()] if z["failed"].size else []
+                return z["images"], z["ok"].tolist(), bad
+        except (OSError, ValueError, KeyError):
+            pass
+    workers = workers or min(4, os.cpu_count() or 1)
+    jobs = [(s.path, size, color) for s in samples]
+    if workers > 1 and len(jobs) > 32:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(_progress(pool.map(_decode_one, jobs, chunksize=16), len(jobs), progress))
+    else:
+        results = list(_progress(map(_decode_one, jobs), len(jobs), progress))
+    ok = [i for i, (a, _) in enumerate(results) if a is not None]
+    failed = [(samples[i].path, err) for i, (a, err) in enumerate(results) if a is None]
+    c = 1 if color == "gray" else 3
+    images = np.stack([results[i][0] for i in ok]) if ok else np.zeros((0, c, size, size), np.uint8)
+    if cpath is not None:
+        try:
+            cpath.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cpath.with_suffix(".tmp.npz")
+            np.savez(tmp, images=images, ok=np.asarray(ok, np.int64),
+                     failed=np.asarray(failed, dtype=str).reshape(-1, 2))
+            os.replace(tmp, cpath)
+        except OSError:
+            pass
+    return images, ok, failed
+
+
+def _progress(it, total: int, show: bool):
+    if not show:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc="decode", unit="img", leave=False)

@@ -1,0 +1,237 @@
+"""Metrics (FNR first), threshold policy, temperature calibration and report plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def confusion(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float) -> dict[str, int]:
+    """Counts with 'bad' as the positive class; a part is bad when prob_bad >= threshold."""
+    y = np.asarray(y_true, dtype=int)
+    pred = np.asarray(prob_bad, dtype=float) >= threshold
+    return {"tp": int(np.sum(pred & (y == 1))), "fp": int(np.sum(pred & (y == 0))),
+            "tn": int(np.sum(~pred & (y == 0))), "fn": int(np.sum(~pred & (y == 1)))}
+
+
+def expected_calibration_error(y_true: Sequence[int], prob_bad: Sequence[float], bins: int = 10) -> float:
+    """ECE over equal-width bins of the confidence in the predicted class."""
+    y = np.asarray(y_true, dtype=int)
+    p = np.asarray(prob_bad, dtype=float)
+    if len(y) == 0:
+        return float("nan")
+    pred = (p >= 0.5).astype(int)
+    conf = np.where(pred == 1, p, 1 - p)
+    correct = (pred == y).astype(float)
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def clopper_pearson_upper(k: int, n: int, conf: float = 0.95) -> float:
+    """One-sided upper confidence bound on a rate after K events in N trials."""
+    if n == 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(conf, k + 1, n - k))
+
+
+def compute_metrics(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float) -> dict:
+    """FNR, FPR, precision, recall, AUROC, AP, ECE and the confusion matrix at THRESHOLD."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = np.asarray(y_true, dtype=int)
+    p = np.asarray(prob_bad, dtype=float)
+    c = confusion(y, p, threshold)
+    n_bad, n_good = c["tp"] + c["fn"], c["tn"] + c["fp"]
+    both = n_bad > 0 and n_good > 0
+    out = {
+        "n": int(len(y)), "n_bad": n_bad, "n_good": n_good, **c,
+        "threshold": float(threshold),
+        "fnr": c["fn"] / n_bad if n_bad else float("nan"),
+        "fpr": c["fp"] / n_good if n_good else float("nan"),
+        "precision": c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else float("nan"),
+        "recall": c["tp"] / n_bad if n_bad else float("nan"),
+        "accuracy": (c["tp"] + c["tn"]) / len(y) if len(y) else float("nan"),
+        "auroc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "ap": float(average_precision_score(y, p)) if both else float("nan"),
+        "ece": expected_calibration_error(y, p),
+        "fnr_upper95": clopper_pearson_upper(c["fn"], n_bad),
+        "confusion_matrix": [[c["tn"], c["fp"]], [c["fn"], c["tp"]]],
+    }
+    return out
+
+
+def fpr_at_fnr(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float) -> float:
+    """Lowest FPR among thresholds whose FNR on these scores is at most TARGET_FNR."""
+    y = np.asarray(y_true, dtype=int)
+    p = np.asarray(prob_bad, dtype=float)
+    bad = np.sort(p[y == 1])
+    if len(bad) == 0:
+        return float("nan")
+    k = int(math.floor(target_fnr * len(bad)))
+    t = bad[k]
+    good = p[y == 0]
+    return float(np.mean(good >= t)) if len(good) else float("nan")
+
+
+def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float = 0.01,
+                     method: str = "conformal") -> dict:
+    """Pick the decision threshold on validation scores so that FNR on *new* parts meets TARGET_FNR.
+
+    method='conformal': split-conformal on the bad-class scores. With n validation bad
+    parts sorted ascending s_1..s_n, the threshold t = s_k with k = floor(target*(n+1))
+    guarantees P(new bad part scored below t) <= k/(n+1) <= target (exchangeability).
+    When n is too small for the target (k = 0) no threshold above 0 carries the
+    guarantee; we then take s_1 (the lowest bad score, minus a margin) and report the
+    guarantee that holds, 1/(n+1).
+    method='empirical': the largest threshold with validation FNR <= target (optimistic).
+    Returns {threshold, method, target_fnr, guaranteed_fnr, n_bad_val, val_fnr, val_fpr}.
+    """
+    y = np.asarray(y_true, dtype=int)
+    p = np.asarray(prob_bad, dtype=float)
+    bad = np.sort(p[y == 1])
+    n = len(bad)
+    if n == 0:
+        return {"threshold": 0.5, "method": "default", "target_fnr": target_fnr, "guaranteed_fnr": None,
+                "n_bad_val": 0, "note": "no bad parts in validation: threshold left at 0.5"}
+    if method == "conformal":
+        k = int(math.floor(target_fnr * (n + 1)))
+        guaranteed = max(k, 1) / (n + 1)
+        # s_k is 1-indexed; k=0 falls back to s_1 with a margin below it
+        t = bad[max(k, 1) - 1]
+        if k == 0:
+            t = t * 0.5
+    elif method == "empirical":
+        k = int(math.floor(target_fnr * n))
+        t = bad[k]
+        guaranteed = None
+    else:
+        raise ValueError(f"unknown threshold method {method!r}")
+    t = float(min(max(t, 1e-6), 1.0))
+    c = confusion(y, p, t)
+    n_good = c["tn"] + c["fp"]
+    return {"threshold": t, "method": method, "target_fnr": target_fnr, "guaranteed_fnr": guaranteed,
+            "n_bad_val": n, "val_fnr": c["fn"] / n, "val_fpr": c["fp"] / n_good if n_good else None}
+
+
+def fit_temperature(logits: np.ndarray, y_true: Sequence[int]) -> float:
+    """Temperature T minimising validation NLL of softmax(logits / T) (scalar, > 0)."""
+    import torch
+
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(y_true), dtype=torch.long)
+    if len(y) == 0 or len(torch.unique(y)) < 2:
+        return 1.0
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.exp())
+    return t if math.isfinite(t) and 0.01 < t < 100 else 1.0
+
+
+def prob_bad_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Calibrated P(bad) from 2-class logits."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return 1.0 / (1.0 + np.exp(-(z[:, 1] - z[:, 0])))
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def to_json(obj) -> str:
+    """JSON with NaN/inf written as null."""
+    return json.dumps(_jsonable(obj))
+
+
+def write_report(report_dir: str | os.PathLike, y_true: Sequence[int], prob_bad: Sequence[float],
+                 metrics: dict, title: str = "") -> list[str]:
+    """ROC, confusion-matrix and reliability plots (PNG) plus metrics.json; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    y = np.asarray(y_true, dtype=int)
+    p = np.asarray(prob_bad, dtype=float)
+    files = []
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if len(np.unique(y)) == 2:
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, lw=2, label=f"AUROC {metrics.get('auroc', float('nan')):.4f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set(xlabel="false positive rate (good parts rejected)", ylabel="true positive rate (bad parts caught)",
+           title=f"ROC {title}".strip())
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=100)
+    files.append(str(out / "roc.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    cm = np.asarray(metrics["confusion_matrix"])
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=14, color="black")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["good", "bad"], yticklabels=["good", "bad"],
+           xlabel="predicted", ylabel="true", title=f"threshold {metrics['threshold']:.3f}")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=100)
+    files.append(str(out / "confusion.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    edges = np.linspace(0, 1, 11)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, 9)
+    xs, ys, ns = [], [], []
+    for b in range(10):
+        m = idx == b
+        if m.any():
+            xs.append(p[m].mean())
+            ys.append(y[m].mean())
+            ns.append(int(m.sum()))
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.plot(xs, ys, "o-", label=f"ECE {metrics.get('ece', float('nan')):.4f}")
+    ax.set(xlabel="predicted P(bad)", ylabel="observed share of bad parts", title="reliability")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=100)
+    files.append(str(out / "reliability.png"))
+    plt.close(fig)
+
+    (out / "metrics.json").write_text(to_json(metrics) + "\n", encoding="utf-8")
+    files.append(str(out / "metrics.json"))
+    return files

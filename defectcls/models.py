@@ -1,0 +1,311 @@
+"""Architecture registry, 1-channel stems, pretrained adaptation and the model directory.
+
+A model directory holds ``model.safetensors`` (weights only) and ``card.json``;
+loading reads everything from the card and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import urllib.error
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import ModelLoadError
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    stem: Callable[[nn.Module], tuple[nn.Module, str]]      # (parent, attribute) of the first conv
+    head: Callable[[nn.Module], tuple[nn.Module, str]]      # (parent, attribute) of the last layer
+    cam_layer: Callable[[nn.Module], nn.Module]             # Grad-CAM target layer
+    bn_momentum: float | None = None                        # set for from-scratch training
+
+
+def _idx(parent_fn, attr):
+    return lambda m: (parent_fn(m), attr)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "mobilenet_v3_large": ArchSpec("mobilenet_v3_large", _idx(lambda m: m.features[0], "0"),
+                                   _idx(lambda m: m.classifier, "3"), lambda m: m.features[-1], 0.1),
+    "mobilenet_v3_small": ArchSpec("mobilenet_v3_small", _idx(lambda m: m.features[0], "0"),
+                                   _idx(lambda m: m.classifier, "3"), lambda m: m.features[-1], 0.1),
+    "mobilenet_v2": ArchSpec("mobilenet_v2", _idx(lambda m: m.features[0], "0"),
+                             _idx(lambda m: m.classifier, "1"), lambda m: m.features[-1]),
+    "resnet18": ArchSpec("resnet18", _idx(lambda m: m, "conv1"), _idx(lambda m: m, "fc"), lambda m: m.layer4[-1]),
+    "resnet50": ArchSpec("resnet50", _idx(lambda m: m, "conv1"), _idx(lambda m: m, "fc"), lambda m: m.layer4[-1]),
+    "squeezenet1_1": ArchSpec("squeezenet1_1", _idx(lambda m: m, "features"), _idx(lambda m: m.classifier, "1"),
+                              lambda m: m.features[-1]),
+}
+
+
+def arch_spec(arch: str) -> ArchSpec:
+    try:
+        return ARCHS[arch]
+    except KeyError:
+        raise ModelLoadError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}") from None
+
+
+def _get(parent: nn.Module, attr: str) -> nn.Module:
+    return parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
+
+
+def _set(parent: nn.Module, attr: str, module: nn.Module) -> None:
+    if attr.isdigit():
+        parent[int(attr)] = module
+    else:
+        setattr(parent, attr, module)
+
+
+def _stem_conv(model: nn.Module, spec: ArchSpec) -> tuple[nn.Module, str, nn.Conv2d]:
+    parent, attr = spec.stem(model)
+    conv = _get(parent, attr)
+    if isinstance(conv, nn.Sequential):  # squeezenet: features[0]
+        parent, attr, conv = conv, "0", conv[0]
+    return parent, attr, conv
+
+
+def adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
+    """RGB stem weights to IN_CHANS inputs: 1 channel sums the RGB kernels (as timm does)."""
+    if in_chans == weight.shape[1]:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_chans // weight.shape[1])
+    w = weight.repeat(1, reps, 1, 1)[:, :in_chans]
+    return w * (weight.shape[1] / float(in_chans))
+
+
+def _replace_stem(model: nn.Module, spec: ArchSpec, in_chans: int) -> None:
+    parent, attr, conv = _stem_conv(model, spec)
+    if conv.in_channels == in_chans:
+        return
+    new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(adapt_input_conv(in_chans, conv.weight))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    _set(parent, attr, new)
+
+
+def _replace_head(model: nn.Module, spec: ArchSpec, num_classes: int) -> None:
+    parent, attr = spec.head(model)
+    old = _get(parent, attr)
+    if isinstance(old, nn.Linear):
+        _set(parent, attr, nn.Linear(old.in_features, num_classes))
+    else:
+        _set(parent, attr, nn.Conv2d(old.in_channels, num_classes, kernel_size=1))
+
+
+def pretrained_state_dict(arch: str, source: str | None = None) -> dict[str, torch.Tensor]:
+    """ImageNet weights from torchvision (download or its cache), or from a local file SOURCE.
+
+    A local file must be safetensors or a plain state dict (loaded with weights_only=True).
+    """
+    if source:
+        return load_state_file(source)
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"cannot get ImageNet weights for {arch} ({exc.__class__.__name__}: {exc}); this machine looks "
+            f"offline. Put the file in torch's cache ({torch.hub.get_dir()}/checkpoints/{os.path.basename(weights.url)}) "
+            "or pass --pretrained-file PATH to a local state dict, or train without --pretrained."
+        ) from exc
+
+
+def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights from safetensors, or a plain state dict through torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelLoadError(f"{path}: not a valid safetensors file ({exc})") from exc
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for anything that is more than tensors
+        raise ModelLoadError(
+            f"{path}: refused: not a plain weights file (pickled objects are never loaded; "
+            f"save a state dict as safetensors). Detail: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelLoadError(f"{path}: expected a state dict of tensors")
+    return sd
+
+
+def build_model(arch: str, in_chans: int = 1, num_classes: int = 2, pretrained: bool = False,
+                pretrained_file: str | None = None) -> nn.Module:
+    """A torchvision classifier with an IN_CHANS stem and NUM_CLASSES outputs."""
+    spec = arch_spec(arch)
+    if pretrained or pretrained_file:
+        model = torchvision.models.get_model(arch, weights=None)
+        sd = pretrained_state_dict(arch, pretrained_file)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if len(missing) > 2 or unexpected:
+            raise ModelLoadError(f"pretrained weights do not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        _replace_head(model, spec, num_classes)
+    else:
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        if spec.bn_momentum is not None:
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.momentum = spec.bn_momentum
+    _replace_stem(model, spec, in_chans)
+    return model
+
+
+def cam_target_layer(model: nn.Module, arch: str) -> nn.Module:
+    return arch_spec(arch).cam_layer(model)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- the card
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import PIL
+
+    from . import __version__
+
+    return {"defectcls": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "pillow": PIL.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to use a model; written as card.json beside the weights."""
+
+    arch: str
+    in_chans: int = 1
+    color: str = "gray"
+    img_size: int = 224
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.25])
+    labels: list[str] = field(default_factory=lambda: ["good", "bad"])
+    positive_label: str = "bad"
+    threshold: float = 0.5
+    temperature: float = 1.0
+    threshold_policy: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    name: str = ""
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    versions: dict = field(default_factory=library_versions)
+    storage_dtype: str = "float32"
+    members: list[str] = field(default_factory=list)  # ensembles: member directories, relative to this one
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelCard:
+        known = {f for f in cls.__dataclass_fields__}
+        missing = [k for k in ("arch",) if k not in d]
+        if missing:
+            raise ModelLoadError(f"card.json lacks required fields: {missing}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def read_card(model_dir: str | os.PathLike) -> ModelCard:
+    path = Path(model_dir) / CARD_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{model_dir} is not a model directory: no {CARD_FILE}")
+    try:
+        card = ModelCard.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: not a valid model card ({exc})") from exc
+    if not card.name:
+        card.name = Path(model_dir).resolve().name
+    return card
+
+
+def save_model_dir(model: nn.Module, card: ModelCard, out: str | os.PathLike, fp16: bool = False) -> Path:
+    """Write weights (safetensors; fp16 storage when asked) and the card atomically into OUT."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    card.name = card.name or out.name
+    card.storage_dtype = "float16" if fp16 else "float32"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        sd = {}
+        for k, v in model.state_dict().items():
+            v = v.detach().cpu().contiguous()
+            sd[k] = v.half() if fp16 and v.is_floating_point() else v
+        save_file(sd, str(tmp / WEIGHTS_FILE))
+        (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            for name in (WEIGHTS_FILE, CARD_FILE):
+                os.replace(tmp / name, out / name)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(Path(model_dir) / WEIGHTS_FILE, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model_dir(model_dir: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
+    """Build the card's architecture and load its safetensors weights (fp32, eval mode)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    card = read_card(model_dir)
+    wpath = model_dir / WEIGHTS_FILE
+    if not wpath.is_file():
+        pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise ModelLoadError(f"{model_dir}: only pickled checkpoints found ({', '.join(pickles)}); they are refused "
+                                 f"because unpickling can run code. Convert to {WEIGHTS_FILE}.")
+        raise ModelLoadError(f"{model_dir}: no {WEIGHTS_FILE}")
+    model = build_model(card.arch, card.in_chans, len(card.labels))
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_file(wpath).items()}
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{wpath}: weights do not match {card.arch} with {card.in_chans} input channel(s): "
+                             f"{str(exc).splitlines()[0]}") from exc
+    model.eval()
+    return model, card
+
+
+def model_id(model_dir: str | os.PathLike, card: ModelCard | None = None) -> str:
+    """Name plus the first 12 hex digits of the weights' sha256: changes whenever weights change."""
+    card = card or read_card(model_dir)
+    return f"{card.name}@{weights_sha256(model_dir)[:12]}"

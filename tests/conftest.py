@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny synthetic data and a tiny trained model, made once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+TINY_SIZE = 96       # synthetic image side for tests
+TINY_IMG = 64        # model input side for tests
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic good/bad folder (36 good, 18 bad, 96 px)."""
+    from defectcls.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, n_good=36, n_bad=18, seed=3, size=TINY_SIZE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_data, tmp_path_factory) -> Path:
+    """A MobileNetV3-Large trained for a few epochs on tiny_data at 64 px (a real model directory)."""
+    from defectcls.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("models") / "tiny_mnv3"
+    os.environ["DEFECTCLS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    train(TrainConfig(data=str(tiny_data), out=str(out), arch="mobilenet_v3_large", epochs=3, img_size=TINY_IMG,
+                      batch_size=16, seed=0, progress=False, workers=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The shipped default model."""
+    path = Path(__file__).resolve().parents[1] / "models" / "mobilenet_v3_large_gray"
+    if not (path / "model.safetensors").is_file():
+        pytest.fail(f"shipped default model missing at {path}")
+    return path
