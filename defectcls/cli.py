@@ -182,14 +182,16 @@ def _run_predict(a) -> int:
     pred = Predictor(a.model or default_model_dir(), device=a.device)
     failed = 0
     if a.cam_dir:
-        from .explain import explain, overlay
         from PIL import Image
+
+        from .explain import explain, overlay
 
         Path(a.cam_dir).mkdir(parents=True, exist_ok=True)
     for path in a.images:
         try:
             if a.cam_dir:
-                r, cam, img = explain(pred, path, a.cam_method)
+                ex = explain(pred, path, a.cam_method)
+                r, cam, img = ex.prediction, ex.cam, ex.image
                 cam_path = Path(a.cam_dir) / f"{_safe_stem(path)}_{r.label}.jpg"
                 Image.fromarray(overlay(img, cam, size=min(512, max(img.shape[:2])))).save(cam_path, quality=90)
             else:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from PIL import Image
 
-from .inference import Prediction, Predictor, ImageSource
+from .inference import ImageSource, Prediction, Predictor
 from .models import cam_target_layer
 
 CAM_METHODS = ("gradcam", "gradcam++", "eigencam")
@@ -32,12 +35,25 @@ def cam_library(predictor: Predictor, x: np.ndarray, method: str = "gradcam", ta
         return cam(input_tensor=t, targets=[ClassifierOutputTarget(target)])[0]
 
 
-def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> tuple[Prediction, np.ndarray, np.ndarray]:
-    """(prediction, heat-map HxW in [0,1] at model size, decoded uint8 image) for one image."""
+@dataclass
+class Explanation:
+    prediction: Prediction
+    cam: np.ndarray          # HxW float32 in [0, 1] at the model's input size
+    image: np.ndarray        # the decoded uint8 image (model colour mode, original size)
+    timings_ms: dict = field(default_factory=dict)
+
+
+def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> Explanation:
+    """Verdict and heat-map for one image."""
+    t0 = time.perf_counter()
     img = predictor.load(src)
+    t1 = time.perf_counter()
     pred = predictor.predict(img)
     x = predictor.preprocess(img)
-    return pred, cam_library(predictor, x, method), img
+    t2 = time.perf_counter()
+    cam = cam_library(predictor, x, method)
+    t3 = time.perf_counter()
+    return Explanation(pred, cam, img, {"decode": (t1 - t0) * 1e3, "predict": (t2 - t1) * 1e3, "cam": (t3 - t2) * 1e3})
 
 
 def overlay(img: np.ndarray, cam: np.ndarray, size: int | None = None, alpha: float = 0.45) -> np.ndarray:

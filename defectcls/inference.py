@@ -110,7 +110,7 @@ class Predictor:
             ps = self.probs(np.stack(xs)) if xs else []
             per = (time.perf_counter() - t0) * 1e3 / max(1, len(chunk))
             base = len(results) - len(chunk)
-            for j, p in zip(slots, ps):
+            for j, p in zip(slots, ps, strict=True):
                 results[base + j] = self._verdict(float(p), per, {})
         return results
 

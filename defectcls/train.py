@@ -19,8 +19,7 @@ from . import data as D
 from .augment import AugConfig, augment
 from .config import resolve_device, seed_everything
 from .errors import DefectclsError
-from .evaluate import (choose_threshold, compute_metrics, fit_temperature, fpr_at_fnr,
-                       prob_bad_from_logits)
+from .evaluate import choose_threshold, compute_metrics, fit_temperature, fpr_at_fnr, prob_bad_from_logits
 from .models import ModelCard, build_model, save_model_dir
 
 SPLIT_FILE = "split.json"
@@ -131,7 +130,7 @@ def train(cfg: TrainConfig) -> dict:
                                       progress=cfg.progress and rank == 0)
     if distributed and rank == 0:
         torch.distributed.barrier()
-    for path, reason in failed:
+    for _path, reason in failed:
         _log(f"skipped unreadable image: {reason}", rank)
     samples = [samples[i] for i in ok]
     labels = np.array([s.label for s in samples])
