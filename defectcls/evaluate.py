@@ -146,7 +146,7 @@ def fit_temperature(logits: np.ndarray, y_true: Sequence[int]) -> float:
         return loss
 
     opt.step(closure)
-    t = float(log_t.exp())
+    t = float(log_t.detach().exp())
     return t if math.isfinite(t) and 0.01 < t < 100 else 1.0
 
 

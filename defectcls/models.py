@@ -251,7 +251,7 @@ def save_model_dir(model: nn.Module, card: ModelCard, out: str | os.PathLike, fp
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    card.name = card.name or out.name
+    card.name = out.name
     card.storage_dtype = "float16" if fp16 else "float32"
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

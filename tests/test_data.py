@@ -1,0 +1,148 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defectcls import data as D
+from defectcls.errors import DefectclsError, ImageLoadError
+from defectcls.inference import Predictor
+from defectcls.train import to_input
+
+from .badfiles import invalid_files, valid_files
+
+EXPECTED_REASON = {
+    "empty.png": "empty",
+    "text.png": "not a recognised image",
+    "page.png": "not a recognised image",
+    "truncated.png": "truncated",
+    "truncated.jpg": "truncated",
+    "tiny_1x1.png": "1x1",
+    "thin_3x400.png": "3x400",
+    "vector.svg": "not a recognised image",
+    "bomb.png": "pixels",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_REASON))
+def test_invalid_inputs_get_a_one_line_reason(name, tmp_path):
+    data = invalid_files()[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    for src in (path, data):
+        with pytest.raises(ImageLoadError) as err:
+            D.load_image(src)
+        msg = str(err.value)
+        assert "\n" not in msg
+        assert EXPECTED_REASON[name] in msg
+    if data:
+        assert str(path) in str(pytest.raises(ImageLoadError, D.load_image, path).value)
+
+
+@pytest.mark.parametrize("name", sorted(valid_files()))
+@pytest.mark.parametrize("color", ["gray", "rgb"])
+def test_valid_odd_images_decode(name, color):
+    arr = D.load_image(valid_files()[name], color)
+    assert arr.dtype == np.uint8
+    assert arr.ndim == (2 if color == "gray" else 3)
+    # the synthetic part is bright in the middle and dark in the corner, whatever the encoding
+    h, w = arr.shape[:2]
+    assert arr[h // 2, w // 2].mean() > 100 and arr[0, 0].mean() < 40
+
+
+def test_sixteen_bit_keeps_range_and_exif_is_applied():
+    a8 = D.load_image(valid_files()["gray.png"])
+    a16 = D.load_image(valid_files()["gray16.png"])
+    assert np.abs(a8.astype(int) - a16.astype(int)).max() <= 1
+    img = Image.new("L", (40, 20), 0)
+    img.paste(255, (0, 0, 10, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    rotated = D.load_image(buf.getvalue())
+    assert rotated.shape == (40, 20)  # displayed orientation
+
+
+def test_fit_square_pads_with_black_and_resizes():
+    arr = np.full((20, 40), 200, np.uint8)
+    out = D.fit_square(arr, 16)
+    assert out.shape == (16, 16)
+    assert out[0, 8] < 10 and out[8, 8] > 190
+
+
+def test_scan_folder_errors(tmp_path):
+    with pytest.raises(DefectclsError, match="does not exist"):
+        D.scan_folder(tmp_path / "nope")
+    (tmp_path / "good").mkdir()
+    with pytest.raises(DefectclsError, match="bad/"):
+        D.scan_folder(tmp_path)
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(DefectclsError, match="no images"):
+        D.scan_folder(tmp_path)
+
+
+def test_stratified_split_is_seeded_disjoint_and_stratified():
+    labels = [0] * 100 + [1] * 35
+    a = D.stratified_split(labels, (0.7, 0.15, 0.15), seed=1)
+    b = D.stratified_split(labels, (0.7, 0.15, 0.15), seed=1)
+    c = D.stratified_split(labels, (0.7, 0.15, 0.15), seed=2)
+    assert a == b and a != c
+    allidx = a["train"] + a["val"] + a["test"]
+    assert sorted(allidx) == list(range(135))  # every image once, no leakage between parts
+    for part, n in (("val", 15 + 5), ("test", 15 + 5)):
+        ys = [labels[i] for i in a[part]]
+        assert len(ys) == n and ys.count(1) == 5
+    assert [labels[i] for i in a["train"]].count(1) == 25
+
+
+def test_decode_all_skips_unreadable_by_name(tmp_path, tiny_data):
+    bad = tmp_path / "good"
+    bad.mkdir()
+    (tmp_path / "bad").mkdir()
+    (bad / "broken.png").write_bytes(b"nope")
+    samples = D.scan_folder(tiny_data)[:5] + D.scan_folder(tmp_path)
+    images, ok, failed = D.decode_all(samples, 32, "gray", workers=1, use_disk_cache=False)
+    assert images.shape == (5, 1, 32, 32) and ok == [0, 1, 2, 3, 4]
+    assert failed[0][0].endswith("broken.png") and "not a recognised image" in failed[0][1]
+
+
+def test_disk_cache_round_trip(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setenv("DEFECTCLS_CACHE_DIR", str(tmp_path / "cache"))
+    samples = D.scan_folder(tiny_data)[:6]
+    first = D.decode_all(samples, 32, "gray", workers=1)
+    assert list((tmp_path / "cache").glob("decoded-*.npz"))
+    second = D.decode_all(samples, 32, "gray", workers=1)
+    assert np.array_equal(first[0], second[0]) and first[1] == second[1]
+
+
+def test_training_eval_and_inference_preprocessing_are_identical(tiny_model, tiny_data):
+    """The cached training path (decode_all -> to_input) gives the same tensor as Predictor.preprocess."""
+    pred = Predictor(tiny_model, device="cpu")
+    c = pred.card
+    samples = D.scan_folder(tiny_data)[:4]
+    images, _, _ = D.decode_all(samples, c.img_size, c.color, workers=1, use_disk_cache=False)
+    mean = torch.tensor(c.mean).view(1, -1, 1, 1)
+    std = torch.tensor(c.std).view(1, -1, 1, 1)
+    train_side = to_input(torch.from_numpy(images), mean, std).numpy()
+    infer_side = np.stack([pred.preprocess(s.path) for s in samples])
+    np.testing.assert_allclose(train_side, infer_side, atol=1e-6)
+    from_bytes = pred.preprocess(open(samples[0].path, "rb").read())
+    np.testing.assert_array_equal(from_bytes, infer_side[0])
+
+
+def test_label_csv_merge(tmp_path, tiny_data):
+    samples = D.scan_folder(tiny_data)
+    target = samples[0]
+    assert target.label == 0
+    new = tmp_path / "new.png"
+    new.write_bytes(open(samples[1].path, "rb").read())
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"path,label,sha256\n{target.path},bad,x\nnew.png,good,y\n")
+    merged, over, added = D.merge_labels(samples, D.read_label_csv(csv))
+    assert (over, added) == (1, 1)
+    assert merged[0].label == 1 and merged[-1].path == str(new)
+    csv.write_text("path,label\na.png,maybe\n")
+    with pytest.raises(DefectclsError, match="good' or 'bad"):
+        D.read_label_csv(csv)

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+
+from defectcls import evaluate as E
+
+
+def _scores(seed=0, n=400):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    p = np.clip(rng.normal(0.3 + 0.4 * y, 0.2), 0, 1)
+    return y, p
+
+
+def test_metrics_match_scikit_learn():
+    y, p = _scores()
+    m = E.compute_metrics(y, p, 0.45)
+    tn, fp, fn, tp = confusion_matrix(y, p >= 0.45).ravel()
+    assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (tn, fp, fn, tp)
+    assert m["fnr"] == pytest.approx(fn / (fn + tp)) and m["fpr"] == pytest.approx(fp / (fp + tn))
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, p))
+    assert m["ap"] == pytest.approx(average_precision_score(y, p))
+    assert m["confusion_matrix"] == [[tn, fp], [fn, tp]]
+    for key in ("n", "tp", "fp", "tn", "fn", "fnr", "fpr", "auroc", "ece", "threshold"):
+        assert key in m
+
+
+def test_ece_is_zero_when_calibrated_and_large_when_not():
+    y = np.array([1] * 8 + [0] * 2 + [0] * 8 + [1] * 2)
+    p = np.array([0.8] * 10 + [0.2] * 10)
+    assert E.expected_calibration_error(y, p) == pytest.approx(0.0, abs=1e-12)
+    assert E.expected_calibration_error(y, np.where(p > 0.5, 0.99, 0.01)) == pytest.approx(0.19, abs=1e-9)
+
+
+def test_conformal_threshold_meets_target_on_new_scores():
+    """Over many validation/test draws the miss rate on new bad parts stays at or below the target."""
+    rng = np.random.default_rng(0)
+    misses = total = 0
+    for _ in range(200):
+        val_bad = rng.beta(5, 2, 199)
+        t = E.choose_threshold(np.ones(199, int), val_bad, target_fnr=0.05)
+        assert t["guaranteed_fnr"] <= 0.05
+        test_bad = rng.beta(5, 2, 200)
+        misses += int((test_bad < t["threshold"]).sum())
+        total += 200
+    assert misses / total <= 0.05 + 0.005
+
+
+def test_threshold_with_few_bad_parts_reports_its_real_guarantee():
+    y = np.array([0] * 50 + [1] * 10)
+    p = np.concatenate([np.linspace(0, 0.3, 50), np.linspace(0.6, 1, 10)])
+    t = E.choose_threshold(y, p, target_fnr=0.01)
+    assert t["threshold"] < 0.6 and t["val_fnr"] == 0
+    assert t["guaranteed_fnr"] == pytest.approx(1 / 11)
+    emp = E.choose_threshold(y, p, target_fnr=0.01, method="empirical")
+    assert emp["threshold"] == pytest.approx(0.6)
+
+
+def test_temperature_recovers_known_scale():
+    rng = np.random.default_rng(1)
+    n = 4000
+    z = rng.normal(0, 2, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+    logits = np.stack([np.zeros(n), z * 3.0], 1)  # over-confident by 3x
+    assert E.fit_temperature(logits, y) == pytest.approx(3.0, rel=0.1)
+
+
+def test_fpr_at_fnr():
+    y = np.array([0, 0, 0, 0, 1, 1])
+    p = np.array([0.1, 0.2, 0.6, 0.9, 0.5, 0.95])
+    assert E.fpr_at_fnr(y, p, 0.0) == pytest.approx(0.5)
+    assert E.fpr_at_fnr(y, p, 0.5) == pytest.approx(0.0)  # missing one of two bad parts is allowed
+
+
+def test_report_files(tmp_path):
+    y, p = _scores()
+    m = E.compute_metrics(y, p, 0.5)
+    files = E.write_report(tmp_path, y, p, m, "t")
+    assert {f.split("/")[-1] for f in files} == {"roc.png", "confusion.png", "reliability.png", "metrics.json"}
+    assert all((tmp_path / f.split("/")[-1]).stat().st_size > 1000 for f in files if f.endswith(".png"))

@@ -1,0 +1,117 @@
+import json
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from defectcls import models as M
+from defectcls.errors import ModelLoadError
+from defectcls.inference import Predictor
+
+
+@pytest.mark.parametrize("arch", sorted(M.ARCHS))
+def test_every_arch_builds_with_one_channel_stem_and_two_classes(arch):
+    model = M.build_model(arch, in_chans=1).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, 1, 64, 64))
+    assert out.shape == (2, 2)
+    assert isinstance(M.cam_target_layer(model, arch), torch.nn.Module)
+
+
+def test_adapt_input_conv_sums_rgb_kernels():
+    w = torch.randn(8, 3, 3, 3)
+    np.testing.assert_allclose(M.adapt_input_conv(1, w)[:, 0], w[:, 0] + w[:, 1] + w[:, 2], rtol=1e-6)
+    assert M.adapt_input_conv(3, w) is w
+
+
+@pytest.mark.parametrize("arch,stem", [("mobilenet_v3_large", "features.0.0.weight"), ("resnet50", "conv1.weight")])
+def test_pretrained_from_local_file_adapts_stem(tmp_path, arch, stem):
+    """A locally made ImageNet-shaped state dict stands in for the download."""
+    torch.manual_seed(0)
+    ref = torchvision.models.get_model(arch, weights=None)
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    path = tmp_path / "imagenet.safetensors"
+    save_file(sd, str(path))
+    model = M.build_model(arch, in_chans=1, pretrained_file=str(path))
+    got = model.state_dict()
+    torch.testing.assert_close(got[stem], sd[stem].sum(dim=1, keepdim=True))
+    # every backbone weight beyond the stem and the 2-class head comes through unchanged
+    same = [k for k in sd if k != stem and got[k].shape == sd[k].shape]
+    assert len(same) >= len(sd) - 3
+    for k in same:
+        torch.testing.assert_close(got[k], sd[k])
+
+
+def test_pretrained_offline_fails_with_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline, raising=False)
+    with pytest.raises(ModelLoadError, match="offline"):
+        M.build_model("mobilenet_v3_large", pretrained=True)
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "model.pt"
+    torch.save({"w": Evil()}, path)
+    with pytest.raises(ModelLoadError, match="refused"):
+        M.load_state_file(path)
+    (tmp_path / "card.json").write_text(json.dumps({"arch": "resnet18"}))
+    with pytest.raises(ModelLoadError, match="pickled"):
+        M.load_model_dir(tmp_path)
+
+
+def test_plain_state_dict_file_loads(tmp_path):
+    sd = {"w": torch.ones(2)}
+    torch.save(sd, tmp_path / "w.pth")
+    assert torch.equal(M.load_state_file(tmp_path / "w.pth")["w"], sd["w"])
+
+
+def test_save_load_round_trip_fp32_and_fp16(tmp_path, tiny_model, tiny_data):
+    model, card = M.load_model_dir(tiny_model)
+    card_dict = card.to_dict()
+    for key in ("arch", "in_chans", "img_size", "mean", "std", "labels", "positive_label", "threshold",
+                "temperature", "metrics", "train", "created", "versions"):
+        assert key in card_dict
+    assert card.labels == ["good", "bad"] and card.positive_label == "bad"
+    p32 = M.save_model_dir(model, card, tmp_path / "m32")
+    p16 = M.save_model_dir(model, card, tmp_path / "m16", fp16=True)
+    m2, c2 = M.load_model_dir(p32)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(m2.state_dict()[k], v, rtol=0, atol=0)
+    assert (p16 / M.WEIGHTS_FILE).stat().st_size < 0.6 * (p32 / M.WEIGHTS_FILE).stat().st_size
+    assert M.read_card(p16).storage_dtype == "float16"
+    files = sorted((tiny_data / "bad").glob("*.png"))[:4] + sorted((tiny_data / "good").glob("*.png"))[:4]
+    a, b = Predictor(p32, device="cpu"), Predictor(p16, device="cpu")
+    pa = [a.predict(f) for f in files]
+    pb = [b.predict(f) for f in files]
+    assert [x.label for x in pa] == [x.label for x in pb]
+    assert max(abs(x.prob_bad - y.prob_bad) for x, y in zip(pa, pb, strict=True)) < 5e-3
+    assert a.model_id != b.model_id and a.model_id.startswith("m32@")
+
+
+def test_bad_model_dirs(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        M.load_model_dir(tmp_path / "missing")
+    with pytest.raises(ModelLoadError, match="no card.json"):
+        M.load_model_dir(tmp_path)
+    (tmp_path / "card.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not a valid model card"):
+        M.load_model_dir(tmp_path)
+    (tmp_path / "card.json").write_text(json.dumps({"arch": "vgg99"}))
+    (tmp_path / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(ModelLoadError, match="unknown architecture"):
+        M.load_model_dir(tmp_path)
+    (tmp_path / "card.json").write_text(json.dumps({"arch": "resnet18"}))
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        M.load_model_dir(tmp_path)
