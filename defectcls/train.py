@@ -194,6 +194,8 @@ def train(cfg: TrainConfig) -> dict:
         losses = []
         for i in bar:
             idx = order[i:i + cfg.batch_size].numpy()
+            if len(idx) < 2:  # BatchNorm cannot train on a single sample
+                continue
             xb = torch.from_numpy(x_train[idx]).to(device).float() / 255.0
             xb = augment(xb, cfg.aug, gen)
             xb = ((xb - mean_t) / std_t).contiguous(memory_format=torch.channels_last)

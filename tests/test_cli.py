@@ -1,0 +1,96 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from defectcls.cli import build_parser, main
+
+from .badfiles import write_corpus
+
+COMMANDS = ["synth", "train", "evaluate", "predict"]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "defectcls", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_has_help_with_example(cmd, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([cmd, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out and f"defectcls {cmd}" in out
+    assert "--json" in out
+
+
+def test_all_registered_commands_documented():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, parser in sub.choices.items():
+        assert "example:" in parser.description, name
+
+
+def test_synth_is_byte_identical_and_sized(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        r = run_cli("synth", "--out", str(out), "--good", "3", "--bad", "2", "--seed", "7", "--size", "64", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["n_good"] == 3
+    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert len(files) == 5
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+    from PIL import Image
+
+    assert Image.open(a / files[0]).size == (64, 64)
+
+
+def test_predict_json_lines_and_error_lines(tmp_path, tiny_model, tiny_data):
+    corpus = write_corpus(tmp_path / "odd")
+    good = sorted((tiny_data / "good").glob("*.png"))[0]
+    r = run_cli("predict", "--model", str(tiny_model), str(good), str(corpus["text.png"]), str(corpus["cmyk.jpg"]),
+                "--json", "--cam-dir", str(tmp_path / "cams"))
+    assert r.returncode == 1  # one file failed
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["path"] for row in rows] == [str(good), str(corpus["text.png"]), str(corpus["cmyk.jpg"])]
+    assert rows[0]["label"] in ("good", "bad") and 0 <= rows[0]["prob_bad"] <= 1 and rows[0]["latency_ms"] > 0
+    assert "error" in rows[1] and "not a recognised image" in rows[1]["error"]
+    assert rows[2]["label"] in ("good", "bad")
+    cams = list((tmp_path / "cams").glob("*.jpg"))
+    assert len(cams) == 2 and all(c.parent == tmp_path / "cams" for c in cams)
+
+
+def test_predict_whole_corpus_never_crashes(tmp_path, tiny_model):
+    corpus = write_corpus(tmp_path / "odd")
+    r = run_cli("predict", "--model", str(tiny_model), *map(str, corpus.values()), "--json")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == len(corpus)
+    errors = {Path(row["path"]).name for row in rows if "error" in row}
+    from .badfiles import invalid_files
+
+    assert errors == set(invalid_files())
+    assert r.returncode == 1 and "could not be judged" in r.stderr
+
+
+def test_evaluate_json_keys_and_report(tmp_path, tiny_model, tiny_data):
+    r = run_cli("evaluate", "--model", str(tiny_model), "--data", str(tiny_data), "--json",
+                "--report-dir", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    for key in ("n", "tp", "fp", "tn", "fn", "fnr", "fpr", "auroc", "ece", "threshold"):
+        assert key in m
+    assert m["split"] == "test"  # the model's own held-out part, never its training images
+    split = json.loads((tiny_model / "split.json").read_text())
+    assert m["n"] == len(split["test"])
+    assert (tmp_path / "rep" / "roc.png").is_file() and (tmp_path / "rep" / "metrics.json").is_file()
+
+
+def test_errors_are_one_line_with_nonzero_exit(tmp_path):
+    r = run_cli("evaluate", "--model", str(tmp_path / "nomodel"), "--data", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+    r = run_cli("train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
