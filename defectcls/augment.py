@@ -1,14 +1,26 @@
-"""Batched training augmentation on tensors (rotation, scale, shift, flips, light, blur, noise).
+"""Batched training augmentation on tensors (rotation, scale, shift, flips, light, blur, noise, JPEG).
 
 Runs on the whole batch at once on the training device, so per-sample Python
-work does not compete with the model step. Inputs are float tensors in [0, 1].
+work does not compete with the model step; the one exception is the JPEG re-encoding
+of a quarter of the batch through Pillow (about a millisecond per 224 px image).
+Inputs are float tensors in [0, 1].
+
+The ranges span the drifts that ``defectcls.perturb`` scores a model under, in the same
+units and with a margin: a gain for brightness, a factor around the image mean for
+contrast, ``x ** g`` for gamma, blur sigma in pixels of a 300 px image (scaled to the
+working size), JPEG quality, zoom and shift around the centre. Geometric changes fill
+uncovered pixels with the image's own background (the median of its border, or with
+probability ``fill_border_p`` the nearest border pixel), never with black: the real
+photos have a light background.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,30 +29,42 @@ import torch.nn.functional as F
 class AugConfig:
     rotate: bool = True          # any angle: the part is round
     flip: bool = True            # horizontal and vertical
-    scale: float = 0.12          # zoom in [1-scale, 1+scale]
-    shift: float = 0.04          # translation, fraction of the image side
-    brightness: float = 0.3      # gain in [1-b, 1+b]
-    contrast: float = 0.35       # contrast factor in [1-c, 1+c]
-    gamma: float = 0.3           # gamma in [1-g, 1+g]
+    scale: float = 0.15          # zoom in [1-scale, 1+scale]           (perturb: scale0.9, scale1.1)
+    shift: float = 0.06          # translation, fraction of the side     (perturb: +-5%)
+    fill_border_p: float = 0.3   # share of the batch filled with the nearest border pixel instead of the border median
+    brightness: float = 0.35     # gain in [1-b, 1+b]                    (perturb: +-25%)
+    contrast: float = 0.4        # contrast factor in [1-c, 1+c]         (perturb: -30%, +25%)
+    gamma: float = 0.5           # gamma log-uniform in [1/(1+g), 1+g]   (perturb: 0.7, 1.4)
     blur_p: float = 0.3          # share of the batch that gets a Gaussian blur
-    blur_sigma: float = 1.2      # max blur sigma in pixels of the working size
-    noise: float = 0.04          # max Gaussian noise sigma (of 1.0)
+    blur_sigma: float = 2.0      # max blur sigma in pixels of a 300 px image, scaled to the working size (perturb: 1.5)
+    noise: float = 0.045         # max Gaussian noise sigma (of 1.0) at working size (perturb: 8/255 at native size)
+    jpeg_p: float = 0.25         # share of the batch re-encoded as JPEG
+    jpeg_quality: int = 25       # lowest JPEG quality (uniform up to 95)  (perturb: 30)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def none(cls) -> AugConfig:
-        return cls(rotate=False, flip=False, scale=0, shift=0, brightness=0, contrast=0, gamma=0,
-                   blur_p=0, blur_sigma=0, noise=0)
+        return cls(rotate=False, flip=False, scale=0, shift=0, fill_border_p=0, brightness=0, contrast=0, gamma=0,
+                   blur_p=0, blur_sigma=0, noise=0, jpeg_p=0)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
     return (torch.rand(n, generator=g) * (hi - lo) + lo).to(device)
 
 
+def border_median(x: torch.Tensor, frac: float = 0.02) -> torch.Tensor:
+    """Per-image, per-channel median of the border ring (N, C, 1, 1): the background (as perturb.background)."""
+    h, w = x.shape[-2:]
+    r = max(1, round(min(h, w) * frac))
+    ring = torch.cat([x[..., :r, :].flatten(2), x[..., -r:, :].flatten(2),
+                      x[..., r:h - r, :r].flatten(2), x[..., r:h - r, w - r:].flatten(2)], dim=2)
+    return ring.median(dim=2).values[..., None, None]
+
+
 def geometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tensor:
-    """Random rotation/scale/shift/flip of a batch, filling with black like the photos' background."""
+    """Random rotation/scale/shift/flip of a batch; uncovered pixels get the image's own background."""
     n = x.shape[0]
     dev = x.device
     ang = _uniform(n, 0, 2 * math.pi, g, dev) if cfg.rotate else torch.zeros(n, device=dev)
@@ -53,7 +77,14 @@ def geometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tens
     theta = torch.stack([torch.stack([cos * fx, -sin, tx], 1), torch.stack([sin * fx, cos, ty], 1)], 1)
     theta[:, :, 1] *= fy[:, None]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    bg = border_median(x)
+    # sampling is linear: zero padding of (x - bg), plus bg, fills uncovered pixels with bg
+    out = F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
+    if cfg.fill_border_p:
+        idx = (_uniform(n, 0, 1, g, dev) < cfg.fill_border_p).nonzero().flatten()
+        if len(idx):
+            out[idx] = F.grid_sample(x[idx], grid[idx], mode="bilinear", padding_mode="border", align_corners=False)
+    return out
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -80,18 +111,43 @@ def photometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Te
         x = (x - m) * _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, g, dev).view(n, 1, 1, 1) + m
     x = x.clamp(0, 1)
     if cfg.gamma:
-        x = x.clamp_min(1e-6) ** _uniform(n, 1 - cfg.gamma, 1 + cfg.gamma, g, dev).view(n, 1, 1, 1)
+        lg = math.log1p(cfg.gamma)
+        x = x.clamp_min(1e-6) ** torch.exp(_uniform(n, -lg, lg, g, dev)).view(n, 1, 1, 1)
     if cfg.blur_p and cfg.blur_sigma:
-        pick = (_uniform(n, 0, 1, g, dev) < cfg.blur_p)
-        if pick.any():
-            sigma = float(_uniform(1, 0.3, cfg.blur_sigma, g, "cpu"))
-            x = torch.where(pick.view(n, 1, 1, 1), gaussian_blur(x, sigma), x)
+        idx = (_uniform(n, 0, 1, g, dev) < cfg.blur_p).nonzero().flatten()
+        if len(idx):
+            sigma = float(_uniform(1, 0.3, cfg.blur_sigma, g, "cpu")) * x.shape[-1] / 300.0
+            x = x.clone()
+            x[idx] = gaussian_blur(x[idx], sigma)
     if cfg.noise:
         sig = _uniform(n, 0, cfg.noise, g, dev).view(n, 1, 1, 1)
         x = x + torch.randn(x.shape, generator=g).to(dev) * sig
     return x.clamp(0, 1)
 
 
+def jpeg(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tensor:
+    """Re-encode a random share of the batch as JPEG (quality uniform in [jpeg_quality, 95]), as a camera does."""
+    from PIL import Image
+
+    n = x.shape[0]
+    pick = (_uniform(n, 0, 1, g, "cpu") < cfg.jpeg_p).nonzero().flatten()
+    quality = _uniform(n, cfg.jpeg_quality, 95, g, "cpu").round().int()
+    if not len(pick):
+        return x
+    u8 = (x[pick.to(x.device)].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    dec = []
+    for img, q in zip(u8, quality[pick].tolist(), strict=True):
+        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=q)
+        d = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L" if img.ndim == 2 else "RGB"))
+        dec.append(d[None] if d.ndim == 2 else d.transpose(2, 0, 1))
+    out = x.clone()
+    out[pick.to(x.device)] = torch.from_numpy(np.stack(dec)).to(x.device, x.dtype) / 255.0
+    return out
+
+
 def augment(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tensor:
-    """Full training augmentation of a float [0,1] batch."""
-    return photometric(geometric(x, cfg, g), cfg, g)
+    """Full training augmentation of a float [0,1] batch: pose, then light and sensor, then compression."""
+    x = photometric(geometric(x, cfg, g), cfg, g)
+    return jpeg(x, cfg, g) if cfg.jpeg_p else x

@@ -88,6 +88,8 @@ def _add_train(sub) -> None:
     p.add_argument("--extra-labels", help="reviewed-labels CSV (path,label) that adds or overrides labels")
     p.add_argument("--max-per-class", type=int, nargs=2, metavar=("GOOD", "BAD"),
                    help="train on a seeded subset of the training part")
+    p.add_argument("--folds", type=int, default=d.folds,
+                   help="K > 1: K-fold cross-validation; writes OUT/fold_0..K-1 and OUT as their ensemble")
     p.add_argument("--fp16-weights", action="store_true", help="store weights as float16 (half the size)")
     p.add_argument("--no-aug", action="store_true", help="switch training augmentation off")
     p.add_argument("--no-cache", action="store_true", help="do not keep decoded images on disk")
@@ -105,7 +107,7 @@ def _run_train(a) -> int:
                       target_fnr=a.target_fnr, threshold_method=a.threshold_method, patience=a.patience,
                       balance=a.balance, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
-                      fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,
+                      folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,
                       progress=not a.json, aug=AugConfig.none() if a.no_aug else AugConfig())
     from .models import arch_spec
 
@@ -129,11 +131,19 @@ def _add_evaluate(sub) -> None:
                    help="auto: the model's own test part when DATA is its training folder, else all images")
     p.add_argument("--threshold", type=float, default=None, help="override the card's threshold")
     p.add_argument("--report-dir", help="write ROC, confusion and reliability plots and metrics.json here")
+    p.add_argument("--perturb", action="store_true",
+                   help="score clean and under each perturbation (light, blur, JPEG, noise, pose); "
+                        "with --report-dir writes perturb.md and perturb.json")
+    p.add_argument("--perturb-names", help="comma-separated perturbations (implies --perturb; default: all; "
+                                           "'list' prints the names)")
+    p.add_argument("--perturb-seed", type=int, default=0, help="seed of the random perturbations (noise, angles)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(a) -> int:
+    if a.perturb or a.perturb_names:
+        return _run_evaluate_perturb(a)
     from .evaluate import write_report
     from .scoring import evaluate_model
 
@@ -211,6 +221,237 @@ def _run_predict(a) -> int:
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------- inspect
+
+def _add_inspect(sub) -> None:
+    p = _cmd(sub, "inspect", "factory mode: judge a folder once or keep watching it, with a visual log",
+             "defectcls inspect --model models/mobilenet_v3_large_gray --input /line/cam1 --log-dir factory_log --watch\n"
+             "  defectcls inspect report --log-dir factory_log")
+    p.add_argument("action", nargs="?", choices=["report"], help="'report': write LOG_DIR/report.html from the log")
+    p.add_argument("--model", default=None,
+                   help="model directory (default: the shipped model), or an exported .onnx file (onnxruntime only)")
+    p.add_argument("--input", help="folder (searched recursively) or quoted glob, e.g. 'photos/**/*.png'")
+    p.add_argument("--log-dir", required=True, help="folder for log.csv, log.jsonl, overlays/ and report.html")
+    p.add_argument("--watch", action="store_true", help="keep judging new files until Ctrl-C / SIGTERM")
+    p.add_argument("--save-good", action="store_true", help="also write overlays for good parts")
+    p.add_argument("--png", action="store_true", help="overlays as PNG instead of JPEG")
+    p.add_argument("--to-review", action="store_true", help="send borderline parts to the app's review queue")
+    p.add_argument("--band", type=float, default=0.1, help="borderline: |P(bad) - threshold| <= BAND")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None, help="decode threads (default: CPUs - model threads + 1, >= 2)")
+    p.add_argument("--threads", type=int, default=None, help="model threads (default: a quarter of the CPUs, >= 1)")
+    p.add_argument("--poll", type=float, default=0.5, help="seconds between folder scans")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="an unreadable file is logged as an error once unchanged this many seconds")
+    p.add_argument("--cam-method", default="gradcam", help="gradcam, gradcam++ or eigencam")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                   help="for a model directory: auto uses its model.onnx when present and current")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object (no progress bar)")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(a) -> int:
+    from .inspect import format_summary, inspect_folder, write_report
+
+    if a.action == "report":
+        path = write_report(a.log_dir, band=a.band)
+        _emit({"report": str(path)}, a.json, f"wrote {path}")
+        return 0
+    if not a.input:
+        raise DefectclsError("--input is required: a folder or a quoted glob such as 'photos/*.png'")
+    s = inspect_folder(a.model or default_model_dir(), a.input, a.log_dir, save_good=a.save_good,
+                       overlay_format="png" if a.png else "jpeg", to_review=a.to_review, review_band=a.band,
+                       batch_size=a.batch_size, workers=a.workers, watch=a.watch, poll_s=a.poll, settle_s=a.settle,
+                       progress=not a.json, handle_signals=True, cam_method=a.cam_method, device=a.device,
+                       backend=a.backend, threads=a.threads)
+    _emit(s, a.json, format_summary(s))
+    return 0
+
+
+# ---------------------------------------------------------------- review
+
+def _add_review(sub) -> None:
+    p = _cmd(sub, "review", "work with the QA review queue (see `defectcls review export --help`)",
+             "defectcls review export --out labels.csv")
+    rsub = p.add_subparsers(dest="review_command", required=True, metavar="ACTION")
+    e = rsub.add_parser("export", help="write the latest reviewed label per image as a CSV for training",
+                        description="write the latest reviewed label per image (columns path,label first) for\n"
+                                    "`defectcls train --extra-labels`\n\nexample:\n"
+                                    "  defectcls review export --out labels.csv\n"
+                                    "  defectcls train --data data/synth --out models/retrained --extra-labels labels.csv",
+                        formatter_class=_Fmt)
+    e.add_argument("--out", required=True, help="CSV file to write")
+    e.add_argument("--review-dir", default=None, help="review queue folder; else $DEFECTCLS_REVIEW_DIR or review_queue/")
+    e.add_argument("--json", action="store_true", help="print a JSON summary")
+    e.set_defaults(func=_run_review_export)
+
+
+def _run_review_export(a) -> int:
+    from .config import review_dir
+    from .review import ReviewQueue
+
+    root = a.review_dir or review_dir()
+    if not Path(root).is_dir():
+        raise DefectclsError(f"no review queue at {root} (set --review-dir or DEFECTCLS_REVIEW_DIR)")
+    q = ReviewQueue(root, push_repo="")
+    n = q.export_labels(a.out)
+    st = q.stats()
+    out = {"out": a.out, "rows": n, "pending": st["pending"], "reviewed": st["reviewed"],
+           "unreadable_rows": st["unreadable_rows"], "problems": st["problems"]}
+    warn = "".join(f"\n  warning: {p}" for p in st["problems"])
+    _emit(out, a.json, f"wrote {n} reviewed label(s) to {a.out} ({st['pending']} image(s) still pending){warn}")
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+
+def _add_bench(sub) -> None:
+    p = _cmd(sub, "bench", "time forward, Grad-CAM and the end-to-end request per model, against the naive pipeline",
+             "defectcls bench --models mobilenet_v3_large=models/mobilenet_v3_large_gray resnet50 --json")
+    p.add_argument("--models", nargs="+", metavar="NAME[=DIR]",
+                   help="display name = model directory; a bare architecture name times its untrained network "
+                        "(default: the shipped MobileNetV3 and models/resnet50_gray, or their untrained architectures)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    p.add_argument("--iters", type=int, default=30, help="timed runs per measurement (after warm-up)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8, help="batch size of the throughput measurement")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's and onnxruntime's own)")
+    p.add_argument("--img-size", type=int, default=None, help="input size of untrained architectures (default 224)")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive pipeline")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=_run_bench)
+
+
+def _parse_models(items: list[str] | None) -> dict[str, str | None] | None:
+    if not items:
+        return None
+    out: dict[str, str | None] = {}
+    for item in items:
+        name, _, path = item.partition("=")
+        if not name:
+            raise DefectclsError(f"--models: {item!r} is neither NAME=DIR nor an architecture name")
+        out[name] = path or None
+    return out
+
+
+def _run_bench(a) -> int:
+    from .bench import benchmark, format_table
+
+    res = benchmark(_parse_models(a.models), device=a.device, iters=a.iters, warmup=a.warmup, batch=a.batch,
+                    naive=not a.no_naive, img_size=a.img_size, threads=a.threads)
+    _emit(res, a.json, format_table(res))
+    return 0
+
+
+# ---------------------------------------------------------------- export
+
+def _add_export(sub) -> None:
+    p = _cmd(sub, "export", "export a model to ONNX (fp32, optionally int8) with a parity check against torch",
+             "defectcls export --model models/mobilenet_v3_large_gray --int8 --json")
+    p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx, quantized for edge CPUs")
+    p.add_argument("--out", help="output folder (default: the model directory)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--n-check", type=int, default=200, help="synthetic parts in the parity check")
+    p.add_argument("--json", action="store_true", help="the export report as one JSON object")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(a) -> int:
+    from .export import export_onnx
+
+    if a.n_check < 1:
+        raise DefectclsError("--n-check must be >= 1")
+    rep = export_onnx(a.model or default_model_dir(), out=a.out, int8=a.int8, opset=a.opset, n_check=a.n_check)
+    lines = [f"exported {rep['model_id']} ({rep['arch']}, outputs {', '.join(rep['outputs'])}) in {rep['seconds']} s"]
+    for kind, f in rep["files"].items():
+        lines.append(f"  {kind}: {f['path']} ({f['size_mb']:.1f} MB)")
+    p32 = rep["parity"]["fp32"]
+    lines.append(f"  fp32 parity on {p32['n']} synthetic parts: max |P(bad) diff| {p32['max_prob_diff']:.1e} "
+                 f"(limit {p32['tolerance']:.0e})")
+    if "int8" in rep["parity"]:
+        q = rep["parity"]["int8"]
+        lines.append(f"  int8 ({q.get('method')}): verdicts agree {q.get('verdict_agreement', 0):.1%}, "
+                     f"bad verdicts lost {q.get('missed_bad')}, max |P(bad) diff| {q.get('max_prob_diff', float('nan')):.1e}")
+    _emit(rep, a.json, "\n".join(lines))
+    return 0 if rep["ok"] else 1
+
+
+# ---------------------------------------------------------------- evaluate --perturb, experiment
+
+def _run_evaluate_perturb(a) -> int:
+    from .perturb import PERTURBATIONS, evaluate_perturbed, format_table, write_report
+
+    if a.perturb_names == "list":
+        _emit({"perturbations": list(PERTURBATIONS)}, a.json, "\n".join(PERTURBATIONS))
+        return 0
+    res = evaluate_perturbed(a.model or default_model_dir(), a.data, split=a.split, names=a.perturb_names,
+                             seed=a.perturb_seed, threshold=a.threshold, progress=not a.json)
+    if a.report_dir:
+        res["report_files"] = write_report(res, a.report_dir)
+    _emit(res, a.json, format_table(res))
+    return 0
+
+
+def _add_experiment(sub) -> None:
+    from .experiment import DEFAULT_SIZES, EXPERIMENTS
+
+    p = _cmd(sub, "experiment", "reproduce a study: rgb-vs-gray, archs, cam-localization or data-size "
+                                "(trains with the recipe, writes report.md, results.json and plots)",
+             "defectcls experiment archs --data ../shared/data/casting/train --out reports/archs --epochs 8 --img-size 160")
+    p.add_argument("name", choices=list(EXPERIMENTS), help="the experiment")
+    p.add_argument("--data", required=True, help="folder with good/ and bad/ (cam-localization: also masks/)")
+    p.add_argument("--out", required=True, help="report folder (gets report.md, results.json, *.png, models/)")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (default: the recipe's)")
+    p.add_argument("--img-size", type=int, default=None, help="override the recipe's input size")
+    p.add_argument("--archs", nargs="+", default=None,
+                   help="architectures (archs: the five of the study; cam-localization: mobilenet_v3_large resnet50; "
+                        "rgb-vs-gray and data-size use the first, default mobilenet_v3_large)")
+    p.add_argument("--arch-epochs", nargs="+", default=[], metavar="ARCH=N",
+                   help="archs: epochs for one architecture, e.g. resnet50=4 (say so in the report)")
+    p.add_argument("--methods", nargs="+", default=None, help="cam-localization: CAM methods (default: all)")
+    p.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help="data-size: training-set sizes, comma-separated")
+    p.add_argument("--perturb-names", default=None, help="archs: comma-separated perturbations (default: all)")
+    p.add_argument("--latency-iters", type=int, default=50, help="archs: timed forward passes per model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="keep models in OUT/models trained earlier with the same settings")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object (training logs to stderr)")
+    p.set_defaults(func=_run_experiment)
+
+
+def _run_experiment(a) -> int:
+    import contextlib
+    import shlex
+
+    from .experiment import EXPERIMENTS, format_summary
+
+    arch_epochs = {}
+    for item in a.arch_epochs:
+        name, _, n = item.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            raise DefectclsError(f"--arch-epochs: {item!r} is not ARCH=N with N >= 1")
+        arch_epochs[name] = int(n)
+    if (a.epochs is not None and a.epochs < 1) or (a.img_size is not None and a.img_size < 32):
+        raise DefectclsError("--epochs must be >= 1 and --img-size >= 32")
+    kw = dict(epochs=a.epochs, img_size=a.img_size, seed=a.seed, progress=not a.json, reuse=a.reuse,
+              command="defectcls " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else None)
+    if a.name == "archs":
+        kw.update(arch_epochs=arch_epochs, perturb_names=a.perturb_names, latency_iters=a.latency_iters,
+                  **({"archs": a.archs} if a.archs else {}))
+    elif a.name == "cam-localization":
+        kw.update(methods=a.methods, **({"archs": a.archs} if a.archs else {}))
+    elif a.name == "data-size":
+        kw.update(sizes=a.sizes, **({"arch": a.archs[0]} if a.archs else {}))
+    else:
+        kw.update({"arch": a.archs[0]} if a.archs else {})
+    with contextlib.redirect_stdout(sys.stderr) if a.json else contextlib.nullcontext():
+        res = EXPERIMENTS[a.name](a.data, a.out, **kw)
+    _emit(res, a.json, format_summary(res))
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_Fmt)
     p.add_argument("--version", action="version", version=f"defectcls {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_train, _add_evaluate, _add_predict):
+    for add in (_add_synth, _add_train, _add_evaluate, _add_predict, _add_inspect, _add_review, _add_bench,
+                _add_export, _add_experiment):
         add(sub)
     return p
 

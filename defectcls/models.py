@@ -177,7 +177,35 @@ def build_model(arch: str, in_chans: int = 1, num_classes: int = 2, pretrained: 
     return model
 
 
+ENSEMBLE_ARCH = "ensemble"
+
+
+class Ensemble(nn.Module):
+    """The mean of its members' logits: to Predictor, export and Grad-CAM an ensemble is one model.
+
+    Members share the input (size, colour, normalisation); ARCHS names each member's
+    architecture (kept for ``cam_target_layer``, not in the state dict).
+    """
+
+    def __init__(self, members: list[nn.Module], archs: list[str]):
+        super().__init__()
+        if not members or len(members) != len(archs):
+            raise ModelLoadError("an ensemble needs at least one member and one architecture name per member")
+        self.members = nn.ModuleList(members)
+        self.archs = list(archs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
 def cam_target_layer(model: nn.Module, arch: str) -> nn.Module:
+    """The Grad-CAM layer; for an ensemble, its first member's.
+
+    The gradient of the ensemble's mean logit at that layer is the first member's own gradient
+    divided by the number of members, so after scaling the map is the first member's heat-map.
+    """
+    if arch == ENSEMBLE_ARCH:
+        return arch_spec(model.archs[0]).cam_layer(model.members[0])
     return arch_spec(arch).cam_layer(model)
 
 
@@ -281,8 +309,24 @@ def weights_sha256(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def member_archs(model_dir: str | os.PathLike, card: ModelCard) -> list[str]:
+    """Architectures of an ensemble's members: from its card (``train.member_archs``), else the members' cards."""
+    archs = (card.train or {}).get("member_archs")
+    if archs:
+        if card.members and len(archs) != len(card.members):
+            raise ModelLoadError(f"{model_dir}: card lists {len(card.members)} members but {len(archs)} architectures")
+        return list(archs)
+    if not card.members:
+        raise ModelLoadError(f"{model_dir}: an ensemble card needs 'members' (member directories)")
+    return [read_card(Path(model_dir) / m).arch for m in card.members]
+
+
 def load_model_dir(model_dir: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
-    """Build the card's architecture and load its safetensors weights (fp32, eval mode)."""
+    """Build the card's architecture and load its safetensors weights (fp32, eval mode).
+
+    An ensemble card (arch "ensemble") gives an ``Ensemble`` of its members, all weights read
+    from the ensemble's own model.safetensors (keys ``members.<i>.``).
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
@@ -294,12 +338,18 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
             raise ModelLoadError(f"{model_dir}: only pickled checkpoints found ({', '.join(pickles)}); they are refused "
                                  f"because unpickling can run code. Convert to {WEIGHTS_FILE}.")
         raise ModelLoadError(f"{model_dir}: no {WEIGHTS_FILE}")
-    model = build_model(card.arch, card.in_chans, len(card.labels))
+    if card.arch == ENSEMBLE_ARCH:
+        archs = member_archs(model_dir, card)
+        model = Ensemble([build_model(a, card.in_chans, len(card.labels)) for a in archs], archs)
+        what = f"an ensemble of {', '.join(archs)}"
+    else:
+        model = build_model(card.arch, card.in_chans, len(card.labels))
+        what = card.arch
     sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_file(wpath).items()}
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
-        raise ModelLoadError(f"{wpath}: weights do not match {card.arch} with {card.in_chans} input channel(s): "
+        raise ModelLoadError(f"{wpath}: weights do not match {what} with {card.in_chans} input channel(s): "
                              f"{str(exc).splitlines()[0]}") from exc
     model.eval()
     return model, card

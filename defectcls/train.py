@@ -47,6 +47,7 @@ class TrainConfig:
     pretrained_file: str | None = None
     extra_labels: str | None = None
     max_per_class: tuple[int, int] | None = None  # seeded subset (good, bad) of the training part
+    folds: int = 1                    # K > 1: K-fold cross-validation, K members + their ensemble (train_folds)
     fp16_weights: bool = False
     workers: int | None = None
     disk_cache: bool = True
@@ -103,22 +104,19 @@ def _subset(idx: list[int], labels: np.ndarray, max_per_class: tuple[int, int], 
     return sorted(out)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train a model on CFG.data and write a model directory to CFG.out; returns a summary."""
-    rank, world, distributed = _dist_info()
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    if distributed:
-        import torch.distributed as dist
+@dataclass
+class _Data:
+    """The decoded, labelled folder and its seeded train/val/test split (indices into samples)."""
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-    gen = seed_everything(cfg.seed)
+    root: Path
+    samples: list[D.Sample]
+    labels: np.ndarray
+    images: np.ndarray
+    failed: list[tuple[str, str]]
+    parts: dict[str, list[int]]
 
-    # ---- data
+
+def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _Data:
     root = Path(cfg.data)
     samples = D.scan_folder(root)
     if cfg.extra_labels:
@@ -137,28 +135,23 @@ def train(cfg: TrainConfig) -> dict:
     if len(np.unique(labels)) < 2:
         raise DefectclsError("training needs readable images of both classes (good/ and bad/)")
     parts = D.stratified_split(labels.tolist(), tuple(cfg.split), cfg.seed)
-    train_idx = parts["train"]
-    if cfg.max_per_class:
-        train_idx = _subset(train_idx, labels, cfg.max_per_class, cfg.seed)
-    val_idx, test_idx = parts["val"], parts["test"]
-    if not val_idx:
-        raise DefectclsError("validation part is empty: need at least 3 images of each class")
-    x_train, y_train = images[train_idx], labels[train_idx]
-    x_val, y_val = images[val_idx], labels[val_idx]
+    return _Data(root, samples, labels, images, failed, parts)
 
-    c = images.shape[1]
+
+def _norm_stats(cfg: TrainConfig, x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Input mean/std: ImageNet's for pretrained starts, else the training images' own."""
+    c = x.shape[1]
     if cfg.pretrained or cfg.pretrained_file:
-        mean = [0.449] * c if c == 1 else [0.485, 0.456, 0.406]
-        std = [0.226] * c if c == 1 else [0.229, 0.224, 0.225]
-    else:
-        f = x_train.astype(np.float32) / 255.0
-        mean = f.mean(axis=(0, 2, 3)).round(4).tolist()
-        std = np.maximum(f.std(axis=(0, 2, 3)), 1e-3).round(4).tolist()
-        del f
-    mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, c, 1, 1)
+        return ([0.449] * c if c == 1 else [0.485, 0.456, 0.406]), ([0.226] * c if c == 1 else [0.229, 0.224, 0.225])
+    f = x.astype(np.float32) / 255.0
+    return f.mean(axis=(0, 2, 3)).round(4).tolist(), np.maximum(f.std(axis=(0, 2, 3)), 1e-3).round(4).tolist()
 
-    # ---- model
+
+def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+         mean_t: torch.Tensor, std_t: torch.Tensor, device: torch.device, gen: torch.Generator, what: str,
+         rank: int = 0, world: int = 1, distributed: bool = False) -> tuple[nn.Module, int, list[dict]]:
+    """Train one network; returns it with the weights of its best validation epoch (on rank 0), that epoch, history."""
+    c = x_train.shape[1]
     model = build_model(cfg.arch, in_chans=c, num_classes=2, pretrained=cfg.pretrained,
                         pretrained_file=cfg.pretrained_file).to(device).to(memory_format=torch.channels_last)
     net: nn.Module = model
@@ -168,12 +161,12 @@ def train(cfg: TrainConfig) -> dict:
     n_bad, n_good = int((y_train == 1).sum()), int((y_train == 0).sum())
     class_w = torch.tensor([len(y_train) / (2 * n_good), len(y_train) / (2 * n_bad)], device=device) \
         if cfg.balance == "loss" else None
-    steps_per_epoch = max(1, math.ceil(len(train_idx) / (cfg.batch_size * world)))
+    steps_per_epoch = max(1, math.ceil(len(y_train) / (cfg.batch_size * world)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.15)
     _log(f"training {cfg.arch} ({cfg.color}, {cfg.img_size}px) on {device}, world {world}: "
-         f"train {len(train_idx)} ({n_good} good / {n_bad} bad), val {len(val_idx)}, test {len(test_idx)}", rank)
+         f"train {len(y_train)} ({n_good} good / {n_bad} bad), {what}", rank)
 
     best_score, best_state, best_epoch, history = (math.inf, math.inf), None, -1, []
     stale = 0
@@ -234,43 +227,200 @@ def train(cfg: TrainConfig) -> dict:
         if stop.item():
             _log(f"early stop: no better validation score for {cfg.patience} epochs", rank)
             break
-
-    summary: dict = {}
     if rank == 0:
         model.load_state_dict(best_state)
-        logits_val = predict_logits(model, x_val, mean_t, std_t, device)
-        temperature = fit_temperature(logits_val, y_val)
-        prob_val = prob_bad_from_logits(logits_val, temperature)
-        policy = choose_threshold(y_val, prob_val, cfg.target_fnr, cfg.threshold_method)
-        thr = policy["threshold"]
-        metrics = {"val": compute_metrics(y_val, prob_val, thr)}
-        if test_idx:
-            prob_test = prob_bad_from_logits(predict_logits(model, images[test_idx], mean_t, std_t, device), temperature)
-            metrics["test"] = compute_metrics(labels[test_idx], prob_test, thr)
-        duration = time.perf_counter() - t0
-        card = ModelCard(
-            arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-            threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
-            train={"config": cfg.to_dict(), "data_root": str(root.resolve()),
-                   "data_fingerprint": D.fingerprint(samples), "seed": cfg.seed, "device": str(device),
-                   "world_size": world, "best_epoch": best_epoch, "epochs_run": len(history),
-                   "duration_s": round(duration, 1), "history": history, "skipped": [p for p, _ in failed],
-                   "n": {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)}},
-        )
-        out = save_model_dir(model.cpu().to(memory_format=torch.contiguous_format), card, cfg.out,
-                             fp16=cfg.fp16_weights)
-        rel = lambda i: os.path.relpath(samples[i].path, root)  # noqa: E731
-        split = {"data_root": str(root.resolve()), "data_fingerprint": card.train["data_fingerprint"],
-                 "seed": cfg.seed, **{k: [[rel(i), int(labels[i])] for i in v]
-                                      for k, v in (("train", train_idx), ("val", val_idx), ("test", test_idx))}}
-        (out / SPLIT_FILE).write_text(json.dumps(split) + "\n", encoding="utf-8")
-        summary = {"out": str(out), "threshold": thr, "temperature": temperature, "metrics": metrics,
-                   "best_epoch": best_epoch, "duration_s": round(duration, 1)}
-        t = metrics.get("test", metrics["val"])
-        _log(f"saved {out}: threshold {thr:.4f} ({policy['method']}), T {temperature:.3f}; "
-             f"{'test' if 'test' in metrics else 'val'} FNR {t['fnr']:.4f} FPR {t['fpr']:.4f} AUROC {t['auroc']:.4f} "
-             f"ECE {t['ece']:.4f} in {duration:.0f}s")
+    return model, best_epoch, history
+
+
+def _write_split(out: Path, data: _Data, seed: int, fingerprint: str, parts: dict[str, list[int]], **extra) -> None:
+    rel = lambda i: os.path.relpath(data.samples[i].path, data.root)  # noqa: E731
+    split = {"data_root": str(data.root.resolve()), "data_fingerprint": fingerprint, "seed": seed,
+             **{k: [[rel(i), int(data.labels[i])] for i in parts[k]] for k in ("train", "val", "test")}, **extra}
+    (out / SPLIT_FILE).write_text(json.dumps(split) + "\n", encoding="utf-8")
+
+
+def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[float], std: list[float],
+                 parts: dict[str, list[int]], out: str | Path, device: torch.device, world: int, t0: float,
+                 best_epoch: int, history: list[dict], extra_train: dict | None = None) -> dict:
+    """Temperature and threshold on validation, metrics, card, weights and split.json for one trained network."""
+    c = data.images.shape[1]
+    mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, c, 1, 1)
+    val_idx, test_idx = parts["val"], parts["test"]
+    y_val = data.labels[val_idx]
+    logits_val = predict_logits(model, data.images[val_idx], mean_t, std_t, device)
+    temperature = fit_temperature(logits_val, y_val)
+    prob_val = prob_bad_from_logits(logits_val, temperature)
+    policy = choose_threshold(y_val, prob_val, cfg.target_fnr, cfg.threshold_method)
+    thr = policy["threshold"]
+    metrics = {"val": compute_metrics(y_val, prob_val, thr)}
+    if test_idx:
+        prob_test = prob_bad_from_logits(predict_logits(model, data.images[test_idx], mean_t, std_t, device), temperature)
+        metrics["test"] = compute_metrics(data.labels[test_idx], prob_test, thr)
+    duration = time.perf_counter() - t0
+    fingerprint = D.fingerprint(data.samples)
+    card = ModelCard(
+        arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
+        threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
+        train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()),
+               "data_fingerprint": fingerprint, "seed": cfg.seed, "device": str(device),
+               "world_size": world, "best_epoch": best_epoch, "epochs_run": len(history),
+               "duration_s": round(duration, 1), "history": history, "skipped": [p for p, _ in data.failed],
+               "n": {k: len(parts[k]) for k in ("train", "val", "test")}, **(extra_train or {})},
+    )
+    saved = save_model_dir(model.cpu().to(memory_format=torch.contiguous_format), card, out, fp16=cfg.fp16_weights)
+    model.to(device)
+    _write_split(saved, data, cfg.seed, fingerprint, parts)
+    t = metrics.get("test", metrics["val"])
+    _log(f"saved {saved}: threshold {thr:.4f} ({policy['method']}), T {temperature:.3f}; "
+         f"{'test' if 'test' in metrics else 'val'} FNR {t['fnr']:.4f} FPR {t['fpr']:.4f} AUROC {t['auroc']:.4f} "
+         f"ECE {t['ece']:.4f} in {duration:.0f}s")
+    return {"out": str(saved), "threshold": thr, "temperature": temperature, "metrics": metrics,
+            "best_epoch": best_epoch, "duration_s": round(duration, 1)}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train a model on CFG.data and write a model directory to CFG.out; returns a summary.
+
+    With ``cfg.folds`` > 1 this is K-fold cross-validation (``train_folds``).
+    """
+    rank, world, distributed = _dist_info()
+    if cfg.folds > 1:
+        if distributed:
+            raise DefectclsError("--folds trains its folds one after another in one process: start it without torchrun")
+        return train_folds(cfg)
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if distributed:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    gen = seed_everything(cfg.seed)
+
+    data = _load_data(cfg, rank, distributed)
+    labels, images = data.labels, data.images
+    train_idx = data.parts["train"]
+    if cfg.max_per_class:
+        train_idx = _subset(train_idx, labels, cfg.max_per_class, cfg.seed)
+    val_idx, test_idx = data.parts["val"], data.parts["test"]
+    if not val_idx:
+        raise DefectclsError("validation part is empty: need at least 3 images of each class")
+    x_train, y_train = images[train_idx], labels[train_idx]
+    mean, std = _norm_stats(cfg, x_train)
+    c = images.shape[1]
+    mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, c, 1, 1)
+
+    model, best_epoch, history = _fit(cfg, x_train, y_train, images[val_idx], labels[val_idx], mean_t, std_t, device,
+                                      gen, f"val {len(val_idx)}, test {len(test_idx)}", rank, world, distributed)
+    summary: dict = {}
+    if rank == 0:
+        summary = _save_single(cfg, model, data, mean, std, {"train": train_idx, "val": val_idx, "test": test_idx},
+                               cfg.out, device, world, t0, best_epoch, history)
     if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """K seeded, stratified folds of positions 0..len(labels)-1 (scikit-learn's StratifiedKFold)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(labels, minlength=2)
+    if k < 2 or counts.min() < k:
+        raise DefectclsError(f"--folds {k}: needs 2 <= K <= the images of the rarer class outside the test part "
+                             f"({int(counts.min())})")
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [val for _, val in skf.split(np.zeros(len(labels)), labels)]
+
+
+def train_folds(cfg: TrainConfig) -> dict:
+    """K-fold cross-validation: K members and their ensemble, written as model directories.
+
+    The test part of the usual seeded split stays held out; the rest (train + val, seeded
+    subset with ``max_per_class``) is cut into K stratified folds. Member k trains on the
+    other K-1 folds, keeps its best epoch on fold k, and is written to OUT/fold_k as a full
+    model directory (its own threshold and temperature from fold k). OUT itself becomes the
+    ensemble (``card.arch == "ensemble"``, ``card.members``): the mean of the members' logits,
+    all weights in OUT/model.safetensors. Its temperature and threshold are chosen on the
+    out-of-fold predictions (every part scored by the member that never trained on it), and
+    its card holds the out-of-fold metrics ("oof") and the ensemble's test metrics ("test").
+    """
+    from .models import ENSEMBLE_ARCH, Ensemble
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    data = _load_data(cfg)
+    labels, images = data.labels, data.images
+    pool = np.array(sorted(data.parts["train"] + data.parts["val"]))
+    if cfg.max_per_class:
+        pool = np.array(_subset(pool.tolist(), labels, cfg.max_per_class, cfg.seed))
+    test_idx = data.parts["test"]
+    y_pool = labels[pool]
+    folds = stratified_folds(y_pool, cfg.folds, cfg.seed)
+    mean, std = _norm_stats(cfg, images[pool])
+    c = images.shape[1]
+    mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, c, 1, 1)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    oof_logits = np.zeros((len(pool), 2), np.float32)
+    members, member_rows = [], []
+    for k, val_pos in enumerate(folds):
+        gen = seed_everything(cfg.seed + k)
+        tr_pos = np.setdiff1d(np.arange(len(pool)), val_pos)
+        parts = {"train": pool[tr_pos].tolist(), "val": pool[val_pos].tolist(), "test": test_idx}
+        model, best_epoch, history = _fit(cfg, images[parts["train"]], labels[parts["train"]], images[parts["val"]],
+                                          labels[parts["val"]], mean_t, std_t, device, gen,
+                                          f"fold {k + 1}/{cfg.folds}: val {len(val_pos)}, test {len(test_idx)}")
+        oof_logits[val_pos] = predict_logits(model, images[parts["val"]], mean_t, std_t, device)
+        s = _save_single(cfg, model, data, mean, std, parts, out / f"fold_{k}", device, 1, t0, best_epoch, history,
+                         {"fold": k, "folds": cfg.folds, "ensemble": out.name})
+        member_rows.append({"dir": f"fold_{k}", "best_epoch": best_epoch, "n_train": len(tr_pos), "n_val": len(val_pos),
+                            **{f"{part}_{m}": s["metrics"][part][m] for part in s["metrics"] for m in ("fnr", "fpr", "auroc")}})
+        members.append(model.eval())
+
+    ensemble = Ensemble(members, [cfg.arch] * len(members)).to(device)
+    temperature = fit_temperature(oof_logits, y_pool)
+    prob_oof = prob_bad_from_logits(oof_logits, temperature)
+    policy = choose_threshold(y_pool, prob_oof, cfg.target_fnr, cfg.threshold_method)
+    policy["chosen_on"] = "out-of-fold predictions: each part scored by the member that did not train on it"
+    thr = policy["threshold"]
+    metrics = {"oof": compute_metrics(y_pool, prob_oof, thr)}
+    if test_idx:
+        prob_test = prob_bad_from_logits(predict_logits(ensemble, images[test_idx], mean_t, std_t, device), temperature)
+        metrics["test"] = compute_metrics(labels[test_idx], prob_test, thr)
+    duration = time.perf_counter() - t0
+    fingerprint = D.fingerprint(data.samples)
+    card = ModelCard(
+        arch=ENSEMBLE_ARCH, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
+        threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
+        members=[r["dir"] for r in member_rows],
+        train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()), "data_fingerprint": fingerprint,
+               "seed": cfg.seed, "device": str(device), "world_size": 1, "folds": cfg.folds,
+               "member_archs": [cfg.arch] * len(members), "members": member_rows,
+               "duration_s": round(duration, 1), "skipped": [p for p, _ in data.failed],
+               "n": {"train": len(pool), "val": 0, "test": len(test_idx)}},
+    )
+    saved = save_model_dir(ensemble.cpu(), card, out, fp16=cfg.fp16_weights)
+    rel = lambda i: os.path.relpath(data.samples[i].path, data.root)  # noqa: E731
+    fold_of = np.empty(len(pool), int)
+    for k, val_pos in enumerate(folds):
+        fold_of[val_pos] = k
+    _write_split(saved, data, cfg.seed, fingerprint, {"train": pool.tolist(), "val": [], "test": test_idx},
+                 folds=[[rel(i), int(labels[i]), int(f)] for i, f in zip(pool, fold_of, strict=True)])
+    t = metrics.get("test", metrics["oof"])
+    _log(f"saved ensemble of {cfg.folds} folds {saved}: threshold {thr:.4f} ({policy['method']}, out-of-fold), "
+         f"T {temperature:.3f}; {'test' if 'test' in metrics else 'out-of-fold'} FNR {t['fnr']:.4f} FPR {t['fpr']:.4f} "
+         f"AUROC {t['auroc']:.4f} ECE {t['ece']:.4f}; out-of-fold FNR {metrics['oof']['fnr']:.4f} "
+         f"FPR {metrics['oof']['fpr']:.4f} in {duration:.0f}s")
+    return {"out": str(saved), "threshold": thr, "temperature": temperature, "metrics": metrics,
+            "members": [str(saved / r["dir"]) for r in member_rows], "folds": member_rows,
+            "duration_s": round(duration, 1)}

@@ -1,0 +1,513 @@
+"""The studies behind the product's choices, as reproducible commands.
+
+- ``rgb-vs-gray``: the same recipe on RGB and on grayscale input; metrics and Grad-CAM side by side.
+- ``archs``: several architectures under the same recipe: FNR, FPR, AUROC, robustness (worst
+  FNR/FPR over ``perturb.PERTURBATIONS``), size on disk, CPU (and CUDA) latency; sorted by the
+  metric priority FNR, then FPR, then latency, then size.
+- ``cam-localization``: on synthetic bad parts with defect masks, how often the heat-map peak
+  falls inside the (slightly dilated) defect (pointing game), per architecture and CAM method.
+- ``data-size``: the recipe on seeded training subsets of growing size (the seed regime's
+  good/bad ratio); FNR/FPR against training-set size.
+
+Every experiment trains with THE recipe (``TrainConfig`` defaults; ``epochs`` / ``img_size``
+override it for cheaper runs and are recorded), writes its models to REPORT_DIR/models/<name>/
+and scores each on its own held-out test part. It writes REPORT_DIR/report.md (tables and
+plots), REPORT_DIR/results.json and the plots as PNG.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import data as D
+from .errors import DefectclsError
+
+DEFAULT_ARCHS = ("resnet50", "mobilenet_v3_large", "resnet18", "mobilenet_v2", "squeezenet1_1")
+CAM_ARCHS = ("mobilenet_v3_large", "resnet50")
+DEFAULT_SIZES = ("100", "350", "1350", "full")
+SEED_GOOD_SHARE = 1000 / 1350          # the seed regime: 1000 good / 350 bad
+SHOW_SIZE = 192                          # side of the heat-map samples drawn in reports
+METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "threshold")
+# settings that make two training runs the same run (for --reuse)
+_SAME_RUN = ("data", "arch", "epochs", "img_size", "batch_size", "lr", "weight_decay", "color", "seed", "target_fnr",
+             "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug")
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def machine_info() -> dict:
+    """Where the numbers come from: CPU, threads, GPU, library versions, date."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _norm(obj):
+    return json.loads(json.dumps(obj))
+
+
+def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0, epochs: int | None = None,
+                img_size: int | None = None, progress: bool = False, reuse: bool = False, **overrides) -> dict:
+    """Train THE recipe (``TrainConfig`` defaults plus OVERRIDES) into OUT; returns the card as a dict.
+
+    With REUSE, an existing model directory trained with the same settings on the same data is kept.
+    """
+    from .models import read_card
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(data=str(data), out=str(out), seed=seed, progress=progress, **overrides)
+    if epochs:
+        cfg.epochs = epochs
+    if img_size:
+        cfg.img_size = img_size
+    want = {k: v for k, v in _norm(cfg.to_dict()).items() if k in _SAME_RUN}
+    want["data"] = os.path.realpath(want["data"])
+    if reuse and (Path(out) / "card.json").is_file():
+        card = read_card(out)
+        have = {k: v for k, v in (card.train or {}).get("config", {}).items() if k in _SAME_RUN}
+        have["data"] = os.path.realpath(have.get("data", ""))
+        if have == want:
+            return card.to_dict()
+    train(cfg)
+    return read_card(out).to_dict()
+
+
+def _test_metrics(card: dict) -> dict:
+    m = card.get("metrics") or {}
+    part = m.get("test") or m.get("val") or m.get("oof") or {}
+    return {k: part.get(k) for k in METRIC_KEYS}
+
+
+def time_forward(model_dir: str | os.PathLike, device: str = "cpu", iters: int = 50, warmup: int = 10,
+                 batch: int = 1) -> dict:
+    """Latency of the torch forward pass (batch BATCH) on DEVICE: warm-up, perf_counter, median and p95.
+
+    CUDA is synchronised by the copy of the logits to the host inside ``Predictor.logits``.
+    """
+    import torch
+
+    from .inference import Predictor
+
+    pred = Predictor(model_dir, device=device, backend="torch")
+    c = pred.card
+    x = np.random.default_rng(0).standard_normal((batch, c.in_chans, c.img_size, c.img_size)).astype(np.float32)
+    for _ in range(warmup):
+        pred.logits(x)
+    ms = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        pred.logits(x)
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return {"p50_ms": round(float(np.median(ms)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3),
+            "iters": iters, "batch": batch, "device": str(pred.device),
+            "threads": torch.get_num_threads() if pred.device.type == "cpu" else None}
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _num(v, digits: int = 1) -> str:
+    """Sizes, times and latencies: fewer decimals than rates."""
+    return _fmt(None if v is None else float(v), digits)
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table; floats with 4 decimals (rates), None/NaN as n/a; pass strings for other formats."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _write_report(out: Path, title: str, results: dict, body: list[str], command: str | None) -> list[str]:
+    from .evaluate import to_json
+
+    m = results["machine"]
+    head = [f"# {title}", "",
+            f"- command: `{command}`" if command else "- command: (library call)",
+            f"- data: `{results['data']}`",
+            f"- machine: {m['cpu']} ({m['cpu_count']} CPUs, torch threads {m['torch_threads']}), "
+            f"GPU {m['cuda'] or 'none'}, torch {m['torch']}",
+            f"- date: {m['date']}; duration {results['seconds']:.0f} s", ""]
+    (out / "report.md").write_text("\n".join(head + body) + "\n", encoding="utf-8")
+    (out / "results.json").write_text(to_json(results) + "\n", encoding="utf-8")
+    return [str(out / "report.md"), str(out / "results.json")]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _start(data, out) -> tuple[Path, float]:
+    D.scan_folder(data)  # fail early with the folder's own error
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, time.perf_counter()
+
+
+def _recipe(epochs: int | None, img_size: int | None) -> dict:
+    from .train import TrainConfig
+
+    d = TrainConfig(data="", out="")
+    return {"epochs": epochs or d.epochs, "img_size": img_size or d.img_size}
+
+
+# ---------------------------------------------------------------- rgb-vs-gray
+
+def run_rgb_vs_gray(data: str | os.PathLike, out: str | os.PathLike, arch: str = "mobilenet_v3_large",
+                    epochs: int | None = None, img_size: int | None = None, seed: int = 0, n_cam: int = 6,
+                    progress: bool = False, reuse: bool = False, command: str | None = None) -> dict:
+    """The same recipe on RGB and grayscale input: test metrics and Grad-CAM samples side by side."""
+    from .explain import explain, overlay
+    from .inference import Predictor
+    from .scoring import select_split
+
+    out, t0 = _start(data, out)
+    rows, preds = [], {}
+    for color in ("rgb", "gray"):
+        mdir = out / "models" / f"{arch}_{color}"
+        card = train_model(data, mdir, seed=seed, epochs=epochs, img_size=img_size, progress=progress, reuse=reuse,
+                           arch=arch, color=color)
+        rows.append({"color": color, "model_dir": str(mdir), **_test_metrics(card),
+                     "train_s": card["train"].get("duration_s")})
+        preds[color] = Predictor(mdir, backend="torch")
+    test, _ = select_split(out / "models" / f"{arch}_gray", data, D.scan_folder(data), "auto")
+    n_bad = min(len([s for s in test if s.label == 1]), max(1, math.ceil(n_cam * 2 / 3)))
+    picks = [s for s in test if s.label == 1][:n_bad] + [s for s in test if s.label == 0][:max(0, n_cam - n_bad)]
+    cams = []
+    plt = _plt()
+    fig, axes = plt.subplots(len(picks), 3, figsize=(9, 3 * len(picks)), squeeze=False)
+    for r, s in enumerate(picks):
+        axes[r, 0].imshow(D.load_image(s.path, "rgb"))
+        axes[r, 0].set_title(f"{Path(s.path).name} ({D.LABELS[s.label]})", fontsize=8)
+        row = {"path": s.path, "label": D.LABELS[s.label]}
+        for col, color in enumerate(("rgb", "gray"), start=1):
+            ex = explain(preds[color], s.path, "gradcam")
+            axes[r, col].imshow(overlay(ex.image, ex.cam, size=256))
+            axes[r, col].set_title(f"{color}: P(bad) {ex.prediction.prob_bad:.3f} -> {ex.prediction.label}", fontsize=8)
+            row[color] = {"prob_bad": ex.prediction.prob_bad, "label": ex.prediction.label}
+        cams.append(row)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "cams.png", dpi=90)
+    plt.close(fig)
+    res = {"experiment": "rgb-vs-gray", "data": str(data), "arch": arch, "seed": seed, **_recipe(epochs, img_size),
+           "rows": rows, "cam_samples": cams, "machine": machine_info(), "seconds": time.perf_counter() - t0}
+    body = [f"{arch}, {res['epochs']} epochs, {res['img_size']} px, seed {seed}; metrics on the models' "
+            "shared held-out test part at each card's threshold.", "",
+            md_table(["input", "FNR", "missed", "FPR", "rejected", "AUROC", "ECE", "threshold", "train s"],
+                     [[r["color"], r["fnr"], f"{r['fn']}/{r['n_bad']}", r["fpr"], f"{r['fp']}/{r['n_good']}",
+                       r["auroc"], r["ece"], r["threshold"], _num(r["train_s"], 0)] for r in rows]),
+            "", "Grad-CAM (evidence for 'bad') of each model on the same held-out photos:", "",
+            "![Grad-CAM: input, RGB model, gray model](cams.png)"]
+    res["files"] = _write_report(out, "RGB vs grayscale input", res, body, command) + [str(out / "cams.png")]
+    return res
+
+
+# ---------------------------------------------------------------- archs
+
+def _sort_key(r: dict) -> tuple:
+    inf = lambda v: math.inf if v is None or not math.isfinite(v) else v  # noqa: E731
+    return (inf(r["fnr"]), inf(r["fpr"]), inf((r.get("cpu") or {}).get("p50_ms")), inf(r["size_mb"]))
+
+
+def run_archs(data: str | os.PathLike, out: str | os.PathLike, archs: Sequence[str] = DEFAULT_ARCHS,
+              epochs: int | None = None, img_size: int | None = None, seed: int = 0,
+              arch_epochs: dict[str, int] | None = None, perturb_names: Sequence[str] | str | None = None,
+              latency_iters: int = 50, progress: bool = False, reuse: bool = False, command: str | None = None) -> dict:
+    """Each architecture under the same recipe: quality, robustness, size and latency, sorted by the metric priority."""
+    import torch
+
+    from .models import arch_spec, count_params, load_model_dir
+    from .perturb import evaluate_perturbed, resolve_names, worst_name
+    from .perturb import write_report as write_perturb
+
+    for a in archs:
+        arch_spec(a)
+    resolve_names(perturb_names)
+    out, t0 = _start(data, out)
+    arch_epochs = arch_epochs or {}
+    rows = []
+    for arch in archs:
+        mdir = out / "models" / arch
+        ep = arch_epochs.get(arch, epochs)
+        card = train_model(data, mdir, seed=seed, epochs=ep, img_size=img_size, progress=progress, reuse=reuse, arch=arch)
+        rob = evaluate_perturbed(mdir, data, names=perturb_names, seed=seed, progress=progress)
+        write_perturb(rob, out / "perturb" / arch)
+        model, _ = load_model_dir(mdir)
+        row = {"arch": arch, "model_dir": str(mdir), "epochs": card["train"]["config"]["epochs"], **_test_metrics(card),
+               "worst_fnr": rob["worst"]["fnr"]["value"], "worst_fnr_under": worst_name(rob["worst"]["fnr"]),
+               "worst_fpr": rob["worst"]["fpr"]["value"], "worst_fpr_under": worst_name(rob["worst"]["fpr"]),
+               "size_mb": round((mdir / "model.safetensors").stat().st_size / 1e6, 2),
+               "params_m": round(count_params(model) / 1e6, 2), "train_s": card["train"].get("duration_s"),
+               "cpu": time_forward(mdir, "cpu", iters=latency_iters, warmup=max(1, latency_iters // 5)),
+               "cuda": time_forward(mdir, "cuda", iters=latency_iters, warmup=max(1, latency_iters // 5))
+               if torch.cuda.is_available() else None}
+        rows.append(row)
+    rows.sort(key=_sort_key)
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    xs = np.arange(len(rows))
+    for off, key, label in ((-0.3, "fnr", "FNR clean"), (-0.1, "worst_fnr", "FNR worst perturbation"),
+                            (0.1, "fpr", "FPR clean"), (0.3, "worst_fpr", "FPR worst perturbation")):
+        a1.bar(xs + off, [r[key] if r[key] is not None and math.isfinite(r[key]) else 0 for r in rows], 0.2, label=label)
+    a1.set_xticks(xs, [r["arch"] for r in rows], rotation=20)
+    a1.set(ylabel="rate", title="quality (held-out test part)")
+    a1.legend(fontsize=8)
+    for r in rows:
+        a2.scatter(r["cpu"]["p50_ms"], r["size_mb"])
+        a2.annotate(r["arch"], (r["cpu"]["p50_ms"], r["size_mb"]), fontsize=8)
+    a2.set(xlabel="CPU latency, batch 1, median (ms)", ylabel="size on disk (MB)", title="cost")
+    fig.tight_layout()
+    fig.savefig(out / "archs.png", dpi=90)
+    plt.close(fig)
+    res = {"experiment": "archs", "data": str(data), "seed": seed, **_recipe(epochs, img_size),
+           "arch_epochs": arch_epochs, "rows": rows, "machine": machine_info(), "seconds": time.perf_counter() - t0}
+    cuda = any(r["cuda"] for r in rows)
+    table = md_table(
+        ["rank", "arch", "epochs", "FNR", "FPR", "AUROC", "worst FNR (under)", "worst FPR (under)", "size MB", "params M",
+         "CPU ms p50", *(["CUDA ms p50"] if cuda else []), "train s"],
+        [[i + 1, r["arch"], r["epochs"], r["fnr"], r["fpr"], r["auroc"], f"{_fmt(r['worst_fnr'])} ({r['worst_fnr_under']})",
+          f"{_fmt(r['worst_fpr'])} ({r['worst_fpr_under']})", _num(r["size_mb"]), _num(r["params_m"], 2),
+          _num(r["cpu"]["p50_ms"], 2), *([_num(r["cuda"]["p50_ms"] if r["cuda"] else None, 2)] if cuda else []),
+          _num(r["train_s"], 0)] for i, r in enumerate(rows)])
+    body = [f"{res['epochs']} epochs (per-architecture: {arch_epochs or 'none'}), {res['img_size']} px, seed {seed}. "
+            "Sorted by FNR, then FPR, then CPU latency, then size. Quality on each model's held-out test part at its "
+            "card's threshold; worst = the highest rate over the perturbations of `defectcls evaluate --perturb` "
+            "(tables in perturb/<arch>/perturb.md). Latency: torch eager forward pass, batch 1, after warm-up, "
+            f"median of {latency_iters}, on {machine_info()['cpu']}"
+            + (f" and {machine_info()['cuda']}" if cuda else " (no GPU here)") + ". Size: model.safetensors (fp32).", "",
+            table, "", "![quality and cost per architecture](archs.png)"]
+    res["files"] = _write_report(out, "Architectures", res, body, command) + [str(out / "archs.png")]
+    return res
+
+
+# ---------------------------------------------------------------- cam-localization
+
+def pointing_hit(cam: np.ndarray, mask: np.ndarray) -> bool:
+    """True when the heat-map's maximum lies inside MASK (same shape); a flat map never hits."""
+    if float(cam.max()) <= float(cam.min()):
+        return False
+    return bool(mask[np.unravel_index(int(np.argmax(cam)), cam.shape)])
+
+
+def mask_at(mask_path: str | os.PathLike, size: int, dilate: float) -> np.ndarray:
+    """A defect mask at the model's input size (the image's own fit_square), dilated by DILATE x size pixels."""
+    from scipy.ndimage import binary_dilation
+
+    m = D.fit_square(D.load_image(mask_path, "gray"), size) > 0
+    r = max(1, round(dilate * size))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return binary_dilation(m, structure=(xx ** 2 + yy ** 2) <= r * r)
+
+
+def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs: Sequence[str] = CAM_ARCHS,
+                         methods: Sequence[str] | None = None, epochs: int | None = None, img_size: int | None = None,
+                         seed: int = 0, dilate: float = 0.03, split: str = "auto", n_show: int = 3,
+                         progress: bool = False, reuse: bool = False, command: str | None = None) -> dict:
+    """Pointing game on bad parts with defect masks (DATA/masks/<name>, from ``defectcls synth --masks``)."""
+    from PIL import Image
+
+    from .explain import CAM_METHODS, explain, overlay
+    from .inference import Predictor
+    from .models import arch_spec
+    from .scoring import select_split
+
+    methods = list(methods or CAM_METHODS)
+    bad_methods = [m for m in methods if m not in CAM_METHODS]
+    if bad_methods:
+        raise DefectclsError(f"unknown CAM method(s) {', '.join(bad_methods)}; choose from {', '.join(CAM_METHODS)}")
+    for a in archs:
+        arch_spec(a)
+    mask_dir = Path(data) / "masks"
+    if not mask_dir.is_dir():
+        raise DefectclsError(f"{data} has no masks/ folder: make the data with `defectcls synth --masks`")
+    out, t0 = _start(data, out)
+    rows, shown = [], []
+    for arch in archs:
+        mdir = out / "models" / arch
+        train_model(data, mdir, seed=seed, epochs=epochs, img_size=img_size, progress=progress, reuse=reuse, arch=arch)
+        pred = Predictor(mdir, backend="torch")
+        size = pred.card.img_size
+        chosen, used = select_split(mdir, data, D.scan_folder(data), split)
+        bad = [(s, mask_dir / Path(s.path).name) for s in chosen if s.label == 1]
+        bad = [(s, m) for s, m in bad if m.is_file()]
+        if not bad:
+            raise DefectclsError(f"no bad image of the {used} part has a mask in {mask_dir}")
+        stats = {m: {"hits": 0, "hits_detected": 0, "detected": 0} for m in methods}
+        chance = []
+        for j, (s, mpath) in enumerate(bad):
+            img = pred.load(s.path)
+            mask = mask_at(mpath, size, dilate)
+            chance.append(float(mask.mean()))
+            for method in methods:
+                ex = explain(pred, img, method)
+                hit = pointing_hit(ex.cam, mask)
+                st = stats[method]
+                st["hits"] += hit
+                if ex.prediction.label == "bad":
+                    st["detected"] += 1
+                    st["hits_detected"] += hit
+                if j < n_show:
+                    shown.append({"arch": arch, "method": method, "j": j, "mask": mask, "hit": hit,
+                                  "overlay": overlay(ex.image, ex.cam, size=max(size, SHOW_SIZE)), "name": Path(s.path).name})
+        for method in methods:
+            st = stats[method]
+            rows.append({"arch": arch, "method": method, "split": used, "n": len(bad), "hits": st["hits"],
+                         "rate": st["hits"] / len(bad), "detected": st["detected"],
+                         "rate_detected": st["hits_detected"] / st["detected"] if st["detected"] else None,
+                         "chance": float(np.mean(chance))})
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["rate"] for r in rows])
+    ax.plot(range(len(rows)), [r["chance"] for r in rows], "k_", markersize=20, label="chance (dilated mask area)")
+    ax.set_xticks(range(len(rows)), [f"{r['arch']}\n{r['method']}" for r in rows], fontsize=7)
+    ax.set(ylim=(0, 1), ylabel="share of heat-map peaks inside the defect", title="pointing game")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pointing.png", dpi=90)
+    plt.close(fig)
+    keys = sorted({(d["arch"], d["j"]) for d in shown})
+    fig, axes = plt.subplots(len(keys), len(methods), figsize=(3 * len(methods), 3 * len(keys)), squeeze=False)
+    for d in shown:
+        ax = axes[keys.index((d["arch"], d["j"])), methods.index(d["method"])]
+        ax.imshow(d["overlay"])
+        h, w = d["overlay"].shape[:2]
+        if h == w:
+            big = np.asarray(Image.fromarray(d["mask"].astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST))
+            ax.contour(big > 127, levels=[0.5], colors="white", linewidths=0.8)
+        ax.set_title(f"{d['arch']} {d['method']}: {'hit' if d['hit'] else 'miss'}\n{d['name']}", fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "samples.png", dpi=90)
+    plt.close(fig)
+    res = {"experiment": "cam-localization", "data": str(data), "seed": seed, "dilate": dilate, "methods": methods,
+           **_recipe(epochs, img_size), "rows": rows, "machine": machine_info(), "seconds": time.perf_counter() - t0}
+    body = [f"{res['epochs']} epochs, {res['img_size']} px, seed {seed}. Bad parts of each model's {rows[0]['split']} "
+            f"part with a defect mask; a hit is a heat-map maximum (at the model's input size) inside the mask dilated "
+            f"by {dilate:.0%} of the side. 'chance' is the mean dilated mask area (a random point's hit rate); "
+            "'among detected' counts only parts the model called bad.", "",
+            md_table(["arch", "method", "bad parts", "hits", "pointing rate", "among detected", "detected", "chance"],
+                     [[r["arch"], r["method"], r["n"], r["hits"], r["rate"], r["rate_detected"], r["detected"], r["chance"]]
+                      for r in rows]),
+            "", "![pointing game](pointing.png)", "", "![samples: heat-maps with the defect outline](samples.png)"]
+    res["files"] = _write_report(out, "CAM localisation (pointing game)", res, body, command) + \
+        [str(out / "pointing.png"), str(out / "samples.png")]
+    return res
+
+
+# ---------------------------------------------------------------- data-size
+
+def parse_sizes(sizes: Sequence[str] | str) -> list[str]:
+    """'100,350,1350,full' -> ['100', '350', '1350', 'full'] (checked)."""
+    items = [s.strip() for s in (sizes.split(",") if isinstance(sizes, str) else sizes) if str(s).strip()]
+    for s in items:
+        if s != "full" and (not s.isdigit() or int(s) < 4):
+            raise DefectclsError(f"--sizes: {s!r} is neither 'full' nor a training-set size >= 4")
+    if not items:
+        raise DefectclsError("--sizes: give at least one size")
+    return items
+
+
+def caps_for(size: str, good_share: float = SEED_GOOD_SHARE) -> tuple[int, int] | None:
+    """(good, bad) caps of a training-set SIZE at the seed regime's ratio; None for 'full'."""
+    if size == "full":
+        return None
+    n = int(size)
+    good = min(n - 1, max(1, round(n * good_share)))
+    return good, n - good
+
+
+def run_data_size(data: str | os.PathLike, out: str | os.PathLike, sizes: Sequence[str] | str = DEFAULT_SIZES,
+                  arch: str = "mobilenet_v3_large", good_share: float = SEED_GOOD_SHARE, epochs: int | None = None,
+                  img_size: int | None = None, seed: int = 0, progress: bool = False, reuse: bool = False,
+                  command: str | None = None) -> dict:
+    """The recipe on seeded training subsets (good:bad as in the seed regime); test FNR/FPR against size."""
+    sizes = parse_sizes(sizes)
+    out, t0 = _start(data, out)
+    rows = []
+    for size in sizes:
+        mdir = out / "models" / f"n{size}"
+        caps = caps_for(size, good_share)
+        card = train_model(data, mdir, seed=seed, epochs=epochs, img_size=img_size, progress=progress, reuse=reuse,
+                           arch=arch, max_per_class=caps)
+        split = json.loads((mdir / "split.json").read_text())
+        y = [lab for _, lab in split["train"]]
+        rows.append({"size": size, "n_train": len(y), "n_good": y.count(0), "n_bad": y.count(1),
+                     "model_dir": str(mdir), **{f"test_{k}": v for k, v in _test_metrics(card).items()},
+                     "fnr_upper95": (card["metrics"].get("test") or {}).get("fnr_upper95"),
+                     "train_s": card["train"].get("duration_s")})
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n = [r["n_train"] for r in rows]
+    ax.plot(n, [r["test_fnr"] for r in rows], "o-", label="FNR (bad parts missed)")
+    ax.plot(n, [r["test_fpr"] for r in rows], "s-", label="FPR (good parts rejected)")
+    ax.axhline(0.01, color="C0", ls=":", lw=1, label="FNR target 1%")
+    ax.axhline(0.02, color="C1", ls=":", lw=1, label="FPR target 2%")
+    ax.set(xscale="log", xlabel="training images", ylabel="rate on the held-out test part", title=f"{arch}: data size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "data_size.png", dpi=90)
+    plt.close(fig)
+    res = {"experiment": "data-size", "data": str(data), "arch": arch, "seed": seed, "good_share": good_share,
+           **_recipe(epochs, img_size), "rows": rows, "machine": machine_info(), "seconds": time.perf_counter() - t0}
+    body = [f"{arch}, {res['epochs']} epochs, {res['img_size']} px, seed {seed}. Each size is a seeded subset of the "
+            f"training part with {good_share:.1%} good parts (the seed regime: 1000 good / 350 bad); validation and test "
+            "parts are the full seeded 15%/15% parts, the same for every size.", "",
+            md_table(["size", "train good", "train bad", "FNR", "missed", "FNR 95% upper", "FPR", "rejected", "AUROC",
+                      "threshold", "train s"],
+                     [[r["size"], r["n_good"], r["n_bad"], r["test_fnr"], f"{r['test_fn']}/{r['test_n_bad']}",
+                       r["fnr_upper95"], r["test_fpr"], f"{r['test_fp']}/{r['test_n_good']}", r["test_auroc"],
+                       r["test_threshold"], _num(r["train_s"], 0)] for r in rows]),
+            "", "![FNR and FPR against training-set size](data_size.png)"]
+    res["files"] = _write_report(out, "Training-set size (seed regime)", res, body, command) + [str(out / "data_size.png")]
+    return res
+
+
+EXPERIMENTS: dict[str, Callable[..., dict]] = {
+    "rgb-vs-gray": run_rgb_vs_gray,
+    "archs": run_archs,
+    "cam-localization": run_cam_localization,
+    "data-size": run_data_size,
+}
+
+
+def format_summary(res: dict) -> str:
+    """A few lines for the terminal: the report's table is in report.md."""
+    lines = [f"{res['experiment']} on {res['data']} in {res['seconds']:.0f} s: "]
+    for r in res["rows"]:
+        name = r.get("arch") or r.get("color") or r.get("size")
+        if res["experiment"] == "cam-localization":
+            lines.append(f"  {r['arch']:<20} {r['method']:<10} pointing {r['rate']:.3f} ({r['hits']}/{r['n']}), "
+                         f"chance {r['chance']:.3f}")
+        else:
+            fnr, fpr = r.get("fnr", r.get("test_fnr")), r.get("fpr", r.get("test_fpr"))
+            lines.append(f"  {name!s:<20} FNR {_fmt(fnr)} FPR {_fmt(fpr)}")
+    lines.append(f"  report: {res['files'][0]}")
+    return "\n".join(lines)

@@ -1,0 +1,317 @@
+"""Named perturbations of decoded photos, and scoring a model under each of them.
+
+A perturbation stands for what a line's camera does on a bad day: the light, the focus,
+the compression, the sensor or the part's pose drift. It takes a decoded uint8 image
+(HxW or HxWx3) at its native resolution and a seeded generator and returns a uint8 image
+of the same shape; it is applied *before* the shared preprocessing, as the drift happens
+before the photo reaches us.
+
+Units: brightness is a gain (``brightness+25%`` multiplies by 1.25), contrast a factor around
+the image mean, gamma the exponent of ``(x/255)**g``, blur a Gaussian sigma in pixels of a
+300 px image (scaled with the image side: ``sigma_px = s * side / 300``), JPEG a quality,
+noise a Gaussian sigma in 8-bit levels, rotation degrees counter-clockwise, scale the
+apparent size of the part (0.9: 10% smaller, around the centre), shift a fraction of the
+side. Geometric changes fill uncovered pixels with the image's own background: the median
+of its border pixels (the real photos have a light background, synthetic ones a dark one).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import data as D
+from .errors import DefectclsError, ImageLoadError
+
+Perturbation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+CLEAN = "clean"
+BORDER_FRAC = 0.02     # width of the border ring that estimates the background, fraction of the side
+ROW_KEYS = ("fnr", "fpr", "fn", "fp", "n_bad", "n_good", "auroc", "ece")
+
+
+# ---------------------------------------------------------------- primitives
+
+def _u8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def background(img: np.ndarray) -> np.ndarray:
+    """Per-channel median of the image's border ring (float, shape (C,)): the fill for uncovered pixels."""
+    h, w = img.shape[:2]
+    r = max(1, round(min(h, w) * BORDER_FRAC))
+    c = 1 if img.ndim == 2 else img.shape[2]
+    ring = np.concatenate([img[:r].reshape(-1, c), img[-r:].reshape(-1, c),
+                           img[r:-r, :r].reshape(-1, c), img[r:-r, -r:].reshape(-1, c)])
+    return np.median(ring, axis=0)
+
+
+def brightness(img: np.ndarray, gain: float) -> np.ndarray:
+    """Multiply every pixel by GAIN (more or less light), clipped to 8 bits."""
+    return _u8(img.astype(np.float32) * gain)
+
+
+def contrast(img: np.ndarray, factor: float) -> np.ndarray:
+    """Scale the deviations from the image mean by FACTOR (0.7: 30% less contrast)."""
+    x = img.astype(np.float32)
+    m = x.mean()
+    return _u8(m + (x - m) * factor)
+
+
+def gamma(img: np.ndarray, g: float) -> np.ndarray:
+    """255 * (x/255) ** G: G < 1 brightens the dark tones, G > 1 darkens them."""
+    lut = _u8(255.0 * (np.arange(256) / 255.0) ** g)
+    return lut[img]
+
+
+def blur(img: np.ndarray, sigma300: float) -> np.ndarray:
+    """Gaussian focus blur of sigma SIGMA300 pixels at a 300 px side (scaled with the image size)."""
+    from scipy.ndimage import gaussian_filter
+
+    s = sigma300 * min(img.shape[:2]) / 300.0
+    if s <= 0:
+        return img.copy()
+    sig = (s, s) if img.ndim == 2 else (s, s, 0)
+    return _u8(gaussian_filter(img.astype(np.float32), sigma=sig, mode="nearest"))
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """Encode as JPEG at QUALITY and decode again (block and ringing artefacts)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=int(quality))
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("L" if img.ndim == 2 else "RGB"))
+
+
+def noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Add Gaussian sensor noise of SIGMA 8-bit levels, drawn from RNG."""
+    return _u8(img.astype(np.float32) + rng.normal(0.0, sigma, img.shape).astype(np.float32))
+
+
+def affine(img: np.ndarray, angle: float = 0.0, scale: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Rotate by ANGLE degrees (counter-clockwise) and zoom by SCALE around the centre, then move by SHIFT.
+
+    SHIFT is (dx, dy) in fractions of the width and height (positive: right, down). The
+    canvas keeps its size; uncovered pixels get the image's background (``background``).
+    Bilinear; a quarter turn of a square image is exact (equals ``np.rot90``).
+    """
+    h, w = img.shape[:2]
+    bg = background(img)
+    fill = int(round(float(bg[0]))) if img.ndim == 2 else tuple(int(round(float(v))) for v in bg)
+    cx, cy = w / 2.0, h / 2.0
+    tx, ty = shift[0] * w, shift[1] * h
+    a = -math.radians(angle)
+    cos, sin = round(math.cos(a), 15) / scale, round(math.sin(a), 15) / scale
+    # output -> input: in = M (out - c - t) + c, the matrix Pillow's own rotate() builds, divided by the zoom
+    m = [cos, sin, 0.0, -sin, cos, 0.0]
+    m[2] = m[0] * (-cx - tx) + m[1] * (-cy - ty) + cx
+    m[5] = m[3] * (-cx - tx) + m[4] * (-cy - ty) + cy
+    out = Image.fromarray(img).transform((w, h), Image.Transform.AFFINE, m, Image.Resampling.BILINEAR, fillcolor=fill)
+    return np.asarray(out)
+
+
+# ---------------------------------------------------------------- the registry
+
+def _chain(*steps: Perturbation) -> Perturbation:
+    def run(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        for step in steps:
+            img = step(img, rng)
+        return img
+
+    return run
+
+
+def _any_angle(img: np.ndarray, rng: np.random.Generator, **kw) -> np.ndarray:
+    return affine(img, angle=float(rng.uniform(0.0, 360.0)), **kw)
+
+
+def _registry() -> dict[str, Perturbation]:
+    P: dict[str, Perturbation] = {}
+    for pct in (-25, -15, 15, 25):
+        P[f"brightness{pct:+d}%"] = lambda im, _r, g=1 + pct / 100: brightness(im, g)
+    for pct in (-30, 25):
+        P[f"contrast{pct:+d}%"] = lambda im, _r, f=1 + pct / 100: contrast(im, f)
+    for g in (0.7, 1.4):
+        P[f"gamma{g:g}"] = lambda im, _r, g=g: gamma(im, g)
+    for s in (0.75, 1.5):
+        P[f"blur{s:g}"] = lambda im, _r, s=s: blur(im, s)
+    for q in (50, 30):
+        P[f"jpeg{q}"] = lambda im, _r, q=q: jpeg(im, q)
+    for s in (4, 8):
+        P[f"noise{s}"] = lambda im, r, s=s: noise(im, s, r)
+    for a in (37, 90, 200):
+        P[f"rotate{a}"] = lambda im, _r, a=a: affine(im, angle=a)
+    P["rotate_any"] = _any_angle
+    for s in (0.9, 1.1):
+        P[f"scale{s:g}"] = lambda im, _r, s=s: affine(im, scale=s)
+    P["shift_x+5%"] = lambda im, _r: affine(im, shift=(0.05, 0.0))
+    P["shift_y-5%"] = lambda im, _r: affine(im, shift=(0.0, -0.05))
+    P["shift_xy-3.5%"] = lambda im, _r: affine(im, shift=(-0.035, -0.035))
+    # a few drifts that come together on a real line
+    P["brightness+20%+noise6"] = _chain(lambda im, _r: brightness(im, 1.2), lambda im, r: noise(im, 6, r))
+    P["brightness-20%+contrast-20%"] = _chain(lambda im, _r: brightness(im, 0.8), lambda im, _r: contrast(im, 0.8))
+    P["gamma1.3+blur1+noise4"] = _chain(lambda im, _r: gamma(im, 1.3), lambda im, _r: blur(im, 1.0),
+                                        lambda im, r: noise(im, 4, r))
+    P["blur1+jpeg40"] = _chain(lambda im, _r: blur(im, 1.0), lambda im, _r: jpeg(im, 40))
+    P["rotate_any+scale0.92+shift_x-3%"] = lambda im, r: _any_angle(im, r, scale=0.92, shift=(-0.03, 0.0))
+    P["rotate_any+scale1.08+shift_y+3%"] = lambda im, r: _any_angle(im, r, scale=1.08, shift=(0.0, 0.03))
+    return P
+
+
+PERTURBATIONS: dict[str, Perturbation] = _registry()
+
+
+def resolve_names(names: Sequence[str] | str | None) -> list[str]:
+    """Perturbation names to run: all when NAMES is None; a comma-separated string or a list otherwise."""
+    if names is None:
+        return list(PERTURBATIONS)
+    if isinstance(names, str):
+        names = [n for n in (s.strip() for s in names.split(",")) if n]
+    unknown = [n for n in names if n not in PERTURBATIONS]
+    if unknown:
+        raise DefectclsError(f"unknown perturbation(s) {', '.join(unknown)}; choose from: {', '.join(PERTURBATIONS)}")
+    if not names:
+        raise DefectclsError("no perturbation named")
+    return list(dict.fromkeys(names))
+
+
+def perturbation_rng(seed: int, name: str, key: str) -> np.random.Generator:
+    """The generator for perturbation NAME of image KEY: the same draw whatever else is evaluated."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), zlib.crc32(key.encode())])
+
+
+def apply(name: str, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Perturbation NAME of a decoded uint8 image (``clean`` returns it unchanged)."""
+    if name == CLEAN:
+        return img
+    return PERTURBATIONS[resolve_names([name])[0]](img, rng)
+
+
+# ---------------------------------------------------------------- scoring
+
+def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLike, split: str = "auto",
+                       names: Sequence[str] | str | None = None, seed: int = 0, threshold: float | None = None,
+                       predictor=None, batch_size: int = 32, progress: bool = False) -> dict:
+    """Metrics of MODEL_DIR on DATA_ROOT, clean and under each perturbation, at the card's threshold.
+
+    The images are those ``scoring.select_split`` picks (with 'auto', the model's own held-out
+    test part when DATA_ROOT is its training folder). Each image is decoded once; every
+    perturbation works on that decoded array in memory and goes through the model's own
+    preprocessing. Returns {model_id, split, threshold, seed, n, rows: [{name, fnr, fpr, fn, fp,
+    n_bad, n_good, auroc, ece}], worst: {fnr, fpr}, skipped, seconds}; rows[0] is ``clean``.
+    """
+    from .evaluate import compute_metrics
+    from .inference import Predictor
+    from .scoring import select_split
+
+    t0 = time.perf_counter()
+    pred = predictor or Predictor(model_dir)
+    cols = [CLEAN, *resolve_names(names)]
+    samples, used = select_split(model_dir, data_root, D.scan_folder(data_root), split)
+    probs: dict[str, list[np.ndarray]] = {n: [] for n in cols}
+    ys: list[int] = []
+    skipped: list[dict] = []
+    chunks = range(0, len(samples), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="perturb", unit="batch", leave=False)
+    for i in chunks:
+        imgs, keys = [], []
+        for s in samples[i:i + batch_size]:
+            try:
+                imgs.append(pred.load(s.path))
+            except ImageLoadError as exc:
+                skipped.append({"path": s.path, "error": str(exc)})
+                continue
+            keys.append(os.path.basename(s.path))
+            ys.append(s.label)
+        if not imgs:
+            continue
+        for name in cols:
+            x = np.stack([pred.preprocess(apply(name, img, perturbation_rng(seed, name, k)))
+                          for img, k in zip(imgs, keys, strict=True)])
+            probs[name].append(pred.probs(x))
+    if not ys:
+        raise DefectclsError(f"no readable images in {data_root}")
+    y = np.asarray(ys)
+    thr = pred.threshold if threshold is None else float(threshold)
+    rows = []
+    for name in cols:
+        m = compute_metrics(y, np.concatenate(probs[name]), thr)
+        rows.append({"name": name, **{k: m[k] for k in ROW_KEYS}})
+    worst = {}
+    for k in ("fnr", "fpr"):
+        if len(rows) > 1:
+            top = max(_nan_low(r[k]) for r in rows[1:])
+            tied = [r["name"] for r in rows[1:] if _nan_low(r[k]) == top]
+            worst[k] = {"name": tied[0], "value": rows[cols.index(tied[0])][k], "ties": len(tied) - 1}
+    return {"model_id": pred.model_id, "model_dir": str(model_dir), "data": str(data_root), "split": used,
+            "threshold": thr, "seed": seed, "n": int(len(y)), "rows": rows, "worst": worst,
+            "skipped": skipped, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _nan_low(v: float) -> float:
+    return -1.0 if v is None or not math.isfinite(v) else v
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def worst_name(w: dict) -> str:
+    """'rotate37', or 'rotate37 and 3 more' when several perturbations share the worst rate."""
+    return w["name"] + (f" and {w['ties']} more" if w.get("ties") else "")
+
+
+def format_table(res: dict) -> str:
+    """The perturbation result as a markdown table (one row per perturbation, clean first)."""
+    lines = [f"{res['model_id']} on {res['data']} ({res['split']}, n={res['n']}), threshold {res['threshold']:.4f}, "
+             f"seed {res['seed']}", "",
+             "| perturbation | FNR | missed bad | FPR | rejected good | AUROC |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['name']} | {_fmt(r['fnr'])} | {r['fn']}/{r['n_bad']} | {_fmt(r['fpr'])} | "
+                     f"{r['fp']}/{r['n_good']} | {_fmt(r['auroc'])} |")
+    w = res.get("worst") or {}
+    if w:
+        lines += ["", f"worst FNR {_fmt(w['fnr']['value'])} ({worst_name(w['fnr'])}), "
+                      f"worst FPR {_fmt(w['fpr']['value'])} ({worst_name(w['fpr'])})"]
+    if res.get("skipped"):
+        lines.append(f"skipped {len(res['skipped'])} unreadable file(s)")
+    return "\n".join(lines)
+
+
+def write_report(res: dict, report_dir: str | os.PathLike) -> list[str]:
+    """perturb.md (table), perturb.json (the result) and perturb.png (FNR/FPR bars) in REPORT_DIR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluate import to_json
+
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perturb.md").write_text("# Scores under perturbations\n\n" + format_table(res)
+                                    + "\n\n![FNR and FPR per perturbation](perturb.png)\n", encoding="utf-8")
+    (out / "perturb.json").write_text(to_json(res) + "\n", encoding="utf-8")
+    names = [r["name"] for r in res["rows"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names)), 4))
+    xs = np.arange(len(names))
+    for off, key, label in ((-0.2, "fnr", "FNR (bad parts missed)"), (0.2, "fpr", "FPR (good parts rejected)")):
+        ax.bar(xs + off, [max(0.0, _nan_low(r[key])) for r in res["rows"]], width=0.4, label=label)
+    ax.set_xticks(xs, names, rotation=75, ha="right", fontsize=7)
+    ax.set(ylabel="rate", title=f"{res['model_id']} under perturbations")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "perturb.png", dpi=100)
+    plt.close(fig)
+    return [str(out / f) for f in ("perturb.md", "perturb.json", "perturb.png")]

@@ -1,0 +1,173 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from defectcls import perturb as P
+from defectcls.augment import AugConfig, augment, border_median, geometric
+from defectcls.errors import DefectclsError
+
+
+def _part(side: int = 120, bg: int = 190, part: int = 70, rgb: bool = False, off: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """A dark disc (with a brighter emblem bar) on a light background, like the real photos."""
+    yy, xx = np.mgrid[:side, :side]
+    c = side / 2
+    img = np.full((side, side), bg, np.uint8)
+    disc = (xx - c - off[0]) ** 2 + (yy - c - off[1]) ** 2 < (side * 0.3) ** 2
+    img[disc] = part
+    img[disc & (abs(yy - c - off[1]) < side * 0.05)] = 120
+    return np.repeat(img[..., None], 3, axis=2) if rgb else img
+
+
+def _disc_mask(img: np.ndarray, bg: int = 190) -> np.ndarray:
+    g = img if img.ndim == 2 else img[..., 0]
+    return g < bg - 40
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_every_perturbation_keeps_shape_and_dtype_and_changes_the_image(rgb):
+    img = _part(rgb=rgb)
+    for name, fn in P.PERTURBATIONS.items():
+        out = fn(img, _rng())
+        assert out.shape == img.shape and out.dtype == np.uint8, name
+        assert not np.array_equal(out, img), name
+
+
+def test_registry_covers_the_issue_magnitudes():
+    names = set(P.PERTURBATIONS)
+    for need in ("brightness+25%", "brightness-25%", "contrast-30%", "contrast+25%", "gamma0.7", "gamma1.4", "blur1.5",
+                 "jpeg30", "noise8", "rotate37", "rotate90", "rotate200", "rotate_any", "scale0.9", "scale1.1",
+                 "shift_x+5%", "shift_y-5%", "brightness+20%+noise6", "blur1+jpeg40", "rotate_any+scale0.92+shift_x-3%"):
+        assert need in names
+    assert all("," not in n for n in names)          # --perturb-names is comma-separated
+    assert P.resolve_names("noise8, rotate90,noise8") == ["noise8", "rotate90"]
+    with pytest.raises(DefectclsError, match="unknown perturbation"):
+        P.resolve_names(["noise8", "fog"])
+
+
+def test_brightness_contrast_gamma_move_the_part_as_named():
+    img = _part()
+    part = _disc_mask(img)
+    up, down = P.PERTURBATIONS["brightness+25%"](img, _rng()), P.PERTURBATIONS["brightness-25%"](img, _rng())
+    assert up[part].mean() == pytest.approx(img[part].mean() * 1.25, abs=1)
+    assert down[part].mean() == pytest.approx(img[part].mean() * 0.75, abs=1)
+    low = P.PERTURBATIONS["contrast-30%"](img, _rng()).astype(float)
+    assert low.std() == pytest.approx(img.std() * 0.7, rel=0.02) and low.mean() == pytest.approx(img.mean(), abs=1)
+    assert P.PERTURBATIONS["gamma0.7"](img, _rng())[part].mean() > img[part].mean()
+    assert P.PERTURBATIONS["gamma1.4"](img, _rng())[part].mean() < img[part].mean()
+
+
+def test_blur_sigma_is_given_at_300px_and_scales_with_the_side():
+    from scipy.ndimage import gaussian_filter
+
+    for side in (150, 300, 600):
+        img = _part(side=side)
+        ref = np.clip(np.rint(gaussian_filter(img.astype(np.float32), 1.5 * side / 300, mode="nearest")), 0, 255)
+        assert np.array_equal(P.PERTURBATIONS["blur1.5"](img, _rng()), ref.astype(np.uint8))
+    img = _part()
+    edge = lambda a: (np.diff(a.astype(float), axis=1) ** 2).sum()  # noqa: E731
+    assert edge(P.PERTURBATIONS["blur1.5"](img, _rng())) < edge(P.PERTURBATIONS["blur0.75"](img, _rng())) < edge(img)
+
+
+def test_jpeg_lower_quality_costs_more():
+    img = np.asarray(np.random.default_rng(1).integers(0, 255, (96, 96)), np.uint8)
+    e50 = np.abs(P.PERTURBATIONS["jpeg50"](img, _rng()).astype(int) - img).mean()
+    e30 = np.abs(P.PERTURBATIONS["jpeg30"](img, _rng()).astype(int) - img).mean()
+    assert 0 < e50 < e30
+
+
+def test_noise_is_seeded_and_has_the_named_sigma():
+    img = np.full((200, 200), 128, np.uint8)
+    a = P.PERTURBATIONS["noise8"](img, _rng(5))
+    assert np.array_equal(a, P.PERTURBATIONS["noise8"](img, _rng(5)))
+    assert not np.array_equal(a, P.PERTURBATIONS["noise8"](img, _rng(6)))
+    assert (a.astype(float) - 128).std() == pytest.approx(8, rel=0.05)
+    r1 = P.perturbation_rng(0, "noise8", "a.png").normal()
+    assert r1 == P.perturbation_rng(0, "noise8", "a.png").normal() != P.perturbation_rng(0, "noise8", "b.png").normal()
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_quarter_turn_is_rot90_and_other_angles_fill_with_the_background(rgb):
+    img = _part(rgb=rgb, off=(9, -5))
+    assert np.array_equal(P.PERTURBATIONS["rotate90"](img, _rng()), np.rot90(img))
+    assert np.array_equal(P.affine(img, angle=180), np.rot90(img, 2))
+    for angle in (37, 200):
+        out = P.PERTURBATIONS[f"rotate{angle}"](img, _rng())
+        assert (out[0, 0] == 190).all() and (out[-1, -1] == 190).all()   # corners: the light background, not black
+        assert _disc_mask(out).sum() == pytest.approx(_disc_mask(img).sum(), rel=0.03)
+    dark = 255 - _part(rgb=rgb)                                           # a dark background stays dark
+    assert (P.affine(dark, angle=45)[0, 0] == 65).all()
+    assert P.background(img).tolist() == [190.0] * (3 if rgb else 1)
+
+
+def test_scale_and_shift_move_the_part_and_pad_with_the_background():
+    img = _part(side=200)
+    area = _disc_mask(img).sum()
+    small, large = P.PERTURBATIONS["scale0.9"](img, _rng()), P.PERTURBATIONS["scale1.1"](img, _rng())
+    assert _disc_mask(small).sum() == pytest.approx(area * 0.81, rel=0.03)
+    assert _disc_mask(large).sum() == pytest.approx(area * 1.21, rel=0.03)
+    shifted = P.PERTURBATIONS["shift_x+5%"](img, _rng())
+    cx = lambda m: np.mgrid[:200, :200][1][m].mean()  # noqa: E731
+    assert cx(_disc_mask(shifted)) - cx(_disc_mask(img)) == pytest.approx(10, abs=0.6)
+    assert (shifted[:, :10] == 190).all()
+    up = P.PERTURBATIONS["shift_y-5%"](img, _rng())
+    cy = lambda m: np.mgrid[:200, :200][0][m].mean()  # noqa: E731
+    assert cy(_disc_mask(up)) - cy(_disc_mask(img)) == pytest.approx(-10, abs=0.6)
+
+
+def test_training_augmentation_spans_the_perturbations():
+    """The recipe's augmentation covers every single perturbation's magnitude, in the same units."""
+    a = AugConfig()
+    assert a.brightness >= 0.25 and a.contrast >= 0.3 and a.scale >= 0.1 and a.shift >= 0.05
+    assert 1 / (1 + a.gamma) <= 0.7 and 1 + a.gamma >= 1.4
+    assert a.blur_p > 0 and a.blur_sigma >= 1.5 and a.jpeg_p > 0 and a.jpeg_quality <= 30
+    assert a.noise * 255 >= 8 and a.rotate
+
+
+def test_geometric_augmentation_fills_with_the_border_median_not_black():
+    x = torch.full((3, 1, 64, 64), 0.75)
+    x[:, :, 16:48, 16:48] = 0.2
+    assert torch.allclose(border_median(x).flatten(), torch.full((3,), 0.75))
+    cfg = AugConfig(rotate=True, flip=False, scale=0.2, shift=0.0, fill_border_p=0.0)
+    out = geometric(x, cfg, torch.Generator().manual_seed(0))
+    corners = torch.stack([out[:, 0, 0, 0], out[:, 0, -1, -1], out[:, 0, 0, -1], out[:, 0, -1, 0]])
+    assert torch.allclose(corners, torch.full_like(corners, 0.75), atol=1e-4)
+    y = augment(x, AugConfig(jpeg_p=1.0), torch.Generator().manual_seed(1))
+    assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
+
+
+def test_evaluate_perturbed_has_a_row_per_perturbation_and_clean_equals_plain_evaluation(tiny_model, tiny_data):
+    from defectcls.scoring import evaluate_model
+
+    res = P.evaluate_perturbed(tiny_model, tiny_data)
+    assert [r["name"] for r in res["rows"]] == ["clean", *P.PERTURBATIONS]
+    assert res["split"] == "test" and res["n"] > 0
+    for r in res["rows"]:
+        assert set(P.ROW_KEYS) <= set(r) and r["n_bad"] + r["n_good"] == res["n"]
+    plain = evaluate_model(tiny_model, tiny_data)["metrics"]
+    clean = res["rows"][0]
+    assert (clean["fn"], clean["fp"], clean["n_bad"], clean["n_good"]) == \
+        (plain["fn"], plain["fp"], plain["n_bad"], plain["n_good"])
+    assert clean["auroc"] == pytest.approx(plain["auroc"], abs=1e-6)
+    assert res["worst"]["fnr"]["value"] == max(r["fnr"] for r in res["rows"][1:])
+    again = P.evaluate_perturbed(tiny_model, tiny_data, names="noise8,rotate_any")
+    assert again["rows"][1:] == [r for r in res["rows"] if r["name"] in ("noise8", "rotate_any")]
+
+
+def test_cli_evaluate_perturb_writes_the_report(tiny_model, tiny_data, tmp_path, capsys):
+    from defectcls.cli import main
+
+    rc = main(["evaluate", "--model", str(tiny_model), "--data", str(tiny_data), "--perturb-names", "rotate90,jpeg30",
+               "--report-dir", str(tmp_path), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in out["rows"]] == ["clean", "rotate90", "jpeg30"]
+    md = (tmp_path / "perturb.md").read_text()
+    assert "| rotate90 |" in md and "| clean |" in md
+    assert json.loads((tmp_path / "perturb.json").read_text())["model_id"] == out["model_id"]
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(tiny_data), "--perturb-names", "fog"]) == 2
