@@ -18,36 +18,14 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import AugConfig
 
-@dataclass
-class AugConfig:
-    rotate: bool = True          # any angle: the part is round
-    flip: bool = True            # horizontal and vertical
-    scale: float = 0.15          # zoom in [1-scale, 1+scale]           (perturb: scale0.9, scale1.1)
-    shift: float = 0.06          # translation, fraction of the side     (perturb: +-5%)
-    fill_border_p: float = 0.3   # share of the batch filled with the nearest border pixel instead of the border median
-    brightness: float = 0.35     # gain in [1-b, 1+b]                    (perturb: +-25%)
-    contrast: float = 0.4        # contrast factor in [1-c, 1+c]         (perturb: -30%, +25%)
-    gamma: float = 0.5           # gamma log-uniform in [1/(1+g), 1+g]   (perturb: 0.7, 1.4)
-    blur_p: float = 0.3          # share of the batch that gets a Gaussian blur
-    blur_sigma: float = 2.0      # max blur sigma in pixels of a 300 px image, scaled to the working size (perturb: 1.5)
-    noise: float = 0.045         # max Gaussian noise sigma (of 1.0) at working size (perturb: 8/255 at native size)
-    jpeg_p: float = 0.25         # share of the batch re-encoded as JPEG
-    jpeg_quality: int = 25       # lowest JPEG quality (uniform up to 95)  (perturb: 30)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def none(cls) -> AugConfig:
-        return cls(rotate=False, flip=False, scale=0, shift=0, fill_border_p=0, brightness=0, contrast=0, gamma=0,
-                   blur_p=0, blur_sigma=0, noise=0, jpeg_p=0)
+__all__ = ["AugConfig", "augment", "geometric", "photometric", "gaussian_blur"]
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:

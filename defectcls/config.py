@@ -1,24 +1,32 @@
-"""Seeding and device selection shared by every command."""
+"""Dataclass configs (training recipe, augmentation), seeding and device selection.
+
+Imports no torch at module level, so the command line builds its parsers fast and
+an edge box without PyTorch can still run `defectcls inspect` on ONNX models.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int):
     """Seed Python, NumPy and torch; return a torch Generator for augmentation."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto"):
     """'auto' picks CUDA when present, else CPU; anything else is passed to torch."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -40,3 +48,76 @@ def models_dir() -> str:
 
 def review_dir() -> str:
     return env_path("DEFECTCLS_REVIEW_DIR", "review_queue")
+
+
+@dataclass
+class AugConfig:
+    rotate: bool = True          # any angle: the part is round
+    flip: bool = True            # horizontal and vertical
+    scale: float = 0.15          # zoom in [1-scale, 1+scale]           (perturb: scale0.9, scale1.1)
+    shift: float = 0.06          # translation, fraction of the side     (perturb: +-5%)
+    fill_border_p: float = 0.3   # share of the batch filled with the nearest border pixel instead of the border median
+    brightness: float = 0.35     # gain in [1-b, 1+b]                    (perturb: +-25%)
+    contrast: float = 0.4        # contrast factor in [1-c, 1+c]         (perturb: -30%, +25%)
+    gamma: float = 0.5           # gamma log-uniform in [1/(1+g), 1+g]   (perturb: 0.7, 1.4)
+    blur_p: float = 0.3          # share of the batch that gets a Gaussian blur
+    blur_sigma: float = 2.0      # max blur sigma in pixels of a 300 px image, scaled to the working size (perturb: 1.5)
+    noise: float = 0.045         # max Gaussian noise sigma (of 1.0) at working size (perturb: 8/255 at native size)
+    jpeg_p: float = 0.25         # share of the batch re-encoded as JPEG
+    jpeg_quality: int = 25       # lowest JPEG quality (uniform up to 95)  (perturb: 30)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def preset(cls, name: str) -> AugConfig:
+        """'full' (the default recipe), 'light' (pose and mild light only), or 'none'."""
+        presets = {"full": cls, "light": cls.light, "none": cls.none}
+        if name not in presets:
+            raise ValueError(f"unknown augmentation preset {name!r}; choose one of {', '.join(presets)}")
+        return presets[name]()
+
+    @classmethod
+    def light(cls) -> AugConfig:
+        """Pose (any rotation, flips, small zoom and shift) and mild light changes: learns fastest on clean data."""
+        return cls(scale=0.1, shift=0.04, brightness=0.2, contrast=0.2, gamma=0.2, blur_p=0, noise=0, jpeg_p=0)
+
+    @classmethod
+    def none(cls) -> AugConfig:
+        return cls(rotate=False, flip=False, scale=0, shift=0, fill_border_p=0, brightness=0, contrast=0, gamma=0,
+                   blur_p=0, blur_sigma=0, noise=0, jpeg_p=0)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    arch: str = "mobilenet_v3_large"
+    epochs: int = 15
+    img_size: int = 224
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    color: str = "gray"
+    seed: int = 0
+    device: str = "auto"
+    target_fnr: float = 0.01
+    threshold_method: str = "conformal"
+    patience: int = 6
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    balance: str = "loss"             # loss | sampler | none
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    extra_labels: str | None = None
+    max_per_class: tuple[int, int] | None = None  # seeded subset (good, bad) of the training part
+    folds: int = 1                    # K > 1: K-fold cross-validation, K members + their ensemble (train_folds)
+    fp16_weights: bool = False
+    workers: int | None = None
+    disk_cache: bool = True
+    progress: bool = True
+    aug: AugConfig = field(default_factory=AugConfig)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["split"] = list(self.split)
+        return d

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,48 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
-from .augment import AugConfig, augment
-from .config import resolve_device, seed_everything
+from .augment import augment
+from .config import TrainConfig, resolve_device, seed_everything
 from .errors import DefectclsError
 from .evaluate import choose_threshold, compute_metrics, fit_temperature, fpr_at_fnr, prob_bad_from_logits
 from .models import ModelCard, build_model, save_model_dir
 
 SPLIT_FILE = "split.json"
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    arch: str = "mobilenet_v3_large"
-    epochs: int = 15
-    img_size: int = 224
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    color: str = "gray"
-    seed: int = 0
-    device: str = "auto"
-    target_fnr: float = 0.01
-    threshold_method: str = "conformal"
-    patience: int = 6
-    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    balance: str = "loss"             # loss | sampler | none
-    pretrained: bool = False
-    pretrained_file: str | None = None
-    extra_labels: str | None = None
-    max_per_class: tuple[int, int] | None = None  # seeded subset (good, bad) of the training part
-    folds: int = 1                    # K > 1: K-fold cross-validation, K members + their ensemble (train_folds)
-    fp16_weights: bool = False
-    workers: int | None = None
-    disk_cache: bool = True
-    progress: bool = True
-    aug: AugConfig = field(default_factory=AugConfig)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["split"] = list(self.split)
-        return d
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -88,6 +53,36 @@ def predict_logits(model: nn.Module, images_u8: np.ndarray, mean: torch.Tensor, 
         x = to_input(torch.from_numpy(images_u8[i:i + batch_size]).to(device), mean, std)
         out.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, images_u8: np.ndarray, mean: torch.Tensor, std: torch.Tensor,
+                       device: torch.device, max_images: int = 512, batch_size: int = 32, seed: int = 0) -> None:
+    """Re-estimate BatchNorm running statistics on un-augmented training images ("precise BN").
+
+    Trained from scratch, the running averages lag far behind fast-moving weights, so the
+    eval-mode network can answer one class for everything while training-mode accuracy is
+    high. A cumulative average over a few hundred clean images makes eval mode match.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(images_u8) < 2:
+        return
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+    model.train()
+    pick = np.random.default_rng(seed).permutation(len(images_u8))[:max_images]
+    for i in range(0, len(pick), batch_size):
+        idx = np.sort(pick[i:i + batch_size])
+        if len(idx) < 2:
+            continue
+        x = to_input(torch.from_numpy(images_u8[idx]).to(device), mean, std)
+        model(x.contiguous(memory_format=torch.channels_last))
+    for bn, m in zip(bns, momenta, strict=True):
+        bn.momentum = m
+    model.train(was_training)
 
 
 def _selection_score(y: np.ndarray, prob: np.ndarray, loss: float, target_fnr: float) -> tuple[float, float]:
@@ -204,6 +199,7 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         stop = torch.zeros(1)
         if rank == 0:
+            recompute_bn_stats(model, x_train, mean_t, std_t, device, seed=cfg.seed + epoch)
             logits = predict_logits(model, x_val, mean_t, std_t, device)
             val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val)))
             prob = prob_bad_from_logits(logits)
