@@ -63,7 +63,7 @@ def _run_synth(a) -> int:
 # ---------------------------------------------------------------- train
 
 def _add_train(sub) -> None:
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     d = TrainConfig(data="", out="")
     p = _cmd(sub, "train", "train a good/bad classifier on a folder with good/ and bad/",
@@ -91,7 +91,9 @@ def _add_train(sub) -> None:
     p.add_argument("--folds", type=int, default=d.folds,
                    help="K > 1: K-fold cross-validation; writes OUT/fold_0..K-1 and OUT as their ensemble")
     p.add_argument("--fp16-weights", action="store_true", help="store weights as float16 (half the size)")
-    p.add_argument("--no-aug", action="store_true", help="switch training augmentation off")
+    p.add_argument("--aug", choices=["full", "light", "none"], default="full",
+                   help="training augmentation: full (pose, light, blur, JPEG, noise), light (pose, mild light), none")
+    p.add_argument("--no-aug", action="store_const", const="none", dest="aug", help="same as --aug none")
     p.add_argument("--no-cache", action="store_true", help="do not keep decoded images on disk")
     p.add_argument("--workers", type=int, default=None, help="decode processes")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object (no progress bars)")
@@ -99,7 +101,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(a) -> int:
-    from .augment import AugConfig
+    from .config import AugConfig
     from .train import TrainConfig, train
 
     cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, img_size=a.img_size,
@@ -108,7 +110,7 @@ def _run_train(a) -> int:
                       balance=a.balance, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
                       folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,
-                      progress=not a.json, aug=AugConfig.none() if a.no_aug else AugConfig())
+                      progress=not a.json, aug=AugConfig.preset(a.aug))
     from .models import arch_spec
 
     arch_spec(cfg.arch)
@@ -310,14 +312,15 @@ def _add_bench(sub) -> None:
     p = _cmd(sub, "bench", "time forward, Grad-CAM and the end-to-end request per model, against the naive pipeline",
              "defectcls bench --models mobilenet_v3_large=models/mobilenet_v3_large_gray resnet50 --json")
     p.add_argument("--models", nargs="+", metavar="NAME[=DIR]",
-                   help="display name = model directory; a bare architecture name times its untrained network "
-                        "(default: the shipped MobileNetV3 and models/resnet50_gray, or their untrained architectures)")
+                   help="display name = model directory; a bare architecture name times its untrained network. "
+                        "None means the shipped MobileNetV3 and models/resnet50_gray, or their untrained architectures")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.add_argument("--iters", type=int, default=30, help="timed runs per measurement (after warm-up)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=8, help="batch size of the throughput measurement")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's and onnxruntime's own)")
-    p.add_argument("--img-size", type=int, default=None, help="input size of untrained architectures (default 224)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per runtime; None keeps torch's and onnxruntime's own (use 1 on a busy CPU)")
+    p.add_argument("--img-size", type=int, default=None, help="input size of untrained architectures; None means 224")
     p.add_argument("--no-naive", action="store_true", help="skip the naive pipeline")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_run_bench)
@@ -349,10 +352,10 @@ def _run_bench(a) -> int:
 def _add_export(sub) -> None:
     p = _cmd(sub, "export", "export a model to ONNX (fp32, optionally int8) with a parity check against torch",
              "defectcls export --model models/mobilenet_v3_large_gray --int8 --json")
-    p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    p.add_argument("--model", default=None, help="model directory; None means the shipped model")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx, quantized for edge CPUs")
-    p.add_argument("--out", help="output folder (default: the model directory)")
+    p.add_argument("--out", help="output folder; None means the model directory")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--n-check", type=int, default=200, help="synthetic parts in the parity check")
     p.add_argument("--json", action="store_true", help="the export report as one JSON object")

@@ -1,19 +1,254 @@
-"""Grad-CAM heat-maps and overlays."""
+"""Grad-CAM heat-maps, overlays and fast image encoding.
+
+``explain`` gives the verdict and the heat-map from ONE forward pass: the network
+runs up to the CAM layer without autograd, and the gradient of the "bad" logit is
+taken only through the tail (global pooling + classifier), which is all Grad-CAM
+needs. An exported ONNX model carries the same map as a second output (see
+``CamGraph``). Other methods (GradCAM++, EigenCAM) go through pytorch-grad-cam.
+
+Importing this module does not import torch: the rendering half (``normalize_cam``,
+``overlay``, ``encode_jpeg``) is shared with the torch-free edge runtime.
+"""
 
 from __future__ import annotations
 
+import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .inference import ImageSource, Prediction, Predictor
-from .models import cam_target_layer
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .inference import ImageSource, Prediction, Predictor
 
 CAM_METHODS = ("gradcam", "gradcam++", "eigencam")
+CAM_TARGET = 1          # index of the "bad" logit: heat-maps show evidence for a defect
+DISPLAY_SIZE = 512      # longer side of overlays rendered for screens
 
+
+# ---------------------------------------------------------------- rendering (numpy + Pillow only)
+
+def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of a half-pixel-centred linear resize (the rule of cv2.INTER_LINEAR)."""
+    src = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    m = np.zeros((n_out, n_in), np.float64)
+    np.add.at(m, (np.arange(n_out), i0), 1 - frac)
+    np.add.at(m, (np.arange(n_out), i1), frac)
+    return m
+
+
+def _minmax(a: np.ndarray) -> np.ndarray:
+    a = a - a.min(axis=(-2, -1), keepdims=True)
+    return a / (1e-7 + a.max(axis=(-2, -1), keepdims=True))
+
+
+def normalize_cam(raw: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Raw Grad-CAM maps ((N,)h,w) -> float32 ((N,)H,W) in [0, 1], the way pytorch-grad-cam scales them.
+
+    ReLU, min-max scaling, linear upsampling to SIZE (an int or (H, W)), min-max again.
+    """
+    H, W = (size, size) if isinstance(size, int) else size
+    cam = _minmax(np.maximum(np.asarray(raw, np.float64), 0.0))
+    up = _bilinear_matrix(H, cam.shape[-2]) @ cam @ _bilinear_matrix(W, cam.shape[-1]).T
+    return _minmax(np.maximum(up, 0.0)).astype(np.float32)
+
+
+def _jet_lut() -> np.ndarray:
+    """256x3 uint8 'jet' colour table (matplotlib's segment data), without needing matplotlib."""
+    x = np.linspace(0.0, 1.0, 256)
+    r = np.interp(x, [0, 0.35, 0.66, 0.89, 1], [0, 0, 1, 1, 0.5])
+    g = np.interp(x, [0, 0.125, 0.375, 0.64, 0.91, 1], [0, 0, 1, 1, 0, 0])
+    b = np.interp(x, [0, 0.11, 0.34, 0.65, 1], [0.5, 1, 1, 0, 0])
+    return np.round(np.stack([r, g, b], 1) * 255).astype(np.uint8)
+
+
+_JET = _jet_lut()
+
+
+def overlay(img: np.ndarray, cam: np.ndarray, size: int | None = None, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 overlay of a heat-map on the (gray or RGB) image.
+
+    SIZE is the longer side of the result (default: the image's own size, the full-resolution
+    overlay); the aspect ratio is kept. The map covers the model's square input, so for a
+    non-square image only the part of it over the image (``fit_square`` pads) is drawn.
+    """
+    h, w = img.shape[:2]
+    side = max(h, w)
+    scale = (size / side) if size else 1.0
+    out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+    base = Image.fromarray(img)
+    if (out_w, out_h) != (w, h):
+        k = w // out_w
+        if k > 1 and w == out_w * k and h == out_h * k:
+            base = base.reduce(k)            # exact integer factor: box average, several times faster
+        else:
+            base = base.resize((out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    base = base.convert("RGB")
+    s_h, s_w = cam.shape[-2:]
+    top, left = (side - h) // 2, (side - w) // 2
+    box = (left * s_w / side, top * s_h / side, (left + w) * s_w / side, (top + h) * s_h / side)
+    heat = Image.fromarray(np.round(np.clip(cam, 0, 1) * 255).astype(np.uint8))
+    heat = heat.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
+    colored = Image.frombytes("P", heat.size, heat.tobytes())   # colour table applied in C
+    colored.putpalette(_JET.tobytes())
+    return np.asarray(Image.blend(base, colored.convert("RGB"), float(alpha)))
+
+
+def encode_image(arr: np.ndarray, fmt: str = "jpeg", quality: int = 90) -> bytes:
+    """Encode a uint8 image as JPEG (fast, for screens), PNG (lossless, fast zlib level) or WebP."""
+    fmt = fmt.lower()
+    buf = io.BytesIO()
+    im = Image.fromarray(arr)
+    if fmt in ("jpeg", "jpg"):
+        im.save(buf, "JPEG", quality=quality)
+    elif fmt == "png":
+        im.save(buf, "PNG", compress_level=1)
+    elif fmt == "webp":
+        im.save(buf, "WEBP", quality=quality, method=0)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}; choose jpeg, png or webp")
+    return buf.getvalue()
+
+
+def encode_jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
+    """JPEG bytes of a uint8 image (a 512 px overlay encodes in about a millisecond)."""
+    return encode_image(arr, "jpeg", quality)
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """Lossless PNG bytes (zlib level 1: several times faster than Pillow's default level)."""
+    return encode_image(arr, "png")
+
+
+# ---------------------------------------------------------------- one-pass Grad-CAM in torch
+
+@dataclass(frozen=True)
+class CamSplit:
+    """A classifier cut at its Grad-CAM layer: ``tail(body(x)) == model(x)``."""
+
+    body: nn.Module                       # input -> activation A of the CAM layer (N, C, h, w)
+    tail: Callable[[torch.Tensor], torch.Tensor]   # A -> logits
+    mlp: tuple | None                     # the layers after global average pooling, when the tail is pool + MLP
+
+
+def cam_split(model: nn.Module, arch: str) -> CamSplit | None:
+    """Cut MODEL at ``models.cam_target_layer``; None for architectures without a known cut."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    if arch.startswith("mobilenet_v3"):
+        return CamSplit(model.features, lambda a: model.classifier(torch.flatten(model.avgpool(a), 1)),
+                        tuple(model.classifier))
+    if arch == "mobilenet_v2":
+        return CamSplit(model.features, lambda a: model.classifier(torch.flatten(F.adaptive_avg_pool2d(a, 1), 1)),
+                        tuple(model.classifier))
+    if arch.startswith("resnet"):
+        body = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
+                             model.layer1, model.layer2, model.layer3, model.layer4)
+        return CamSplit(body, lambda a: model.fc(torch.flatten(model.avgpool(a), 1)), (model.fc,))
+    if arch.startswith("squeezenet"):
+        return CamSplit(model.features, lambda a: torch.flatten(model.classifier(a), 1), None)
+    return None
+
+
+def gradcam_torch(split: CamSplit, x: torch.Tensor, target: int = CAM_TARGET,
+                  autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, raw Grad-CAM maps (N, h, w)) from one forward pass.
+
+    The body runs under inference mode; only the tail (pooling + classifier) is
+    differentiated, from the detached CAM-layer activation to the TARGET logit.
+    Thread-safe: no hooks, no module state.
+    """
+    import torch
+
+    with torch.inference_mode(), torch.autocast(x.device.type, enabled=autocast):
+        a = split.body(x)
+    a = a.float().clone().requires_grad_(True)   # a normal tensor again, outside inference mode
+    with torch.enable_grad():
+        logits = split.tail(a)
+        (grad,) = torch.autograd.grad(logits[:, target].sum(), a)
+    with torch.no_grad():
+        w = grad.mean(dim=(2, 3), keepdim=True)
+        cam = torch.relu((w * a).sum(dim=1))
+    return logits.detach().float(), cam
+
+
+def _act_grad(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Derivative of an element-wise activation at its input X (torch's own backward rules)."""
+    import torch
+    from torch import nn
+
+    if isinstance(layer, nn.Hardswish):
+        return torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, x / 3 + 0.5, torch.ones_like(x)))
+    if isinstance(layer, nn.ReLU):
+        return (x > 0).to(x.dtype)
+    if isinstance(layer, nn.ReLU6):
+        return ((x > 0) & (x < 6)).to(x.dtype)
+    return None
+
+
+def _mlp_supported(mlp: tuple | None) -> bool:
+    from torch import nn
+
+    if not mlp:
+        return False
+    ok = (nn.Linear, nn.Dropout, nn.Identity, nn.Hardswish, nn.ReLU, nn.ReLU6)
+    core = [m for m in mlp if not isinstance(m, nn.Dropout | nn.Identity)]
+    return all(isinstance(m, ok) for m in mlp) and bool(core) and isinstance(core[-1], nn.Linear)
+
+
+def make_cam_graph(model: nn.Module, arch: str, target: int = CAM_TARGET) -> nn.Module | None:
+    """A module whose forward returns (logits, raw Grad-CAM maps) with no autograd, for ONNX export.
+
+    Works where the tail is global average pooling + an MLP of Linear / ReLU / Hardswish /
+    Dropout layers (MobileNetV2/V3, ResNets): the gradient of the TARGET logit with respect
+    to the pooled features is written out by the chain rule, and the Grad-CAM channel weights
+    are that gradient divided by h*w. None for other architectures.
+    """
+    from torch import nn
+
+    split = cam_split(model, arch)
+    if split is None or not _mlp_supported(split.mlp):
+        return None
+
+    class CamGraph(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = split.body
+            self.mlp = nn.ModuleList(split.mlp)
+
+        def forward(self, x):
+            a = self.body(x)
+            h = a.mean(dim=(2, 3))
+            slopes = []
+            for layer in self.mlp:
+                # the activation's slope is taken before the layer runs: torchvision's are in-place
+                slopes.append(_act_grad(layer, h))
+                h = layer(h)
+            g = None
+            for layer, slope in zip(reversed(self.mlp), reversed(slopes), strict=True):
+                if isinstance(layer, nn.Linear):
+                    g = layer.weight[target:target + 1] if g is None else g @ layer.weight
+                elif g is not None and slope is not None:
+                    g = g * slope
+            w = g / (a.shape[2] * a.shape[3])
+            cam = (a * w[:, :, None, None]).sum(dim=1).relu()
+            return h, cam
+
+    return CamGraph().eval()
+
+
+# ---------------------------------------------------------------- the pytorch-grad-cam family
 
 def _cam_class(method: str):
     from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
@@ -24,16 +259,34 @@ def _cam_class(method: str):
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}") from None
 
 
-def cam_library(predictor: Predictor, x: np.ndarray, method: str = "gradcam", target: int = 1) -> np.ndarray:
-    """Heat-map (HxW in [0,1], model input size) from pytorch-grad-cam for the class TARGET."""
+def _library_cam(predictor: Predictor, x: np.ndarray, method: str, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """(maps (N,H,W), logits) from pytorch-grad-cam on the predictor's private hook-safe model copy."""
+    import torch
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    model = predictor.model
-    layer = cam_target_layer(model, predictor.card.arch)
-    t = torch.from_numpy(np.ascontiguousarray(x[None])).to(predictor.device)
-    with _cam_class(method)(model=model, target_layers=[layer]) as cam:
-        return cam(input_tensor=t, targets=[ClassifierOutputTarget(target)])[0]
+    from .models import cam_target_layer
 
+    cls = _cam_class(method)
+    model, lock = predictor.hookable_model()
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(predictor.device)
+    with lock, cls(model=model, target_layers=[cam_target_layer(model, predictor.card.arch)]) as cam:
+        maps = cam(input_tensor=t, targets=[ClassifierOutputTarget(target)] * len(t))
+        logits = cam.outputs.detach().float().cpu().numpy()
+    return maps, logits
+
+
+def cam_library(predictor: Predictor, x: np.ndarray, method: str = "gradcam", target: int = CAM_TARGET) -> np.ndarray:
+    """Heat-map (HxW in [0,1], model input size) from pytorch-grad-cam for the class TARGET; X is CxHxW."""
+    return _library_cam(predictor, x[None], method, target)[0][0]
+
+
+def cam_fast(predictor: Predictor, x: np.ndarray, target: int = CAM_TARGET) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N,2), Grad-CAM maps (N,H,W) in [0,1]) for a float32 NxCxHxW batch, from one forward pass."""
+    logits, raw = predictor.forward_cam(x, target)
+    return logits, normalize_cam(raw, x.shape[-2:])
+
+
+# ---------------------------------------------------------------- explain
 
 @dataclass
 class Explanation:
@@ -44,27 +297,27 @@ class Explanation:
 
 
 def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> Explanation:
-    """Verdict and heat-map for one image."""
+    """Verdict and heat-map for one image; the verdict comes from the same forward pass as the map."""
+    from .evaluate import prob_bad_from_logits
+
+    if method not in CAM_METHODS:
+        _cam_class(method)
     t0 = time.perf_counter()
     img = predictor.load(src)
     t1 = time.perf_counter()
-    pred = predictor.predict(img)
-    x = predictor.preprocess(img)
+    x = predictor.preprocess(img)[None]
     t2 = time.perf_counter()
-    cam = cam_library(predictor, x, method)
-    t3 = time.perf_counter()
-    return Explanation(pred, cam, img, {"decode": (t1 - t0) * 1e3, "predict": (t2 - t1) * 1e3, "cam": (t3 - t2) * 1e3})
-
-
-def overlay(img: np.ndarray, cam: np.ndarray, size: int | None = None, alpha: float = 0.45) -> np.ndarray:
-    """RGB uint8 overlay of a heat-map on the (gray or RGB) image, at SIZE (default: the image's size)."""
-    import matplotlib
-
-    base = Image.fromarray(img).convert("RGB")
-    if size:
-        base = base.resize((size, size), Image.Resampling.BILINEAR)
-    w, h = base.size
-    heat = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
-    colored = matplotlib.colormaps["jet"](np.asarray(heat))[..., :3]
-    out = (1 - alpha) * np.asarray(base, np.float32) / 255.0 + alpha * colored
-    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+    if method == "gradcam" and predictor.has_fast_cam:
+        logits, raw = predictor.forward_cam(x, CAM_TARGET)
+        t3 = time.perf_counter()
+        cam = normalize_cam(raw, x.shape[-2:])[0]
+    else:
+        maps, logits = _library_cam(predictor, x, method, CAM_TARGET)
+        t3 = time.perf_counter()
+        cam = maps[0].astype(np.float32)
+    t4 = time.perf_counter()
+    p = float(prob_bad_from_logits(logits, predictor.card.temperature)[0])
+    ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "model_cam": (t3 - t2) * 1e3,
+          "cam_scale": (t4 - t3) * 1e3}
+    pred = predictor.verdict(p, (t4 - t1) * 1e3, {"preprocess": ms["preprocess"], "model": ms["model_cam"]})
+    return Explanation(pred, cam, img, {k: round(v, 3) for k, v in ms.items()})

@@ -1,0 +1,151 @@
+"""Fast one-pass Grad-CAM against pytorch-grad-cam, overlays and encoders."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defectcls.bench import calibrate_bn
+from defectcls.data import preprocess
+from defectcls.explain import (
+    CAM_METHODS,
+    cam_fast,
+    cam_library,
+    cam_split,
+    encode_jpeg,
+    encode_png,
+    explain,
+    gradcam_torch,
+    make_cam_graph,
+    normalize_cam,
+    overlay,
+)
+from defectcls.inference import Predictor
+from defectcls.models import build_model, cam_target_layer
+from defectcls.synth import render_part
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU every multi-threaded op waits for a time slice."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SIZE = 96
+
+
+def _parts(n: int = 3) -> torch.Tensor:
+    """Synthetic parts through the one preprocessing path, at SIZE."""
+    return torch.from_numpy(np.stack([preprocess(np.asarray(render_part(100 + i, i % 2 == 0, 2 * SIZE)[0]), SIZE, "gray",
+                                                 [0.5], [0.25]) for i in range(n)]))
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "resnet50"])
+def test_fast_gradcam_equals_pytorch_grad_cam(arch):
+    """Untrained, seeded weights: the identity holds for any weights. Both logits are checked as targets,
+    and all-zero maps (nothing to compare) must not be all there is. BatchNorm statistics come from the
+    inputs, so that activations reach the non-linear range of the classifier head's Hardswish."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = build_model(arch)
+    x = _parts()
+    calibrate_bn(model, x)     # realistic activation scales (untrained MobileNetV3 activations vanish to ~1e-9)
+    full = model(x).detach()
+    informative = 0
+    for target in (0, 1):
+        logits, raw = gradcam_torch(cam_split(model, arch), x, target)
+        fast = normalize_cam(raw.numpy(), SIZE)
+        with GradCAM(model=model, target_layers=[cam_target_layer(model, arch)]) as cam:
+            lib = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)] * len(x))
+        assert fast.shape == lib.shape == (len(x), SIZE, SIZE)
+        assert np.abs(fast - lib).max() <= 1e-4
+        with torch.no_grad():
+            g_logits, g_raw = make_cam_graph(model, arch, target)(x)     # the graph ONNX export writes
+        assert np.abs(normalize_cam(g_raw.numpy(), SIZE) - lib).max() <= 1e-4
+        torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)       # the verdict comes from the same pass
+        torch.testing.assert_close(g_logits, full, atol=1e-5, rtol=0)
+        informative += int(np.sum(lib.max(axis=(1, 2)) - lib.min(axis=(1, 2)) > 0.5))
+    assert informative >= 3
+
+
+def test_predictor_fast_cam_equals_library(tiny_model, tiny_data):
+    """Through the Predictor (channels-last model, card preprocessing) on a trained model."""
+    pred = Predictor(tiny_model, device="cpu", backend="torch")
+    x = np.stack([pred.preprocess(f) for f in sorted((tiny_data / "bad").glob("*.png"))[:3]])
+    logits, fast = cam_fast(pred, x)
+    for i in range(len(x)):
+        assert np.abs(fast[i] - cam_library(pred, x[i])).max() <= 1e-4
+    np.testing.assert_allclose(logits, pred.logits(x), atol=1e-5)
+
+
+def test_normalize_cam_scales_like_the_library():
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(4, 7, 5)).astype(np.float32)
+    lib = scale_cam_image(scale_cam_image(np.maximum(raw, 0), (63, 70)))   # (width, height) as the library takes it
+    assert np.abs(normalize_cam(raw, (70, 63)) - lib).max() <= 1e-5
+
+
+def test_explain_prediction_is_predict(tiny_model, tiny_data):
+    pred = Predictor(tiny_model, device="cpu", backend="torch")
+    files = sorted((tiny_data / "bad").glob("*.png"))[:2] + sorted((tiny_data / "good").glob("*.png"))[:2]
+    for f in files:
+        ex = explain(pred, f)
+        ref = pred.predict(f)
+        assert ex.prediction.label == ref.label
+        assert abs(ex.prediction.prob_bad - ref.prob_bad) <= 1e-6
+        assert ex.cam.shape == (pred.card.img_size,) * 2 and ex.cam.dtype == np.float32
+        assert 0.0 <= ex.cam.min() and ex.cam.max() <= 1.0
+        assert ex.image.shape == (96, 96)
+        assert {"decode", "preprocess", "model_cam"} <= set(ex.timings_ms)
+
+
+@pytest.mark.parametrize("method", [m for m in CAM_METHODS if m != "gradcam"])
+def test_library_methods(tiny_model, tiny_data, method):
+    pred = Predictor(tiny_model, device="cpu", backend="torch")
+    f = sorted((tiny_data / "bad").glob("*.png"))[0]
+    ex = explain(pred, f, method)
+    assert ex.cam.shape == (pred.card.img_size,) * 2
+    assert abs(ex.prediction.prob_bad - pred.predict(f).prob_bad) <= 1e-6
+
+
+def test_unknown_method(tiny_model, tiny_data):
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        explain(Predictor(tiny_model, device="cpu"), sorted((tiny_data / "bad").glob("*.png"))[0], "nope")
+
+
+def test_overlay_shapes_and_geometry():
+    gray = np.full((96, 96), 100, np.uint8)
+    cam = np.zeros((64, 64), np.float32)
+    assert overlay(gray, cam).shape == (96, 96, 3)
+    assert overlay(gray, cam, size=48).shape == (48, 48, 3)
+    assert overlay(np.zeros((60, 100, 3), np.uint8), cam, size=50).shape == (30, 50, 3)
+    assert overlay(np.zeros((64, 40), np.uint8), cam, size=32).dtype == np.uint8
+    # a wide image sits in the middle rows of the model's padded square: heat there lands on the image
+    wide = np.zeros((50, 100), np.uint8)
+    cam = np.zeros((100, 100), np.float32)
+    cam[25:75, :50] = 1.0
+    out = overlay(wide, cam, alpha=1.0).astype(int)
+    left, right = out[:, :40], out[:, 60:]
+    assert left[..., 0].mean() > 100 and right[..., 0].mean() < 10      # jet: hot = red, cold = dark blue
+    assert right[..., 2].mean() > 100
+
+
+def test_encoders_round_trip():
+    arr = (np.random.default_rng(1).random((40, 30, 3)) * 255).astype(np.uint8)
+    jpg, png = encode_jpeg(arr, quality=80), encode_png(arr)
+    assert jpg[:2] == b"\xff\xd8" and png[:4] == b"\x89PNG"
+    assert np.asarray(Image.open(io.BytesIO(jpg))).shape == (40, 30, 3)
+    assert (np.asarray(Image.open(io.BytesIO(png))) == arr).all()

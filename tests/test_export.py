@@ -1,0 +1,115 @@
+"""ONNX export (fp32 + int8) parity, the torch-free edge runtime, and the export command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from defectcls.edge import EdgePredictor
+from defectcls.explain import explain
+from defectcls.inference import Predictor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU every multi-threaded op waits for a time slice."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    from defectcls.export import export_onnx
+
+    d = tmp_path_factory.mktemp("exp") / "tiny"
+    shutil.copytree(tiny_model, d)
+    return d, export_onnx(d, int8=True, n_check=40, n_calib=8)
+
+
+def test_export_report_and_files(exported):
+    d, rep = exported
+    assert rep["ok"] and rep["heatmap_output"] and rep["outputs"] == ["logits", "cam"]
+    fp32, int8 = rep["parity"]["fp32"], rep["parity"]["int8"]
+    assert fp32["n"] == 40 and fp32["max_prob_diff"] <= 1e-4
+    assert int8["verdict_agreement"] >= 0.99 and int8["missed_bad"] == 0
+    for kind, name in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
+        assert (d / name).is_file() and rep["files"][kind]["size_mb"] == pytest.approx((d / name).stat().st_size / 1e6, abs=1e-3)
+    assert rep["files"]["int8"]["size_mb"] < rep["files"]["fp32"]["size_mb"] / 2
+    assert not list(d.glob(".export*")), "temporary files left behind"
+
+
+def test_onnx_metadata_carries_the_card(exported):
+    import onnx
+
+    d, rep = exported
+    props = {p.key: p.value for p in onnx.load(str(d / "model.onnx")).metadata_props}
+    card = json.loads(props["defectcls.card"])
+    assert card["img_size"] == 64 and props["defectcls.model_id"] == rep["model_id"]
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx"])
+def test_edge_matches_predictor(exported, tiny_data, name):
+    """The torch-free runtime gives what the Predictor gives on the same file; fp32 also matches torch."""
+    d, _ = exported
+    edge = EdgePredictor(d / name)
+    same = Predictor(d, device="cpu", backend="onnx", onnx_path=d / name)
+    ref = Predictor(d, device="cpu", backend="torch")
+    files = sorted((tiny_data / "bad").glob("*.png"))[:3] + sorted((tiny_data / "good").glob("*.png"))[:3]
+    for f in files:
+        r, s = edge.predict(f), same.predict(f)
+        assert r["label"] == s.label and abs(r["prob_bad"] - s.prob_bad) <= 1e-9 and r["model_id"] == s.model_id
+        if name == "model.onnx":
+            p = ref.predict(f)
+            assert r["label"] == p.label and abs(r["prob_bad"] - p.prob_bad) <= 1e-4
+    res, cam, img = edge.explain(files[0])
+    assert np.abs(cam - explain(same, files[0]).cam).max() <= 1e-6
+    if name == "model.onnx":
+        assert np.abs(cam - explain(ref, files[0]).cam).max() <= 1e-4
+    assert cam.shape == (64, 64) and img.shape == (96, 96)
+    batch = edge.predict_batch([files[0], b"not an image", files[1]])
+    assert "error" in batch[1] and batch[0]["label"] == edge.predict(files[0])["label"]
+
+
+def test_edge_runs_without_torch(exported, tiny_data, tmp_path):
+    d, _ = exported
+    img = sorted((tiny_data / "bad").glob("*.png"))[0]
+    code = ("import sys, json\n"
+            "sys.modules['torch'] = None  # any torch import now fails\n"
+            "from defectcls.edge import main\n"
+            f"rc = main([{str(d / 'model.int8.onnx')!r}, {str(img)!r}, '--json', '--cam-dir', {str(tmp_path)!r}])\n"
+            "sys.exit(rc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["label"] in ("good", "bad") and (tmp_path / f"{img.stem}_{row['label']}.jpg").is_file()
+
+
+def test_export_cli(tiny_model, tmp_path, capsys):
+    from defectcls.cli import main
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    assert main(["export", "--model", str(d), "--out", str(tmp_path / "out"), "--n-check", "6", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ok"] and (tmp_path / "out" / "model.onnx").is_file() and not (d / "model.onnx").exists()
+    assert main(["export", "--model", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_ensure_onnx_exports_once_into_a_cache(tiny_model, tmp_path):
+    from defectcls.export import ensure_onnx
+
+    path = ensure_onnx(tiny_model, cache_dir=tmp_path)
+    assert path.parent.parent == tmp_path / "onnx" and not (tiny_model / "model.onnx").exists()
+    stamp = path.stat().st_mtime_ns
+    assert ensure_onnx(tiny_model, cache_dir=tmp_path) == path and path.stat().st_mtime_ns == stamp
+    assert Predictor(tiny_model, device="cpu", onnx_path=path).backend == "onnx"
