@@ -86,6 +86,7 @@ def _add_train(sub) -> None:
     p.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (download or torch cache)")
     p.add_argument("--pretrained-file", help="start from a local state dict (safetensors or plain weights file)")
     p.add_argument("--extra-labels", help="reviewed-labels CSV (path,label) that adds or overrides labels")
+    p.add_argument("--init", help="start from this model directory's weights (same arch and colour mode): fine-tuning")
     p.add_argument("--max-per-class", type=int, nargs=2, metavar=("GOOD", "BAD"),
                    help="train on a seeded subset of the training part")
     p.add_argument("--folds", type=int, default=d.folds,
@@ -108,7 +109,7 @@ def _run_train(a) -> int:
                       batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, device=a.device,
                       target_fnr=a.target_fnr, threshold_method=a.threshold_method, patience=a.patience,
                       balance=a.balance, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
-                      extra_labels=a.extra_labels, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
+                      extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
                       folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,
                       progress=not a.json, aug=AugConfig.preset(a.aug))
     from .models import arch_spec

@@ -109,6 +109,7 @@ class TrainConfig:
     pretrained: bool = False
     pretrained_file: str | None = None
     extra_labels: str | None = None
+    init: str | None = None           # start from this model directory's weights (same arch and colour mode)
     max_per_class: tuple[int, int] | None = None  # seeded subset (good, bad) of the training part
     folds: int = 1                    # K > 1: K-fold cross-validation, K members + their ensemble (train_folds)
     fp16_weights: bool = False

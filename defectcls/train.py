@@ -55,6 +55,17 @@ def predict_logits(model: nn.Module, images_u8: np.ndarray, mean: torch.Tensor, 
     return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
 
 
+def init_weights(model: nn.Module, model_dir: str, arch: str, in_chans: int) -> None:
+    """Warm start: copy the weights of an existing model directory (fine-tuning, retraining with reviewed labels)."""
+    from .models import load_model_dir
+
+    src, card = load_model_dir(model_dir)
+    if card.arch != arch or card.in_chans != in_chans:
+        raise DefectclsError(f"--init {model_dir} is a {card.arch} with {card.in_chans} input channel(s); "
+                             f"this run trains a {arch} with {in_chans}")
+    model.load_state_dict(src.state_dict())
+
+
 @torch.no_grad()
 def recompute_bn_stats(model: nn.Module, images_u8: np.ndarray, mean: torch.Tensor, std: torch.Tensor,
                        device: torch.device, max_images: int = 512, batch_size: int = 32, seed: int = 0) -> None:
@@ -148,7 +159,10 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     """Train one network; returns it with the weights of its best validation epoch (on rank 0), that epoch, history."""
     c = x_train.shape[1]
     model = build_model(cfg.arch, in_chans=c, num_classes=2, pretrained=cfg.pretrained,
-                        pretrained_file=cfg.pretrained_file).to(device).to(memory_format=torch.channels_last)
+                        pretrained_file=cfg.pretrained_file)
+    if cfg.init:
+        init_weights(model, cfg.init, cfg.arch, c)
+    model = model.to(device).to(memory_format=torch.channels_last)
     net: nn.Module = model
     if distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -95,8 +95,9 @@ def test_save_load_round_trip_fp32_and_fp16(tmp_path, tiny_model, tiny_data):
     a, b = Predictor(p32, device="cpu"), Predictor(p16, device="cpu")
     pa = [a.predict(f) for f in files]
     pb = [b.predict(f) for f in files]
-    assert [x.label for x in pa] == [x.label for x in pb]
     assert max(abs(x.prob_bad - y.prob_bad) for x, y in zip(pa, pb, strict=True)) < 5e-3
+    clear = [(x.label, y.label) for x, y in zip(pa, pb, strict=True) if abs(x.prob_bad - x.threshold) > 5e-3]
+    assert all(x == y for x, y in clear)  # the same verdict wherever fp16 rounding cannot cross the threshold
     assert a.model_id != b.model_id and a.model_id.startswith("m32@")
 
 
