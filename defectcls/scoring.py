@@ -20,7 +20,9 @@ def select_split(model_dir: str | os.PathLike, data_root: str | os.PathLike, sam
     """The samples to score: with split 'auto', the model's own test part when DATA is its training folder."""
     split_path = Path(model_dir) / SPLIT_FILE
     saved = json.loads(split_path.read_text()) if split_path.is_file() else None
-    same = saved is not None and os.path.realpath(saved["data_root"]) == os.path.realpath(data_root)
+    # the same folder, wherever it lives now: same path, or same file names, sizes and labels
+    same = saved is not None and (os.path.realpath(saved["data_root"]) == os.path.realpath(data_root)
+                                  or saved.get("data_fingerprint") == D.fingerprint(samples))
     if split == "all" or (split == "auto" and not same):
         return samples, "all"
     if saved is None or not same:

@@ -94,3 +94,13 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
     r = run_cli("train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_evaluate_recognises_its_training_folder_after_a_move(tmp_path, tiny_model, tiny_data):
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_data, moved)
+    r = run_cli("evaluate", "--model", str(tiny_model), "--data", str(moved), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["split"] == "test"

@@ -1,0 +1,28 @@
+"""The shipped default model: loads offline from safetensors, fits a Space, judges the bundled examples."""
+
+import json
+from pathlib import Path
+
+from defectcls.inference import Predictor
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_shipped_model_card_and_size(default_model_dir):
+    weights = default_model_dir / "model.safetensors"
+    assert weights.stat().st_size < 10 * 1024 * 1024  # no LFS needed on a Space
+    card = json.loads((default_model_dir / "card.json").read_text())
+    assert card["arch"] == "mobilenet_v3_large" and card["in_chans"] == 1 and card["color"] == "gray"
+    assert card["name"] == "mobilenet_v3_large_gray" and card["storage_dtype"] == "float16"
+    assert {"val", "test"} <= set(card["metrics"]) and card["threshold_policy"]["method"] == "conformal"
+    assert not list(default_model_dir.glob("*.pt*"))  # weights only, no pickles
+
+
+def test_shipped_model_judges_the_examples(default_model_dir):
+    pred = Predictor(default_model_dir, device="cpu", backend="torch")
+    files = sorted(EXAMPLES.glob("*.png"))
+    assert len(files) >= 4
+    for f in files:
+        r = pred.predict(f)
+        assert r.label in ("good", "bad") and 0.0 <= r.prob_bad <= 1.0
+        assert r.model_id.startswith("mobilenet_v3_large_gray@")
