@@ -14,6 +14,18 @@ TINY_SIZE = 96       # synthetic image side for tests
 TINY_IMG = 64        # model input side for tests
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread for the whole session: deterministic, and fast on a small shared CPU where
+    multi-threaded ops spend their time waiting for a slice."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic good/bad folder (36 good, 18 bad, 96 px)."""

@@ -9,17 +9,6 @@ import pytest
 from defectcls.bench import benchmark, format_table
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU every multi-threaded op waits for a time slice."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def result(tiny_model):
     return benchmark({"tiny": str(tiny_model)}, device="cpu", iters=2, warmup=1, batch=2, request_size=96, naive_iters=1,

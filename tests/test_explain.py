@@ -28,18 +28,6 @@ from defectcls.inference import Predictor
 from defectcls.models import build_model, cam_target_layer
 from defectcls.synth import render_part
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU every multi-threaded op waits for a time slice."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SIZE = 96
 
 

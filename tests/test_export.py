@@ -15,17 +15,6 @@ from defectcls.explain import explain
 from defectcls.inference import Predictor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU every multi-threaded op waits for a time slice."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
     from defectcls.export import export_onnx

@@ -14,17 +14,6 @@ from defectcls.explain import explain, normalize_cam
 from defectcls.inference import Predictor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU every multi-threaded op waits for a time slice."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def varied(tmp_path_factory):
     """Seeded untrained weights, BatchNorm statistics from synthetic parts and a widened last layer: clearly
