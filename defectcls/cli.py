@@ -472,7 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_parsed(build_parser().parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run a parsed command: DefectclsError becomes a one-line reason and exit 2, Ctrl-C exit 130."""
     try:
         return int(args.func(args) or 0)
     except DefectclsError as exc:

@@ -1029,21 +1029,13 @@ def main(argv: list[str] | None = None) -> int:
     """
     import argparse
 
-    from .cli import _add_inspect
+    from .cli import _add_inspect, run_parsed
 
     parser = argparse.ArgumentParser(prog="python -m defectcls.inspect")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_inspect(sub)
     sub.choices["inspect"].prog = parser.prog
-    args = parser.parse_args(["inspect", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except DefectclsError as exc:
-        print(f"defectcls inspect: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("defectcls inspect: interrupted", file=sys.stderr)
-        return 130
+    return run_parsed(parser.parse_args(["inspect", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":
