@@ -49,6 +49,37 @@ def test_valid_odd_images_decode(name, color):
     assert arr[h // 2, w // 2].mean() > 100 and arr[0, 0].mean() < 40
 
 
+@pytest.mark.parametrize("color", ["gray", "rgb"])
+def test_fast_png_decoder_matches_pillow(color, monkeypatch):
+    """The libspng path returns Pillow's exact pixels, and the same errors, on the whole corpus."""
+    if D._spng is None:
+        pytest.skip("pyspng is not installed on this platform")
+    from defectcls.synth import render_part
+
+    import io
+
+    part, _, _ = render_part(3, True, 256)
+    files = dict(valid_files())
+    for mode in ("RGB", "L"):
+        buf = io.BytesIO()
+        part.convert(mode).save(buf, format="PNG", compress_level=6)
+        files[f"part_{mode}.png"] = buf.getvalue()
+    fast = {k: D.load_image(v, color) for k, v in files.items()}
+    fast_errors = {k: str(pytest.raises(ImageLoadError, D.load_image, v, color).value)
+                   for k, v in invalid_files().items()}
+    calls = []
+    real = D._spng.load
+    monkeypatch.setattr(D._spng, "load", lambda b: calls.append(1) or real(b))
+    again = D.load_image(files["part_RGB.png"], color)
+    assert calls, "a plain RGB PNG must take the fast path"
+    np.testing.assert_array_equal(again, fast["part_RGB.png"])
+    monkeypatch.setattr(D, "_spng", None)
+    for k, v in files.items():
+        np.testing.assert_array_equal(fast[k], D.load_image(v, color), err_msg=k)
+    for k, v in invalid_files().items():
+        assert fast_errors[k] == str(pytest.raises(ImageLoadError, D.load_image, v, color).value)
+
+
 def test_sixteen_bit_keeps_range_and_exif_is_applied():
     a8 = D.load_image(valid_files()["gray.png"])
     a16 = D.load_image(valid_files()["gray16.png"])
