@@ -23,9 +23,12 @@ from PIL import Image, ImageOps
 
 from .errors import DefectclsError, ImageLoadError
 
-try:  # optional: a faster PNG decoder (libspng); Pillow decodes when it is missing
+try:  # optional: a faster PNG decoder (libspng); Pillow decodes when it is missing or DEFECTCLS_PNG_DECODER=pillow
     import pyspng as _spng
 except ImportError:  # pragma: no cover - depends on the platform's wheels
+    _spng = None
+PNG_DECODER = os.environ.get("DEFECTCLS_PNG_DECODER", "auto").lower()  # auto | pillow | libspng (also in inspect)
+if PNG_DECODER == "pillow":
     _spng = None
 
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -90,11 +93,13 @@ def _fast_png(data: bytes, img: Image.Image, color: str) -> np.ndarray | None:
     return arr
 
 
-def load_image(src: str | os.PathLike | bytes, color: str = "gray") -> np.ndarray:
+def load_image(src: str | os.PathLike | bytes, color: str = "gray", fast_png: bool = True) -> np.ndarray:
     """Decode any supported image to uint8: HxW for 'gray', HxWx3 for 'rgb'.
 
     Raises ImageLoadError with a one-line reason for anything that is not a
     usable picture (empty, not an image, truncated, too small, too large).
+    FAST_PNG=False skips libspng: it holds the GIL while decoding, so several decode
+    threads get more done with Pillow, which releases it (``defectcls inspect``).
     """
     if color not in ("gray", "rgb"):
         raise DefectclsError(f"color must be 'gray' or 'rgb', got {color!r}")
@@ -123,7 +128,7 @@ def load_image(src: str | os.PathLike | bytes, color: str = "gray") -> np.ndarra
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageLoadError(f"{name}: image is {w}x{h} pixels, more than the {MAX_PIXELS:,} allowed")
-            fast = _fast_png(data, img, color)
+            fast = _fast_png(data, img, color) if fast_png else None
             if fast is not None:
                 return fast
             img.seek(0)  # first frame of animated GIFs and multi-page TIFFs

@@ -84,10 +84,10 @@ class EdgePredictor:
         self.temperature = float(self.card.get("temperature", 1.0))
         self.has_cam = CAM_NAME in session_outputs(self.session)
 
-    def load(self, src: ImageSource) -> np.ndarray:
+    def load(self, src: ImageSource, fast_png: bool = True) -> np.ndarray:
         if isinstance(src, np.ndarray):
             return D.as_color(src, self.card["color"])
-        return D.load_image(src, self.card["color"])
+        return D.load_image(src, self.card["color"], fast_png=fast_png)
 
     def preprocess(self, src: ImageSource) -> np.ndarray:
         """The one preprocessing path (``data.preprocess``) with the card's settings."""

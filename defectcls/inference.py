@@ -165,11 +165,11 @@ class Predictor:
 
     # ------------------------------------------------------------ preprocessing
 
-    def load(self, src: ImageSource) -> np.ndarray:
+    def load(self, src: ImageSource, fast_png: bool = True) -> np.ndarray:
         """Decode to uint8 in the model's colour mode (arrays are converted, not copied when possible)."""
         if isinstance(src, np.ndarray):
             return D.as_color(src, self.card.color)
-        return D.load_image(src, self.card.color)
+        return D.load_image(src, self.card.color, fast_png=fast_png)
 
     def preprocess(self, src: ImageSource) -> np.ndarray:
         """File/bytes/array -> float32 CxHxW; the same function training and export use."""

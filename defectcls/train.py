@@ -177,7 +177,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     _log(f"training {cfg.arch} ({cfg.color}, {cfg.img_size}px) on {device}, world {world}: "
          f"train {len(y_train)} ({n_good} good / {n_bad} bad), {what}", rank)
 
-    best_score, best_state, best_epoch, history = (math.inf, math.inf), None, -1, []
+    total_steps = cfg.epochs * steps_per_epoch
+    best_score, best_state, best_epoch, history = (math.inf, math.inf, math.inf), None, -1, []
     stale = 0
     for epoch in range(cfg.epochs):
         model.train()
@@ -194,12 +195,12 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
 
             bar = tqdm(bar, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
         losses = []
-        for i in bar:
+        for step, i in enumerate(bar):
             idx = order[i:i + cfg.batch_size].numpy()
             if len(idx) < 2:  # BatchNorm cannot train on a single sample
                 continue
             xb = torch.from_numpy(x_train[idx]).to(device).float() / 255.0
-            xb = augment(xb, cfg.aug, gen)
+            xb = augment(xb, cfg.aug.at_strength(cfg.aug.strength((epoch * steps_per_epoch + step) / total_steps)), gen)
             xb = ((xb - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
             yb = torch.from_numpy(y_train[idx]).to(device)
             loss = F.cross_entropy(net(xb), yb, weight=class_w)
@@ -219,9 +220,13 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
             prob = prob_bad_from_logits(logits)
             m = compute_metrics(y_val, prob, 0.5)
             score = _selection_score(y_val, prob, val_loss, cfg.target_fnr)
+            # an epoch trained on the full augmentation ranges beats any epoch of the ramp (robustness)
+            strength = cfg.aug.strength(((epoch + 1) * steps_per_epoch - 1) / total_steps)
+            ramping = strength < 1.0
+            score = (float(ramping), *score)
             history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
                             "val_fnr": m["fnr"], "val_fpr": m["fpr"], "val_auroc": m["auroc"],
-                            "val_fpr_at_target_fnr": score[0]})
+                            "val_fpr_at_target_fnr": score[1], "aug_strength": round(strength, 3)})
             improved = score < best_score
             if improved:
                 best_score, best_epoch, stale = score, epoch + 1, 0
@@ -230,8 +235,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 stale += 1
             _log(f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} | val loss {val_loss:.4f} "
                  f"FNR {m['fnr']:.3f} FPR {m['fpr']:.3f} AUROC {m['auroc']:.4f} "
-                 f"FPR@FNR<={cfg.target_fnr:g} {score[0]:.3f}{' *' if improved else ''}")
-            stop[0] = float(stale >= cfg.patience)
+                 f"FPR@FNR<={cfg.target_fnr:g} {score[1]:.3f}{' (aug ramp)' if ramping else ''}{' *' if improved else ''}")
+            stop[0] = float(stale >= cfg.patience and not ramping)
         if distributed:
             torch.distributed.broadcast(stop, 0)
         if stop.item():

@@ -126,7 +126,27 @@ def test_training_augmentation_spans_the_perturbations():
     assert a.brightness >= 0.25 and a.contrast >= 0.3 and a.scale >= 0.1 and a.shift >= 0.05
     assert 1 / (1 + a.gamma) <= 0.7 and 1 + a.gamma >= 1.4
     assert a.blur_p > 0 and a.blur_sigma >= 1.5 and a.jpeg_p > 0 and a.jpeg_quality <= 30
-    assert a.noise * 255 >= 8 and a.rotate
+    # noise is added at working size: 8/255 at 300 px shrinks by ~sqrt of the area ratio when resized to 160 px
+    assert a.noise * 255 >= 8 * 160 / 300 and a.rotate
+
+
+def test_augmentation_ramp_scales_every_magnitude_but_pose():
+    a = AugConfig()
+    assert a.strength(0.0) == 0.0 and a.strength(a.ramp_start) == 0.0 and a.strength(a.ramp) == 1.0
+    assert a.strength((a.ramp_start + a.ramp) / 2) == pytest.approx(0.5)
+    assert a.strength(0.99) == 1.0 and AugConfig.light().strength(0.0) == 1.0  # light has no ramp
+    assert a.at_strength(1.0) == a
+    zero = a.at_strength(0.0)
+    assert zero.rotate and zero.flip  # pose always: the part is round
+    assert zero.scale == zero.shift == zero.brightness == zero.contrast == zero.gamma == 0
+    assert zero.blur_p == zero.noise == zero.jpeg_p == 0 and zero.jpeg_quality == 95
+    half = a.at_strength(0.5)
+    assert half.brightness == pytest.approx(a.brightness / 2) and half.noise == pytest.approx(a.noise / 2)
+    assert a.jpeg_quality < half.jpeg_quality < 95
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    # at strength 0 only rotations/flips act: the image's values are kept up to interpolation
+    y = augment(x, zero, torch.Generator().manual_seed(1))
+    assert abs(float(y.mean() - x.mean())) < 0.05
 
 
 def test_geometric_augmentation_fills_with_the_border_median_not_black():
