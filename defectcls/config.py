@@ -63,7 +63,7 @@ class AugConfig:
     blur_p: float = 0.25         # share of the batch that gets a Gaussian blur
     blur_sigma: float = 1.7      # max blur sigma in pixels of a 300 px image, scaled to the working size (perturb: 1.5)
     noise: float = 0.028         # max Gaussian noise sigma (of 1.0) at working size (perturb: 8/255 at native size,
-                                 # which resizing 300 -> 160 px averages down to about 4.3/255)
+                                 # which resizing 300 -> 192 px averages down to about 5/255)
     jpeg_p: float = 0.25         # share of the batch re-encoded as JPEG
     jpeg_quality: int = 25       # lowest JPEG quality (uniform up to 95)  (perturb: 30)
     ramp_start: float = 0.3      # share of training with pose augmentation only (learns the defects first)

@@ -126,8 +126,8 @@ def test_training_augmentation_spans_the_perturbations():
     assert a.brightness >= 0.25 and a.contrast >= 0.3 and a.scale >= 0.1 and a.shift >= 0.05
     assert 1 / (1 + a.gamma) <= 0.7 and 1 + a.gamma >= 1.4
     assert a.blur_p > 0 and a.blur_sigma >= 1.5 and a.jpeg_p > 0 and a.jpeg_quality <= 30
-    # noise is added at working size: 8/255 at 300 px shrinks by ~sqrt of the area ratio when resized to 160 px
-    assert a.noise * 255 >= 8 * 160 / 300 and a.rotate
+    # noise is added at working size: 8/255 at 300 px shrinks by ~sqrt of the area ratio when resized to 192 px
+    assert a.noise * 255 >= 8 * 192 / 300 and a.rotate
 
 
 def test_augmentation_ramp_scales_every_magnitude_but_pose():
