@@ -170,8 +170,8 @@ def test_watch_judges_files_once_complete_and_never_early(pred, model, tiny_data
     seen_sizes: list[tuple[str, int]] = []
     real_decode = I._decode
 
-    def spy(item, predictor, keep):
-        out = real_decode(item, predictor, keep)
+    def spy(item, predictor, keep, fast_png=False):
+        out = real_decode(item, predictor, keep, fast_png)
         seen_sizes.append((os.path.basename(item.path), out.size))
         return out
 
