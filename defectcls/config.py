@@ -122,7 +122,7 @@ class TrainConfig:
     data: str
     out: str
     arch: str = "mobilenet_v3_large"
-    epochs: int = 12
+    epochs: int = 10
     img_size: int = 192
     batch_size: int = 32
     lr: float = 1e-3
