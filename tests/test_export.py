@@ -19,8 +19,22 @@ from defectcls.inference import Predictor
 def exported(tiny_model, tmp_path_factory):
     from defectcls.export import export_onnx
 
+    from defectcls.evaluate import prob_bad_from_logits
+    from defectcls.export import _torch_reference, synthetic_inputs
+    from defectcls.models import read_card
+
     d = tmp_path_factory.mktemp("exp") / "tiny"
     shutil.copytree(tiny_model, d)
+    # A 3-epoch 64 px model scores every check part between ~0.35 and ~0.6 and its int8 copy moves
+    # probabilities by up to ~0.26, so verdicts at its own threshold flip at random. The threshold goes
+    # 0.3 above its highest check score: the test then checks the export's files, metadata and fp32
+    # parity, and that int8 stays within that margin. Verdict parity on real models: docs/benchmarks-speed.md.
+    card = read_card(d)
+    logits, _ = _torch_reference(d, synthetic_inputs(card, 40, 12345, None)[0])  # export_onnx's check set
+    top = float(prob_bad_from_logits(logits, card.temperature).max())
+    raw = json.loads((d / "card.json").read_text())
+    raw["threshold"] = min(top + 0.3, 0.999)
+    (d / "card.json").write_text(json.dumps(raw))
     return d, export_onnx(d, int8=True, n_check=40, n_calib=8)
 
 
