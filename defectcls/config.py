@@ -109,7 +109,8 @@ class AugConfig:
     @classmethod
     def light(cls) -> AugConfig:
         """Pose (any rotation, flips, small zoom and shift) and mild light changes: learns fastest on clean data."""
-        return cls(scale=0.1, shift=0.04, brightness=0.2, contrast=0.2, gamma=0.2, blur_p=0, noise=0, jpeg_p=0, ramp_start=0, ramp=0)
+        return cls(scale=0.1, shift=0.04, brightness=0.2, contrast=0.2, gamma=0.2, blur_p=0, noise=0, jpeg_p=0,
+                   ramp_start=0, ramp=0)
 
     @classmethod
     def none(cls) -> AugConfig:

@@ -54,9 +54,9 @@ def test_fast_png_decoder_matches_pillow(color, monkeypatch):
     """The libspng path returns Pillow's exact pixels, and the same errors, on the whole corpus."""
     if D._spng is None:
         pytest.skip("pyspng is not installed on this platform")
-    from defectcls.synth import render_part
-
     import io
+
+    from defectcls.synth import render_part
 
     part, _, _ = render_part(3, True, 256)
     files = dict(valid_files())

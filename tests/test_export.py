@@ -17,10 +17,8 @@ from defectcls.inference import Predictor
 
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
-    from defectcls.export import export_onnx
-
     from defectcls.evaluate import prob_bad_from_logits
-    from defectcls.export import _torch_reference, synthetic_inputs
+    from defectcls.export import _torch_reference, export_onnx, synthetic_inputs
     from defectcls.models import read_card
 
     d = tmp_path_factory.mktemp("exp") / "tiny"
