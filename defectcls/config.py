@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -82,12 +82,9 @@ class AugConfig:
         s = float(min(max(s, 0.0), 1.0))
         if s >= 1.0:
             return self
-        q = round(95 - (95 - self.jpeg_quality) * s)
-        return AugConfig(rotate=self.rotate, flip=self.flip, scale=self.scale * s, shift=self.shift * s,
-                         fill_border_p=self.fill_border_p, brightness=self.brightness * s,
-                         contrast=self.contrast * s, gamma=self.gamma * s, blur_p=self.blur_p * s,
-                         blur_sigma=self.blur_sigma, noise=self.noise * s, jpeg_p=self.jpeg_p * s,
-                         jpeg_quality=q, ramp_start=self.ramp_start, ramp=self.ramp)
+        scaled = {k: getattr(self, k) * s for k in ("scale", "shift", "brightness", "contrast", "gamma", "blur_p",
+                                                     "noise", "jpeg_p")}
+        return replace(self, **scaled, jpeg_quality=round(95 - (95 - self.jpeg_quality) * s))
 
     def strength(self, progress: float) -> float:
         """Augmentation strength at PROGRESS (0 at the first step, 1 after the last) of training."""

@@ -86,11 +86,7 @@ def _fast_png(data: bytes, img: Image.Image, color: str) -> np.ndarray | None:
         return None
     if arr.ndim == 3 and arr.shape[2] != 3:
         return None
-    if color == "gray" and arr.ndim == 3:
-        return np.asarray(Image.fromarray(arr).convert("L"))
-    if color == "rgb" and arr.ndim == 2:
-        return np.repeat(arr[..., None], 3, axis=2)
-    return arr
+    return as_color(arr, color)
 
 
 def load_image(src: str | os.PathLike | bytes, color: str = "gray", fast_png: bool = True) -> np.ndarray:
