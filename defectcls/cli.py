@@ -241,7 +241,10 @@ def _add_inspect(sub) -> None:
     p.add_argument("--to-review", action="store_true", help="send borderline parts to the app's review queue")
     p.add_argument("--band", type=float, default=0.1, help="borderline: |P(bad) - threshold| <= BAND")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=None, help="decode threads (default: CPUs - model threads + 1, >= 2)")
+    p.add_argument("--decode", choices=["auto", "threads", "processes"], default="auto",
+                   help="decode pool: processes (libspng, where installed) or threads (Pillow); auto picks")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoders (default: one process per CPU; threads: CPUs - model threads + 1, >= 2)")
     p.add_argument("--threads", type=int, default=None, help="model threads (default: a quarter of the CPUs, >= 1)")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between folder scans")
     p.add_argument("--settle", type=float, default=2.0,
@@ -267,7 +270,7 @@ def _run_inspect(a) -> int:
                        overlay_format="png" if a.png else "jpeg", to_review=a.to_review, review_band=a.band,
                        batch_size=a.batch_size, workers=a.workers, watch=a.watch, poll_s=a.poll, settle_s=a.settle,
                        progress=not a.json, handle_signals=True, cam_method=a.cam_method, device=a.device,
-                       backend=a.backend, threads=a.threads)
+                       backend=a.backend, threads=a.threads, decode=a.decode)
     _emit(s, a.json, format_summary(s))
     return 0
 
@@ -416,6 +419,8 @@ def _add_experiment(sub) -> None:
     p.add_argument("--arch-epochs", nargs="+", default=[], metavar="ARCH=N",
                    help="archs: epochs for one architecture, e.g. resnet50=4 (say so in the report)")
     p.add_argument("--methods", nargs="+", default=None, help="cam-localization: CAM methods (default: all)")
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL_DIR",
+                   help="cam-localization: score these trained models instead of training one per arch")
     p.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help="data-size: training-set sizes, comma-separated")
     p.add_argument("--perturb-names", default=None, help="archs: comma-separated perturbations (default: all)")
     p.add_argument("--latency-iters", type=int, default=50, help="archs: timed forward passes per model")
@@ -445,7 +450,7 @@ def _run_experiment(a) -> int:
         kw.update(arch_epochs=arch_epochs, perturb_names=a.perturb_names, latency_iters=a.latency_iters,
                   **({"archs": a.archs} if a.archs else {}))
     elif a.name == "cam-localization":
-        kw.update(methods=a.methods, **({"archs": a.archs} if a.archs else {}))
+        kw.update(methods=a.methods, models=a.models, **({"archs": a.archs} if a.archs else {}))
     elif a.name == "data-size":
         kw.update(sizes=a.sizes, **({"arch": a.archs[0]} if a.archs else {}))
     else:

@@ -72,6 +72,8 @@ def session_outputs(session) -> list[str]:
 class EdgePredictor:
     """Judge images with an exported ONNX file alone (no torch, no model directory)."""
 
+    standard_preprocess = True   # preprocess() is data.preprocess with the card's settings (inspect relies on it)
+
     def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None, spin: bool = True):
         self.path = Path(onnx_path)
         self.session = make_session(self.path, threads, spin)

@@ -68,6 +68,8 @@ def onnx_mismatch(meta: dict[str, str], sha: str) -> str | None:
 class Predictor:
     """Loads a model directory once; thread-safe single and batched prediction."""
 
+    standard_preprocess = True   # preprocess() is data.preprocess with the card's settings (inspect relies on it)
+
     def __init__(self, model_dir: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  backend: str = "auto", onnx_path: str | os.PathLike | None = None, fp16: bool | None = None):
         if backend not in BACKENDS:

@@ -3,7 +3,8 @@
 Every judged file gets one row in ``LOG_DIR/log.jsonl`` (the source of truth, exact file names) and
 ``LOG_DIR/log.csv`` (the same rows for spreadsheets), appended with one ``write`` per row, plus an
 annotated overlay (photo, Grad-CAM heat-map, caption strip) for bad parts and, on request, good ones.
-Decoding runs in a thread pool ahead of inference; verdicts are computed in batches and the heat-map
+Decoding runs in a pool ahead of inference (processes with libspng where it is installed, else
+threads with Pillow, which releases the GIL); verdicts are computed in batches and the heat-map
 only where an overlay is written. On start, the log is checked: a torn last row (a crash mid-write)
 is cut off, kept in ``torn_rows.txt`` and reported; files already in the log are not judged again.
 
@@ -33,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -388,6 +389,62 @@ def _reason(exc: Exception) -> str:
     return " ".join(text.split())[:300]
 
 
+DECODE_MODES = ("auto", "threads", "processes")
+
+
+@dataclass(frozen=True)
+class _Prep:
+    """The card's preprocessing settings, picklable: decode processes get this instead of the predictor."""
+
+    color: str
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def load(self, src, fast_png: bool = True) -> np.ndarray:
+        return D.load_image(src, self.color, fast_png=fast_png)
+
+    def preprocess(self, img: np.ndarray) -> np.ndarray:
+        return D.preprocess(D.as_color(img, self.color), self.img_size, self.color, self.mean, self.std)
+
+
+def _prep_of(predictor) -> _Prep | None:
+    """The predictor's preprocessing as a ``_Prep``; None for a predictor with its own (it stays in threads)."""
+    if not getattr(predictor, "standard_preprocess", False):
+        return None
+    c = predictor.card
+    get = c.get if isinstance(c, dict) else (lambda k: getattr(c, k))
+    return _Prep(str(get("color")), int(get("img_size")), tuple(get("mean")), tuple(get("std")))
+
+
+def _worker_init(parent: int) -> None:
+    """Decode processes leave Ctrl-C to the main process, which stops them in order, and end with it.
+
+    A main process killed outright (SIGKILL, OOM) cannot stop them: a watchdog thread ends a worker
+    whose parent has gone, so that no orphan keeps decoding or holds the caller's pipes open.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="inspect-orphan-watch", daemon=True).start()
+
+
+def _choose_decode(mode: str, prep: _Prep | None) -> str:
+    if mode not in DECODE_MODES:
+        raise DefectclsError(f"decode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
+    if mode == "processes" and prep is None:
+        raise DefectclsError("decode processes need a model directory or exported .onnx predictor")
+    if mode != "auto":
+        return mode
+    # libspng holds the GIL, so it pays only in processes; without it Pillow threads are as fast and start at once
+    multi = (os.cpu_count() or 1) > 1
+    return "processes" if prep is not None and multi and D._spng is not None else "threads"
+
+
 def _decode(item: _Item, predictor, keep_bytes: bool, fast_png: bool = False) -> _Decoded:
     t0 = time.perf_counter()
     out = _Decoded(item, item.size, item.mtime_ns)
@@ -495,6 +552,16 @@ def _stop_on_signals(event: threading.Event, enabled: bool) -> Iterator[None]:
             signal.signal(s, h)
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process plus its finished children (decode processes count once joined)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return time.process_time()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+
 def _median(xs: list[float]) -> float | None:
     return round(float(np.median(xs)), 3) if xs else None
 
@@ -505,13 +572,15 @@ def inspect_folder(model_dir: str | os.PathLike | None, input: str, log_dir: str
                    progress: bool = True, stop_event: threading.Event | None = None, handle_signals: bool = False,
                    cam_method: str = "gradcam", overlay_size: int = OVERLAY_SIDE, device: str = "auto",
                    backend: str = "auto", threads: int | None = None, predictor=None,
-                   on_row: Callable[[dict], None] | None = None) -> dict:
+                   on_row: Callable[[dict], None] | None = None, decode: str = "auto") -> dict:
     """Judge every image under INPUT (a folder or a glob) and log it in LOG_DIR; returns a summary.
 
     In batch mode the files present at start are judged (a file that fails while it is still being
     written is retried until it holds still for SETTLE_S). With WATCH, new files keep being judged
     until STOP_EVENT is set (or SIGINT/SIGTERM with HANDLE_SIGNALS). Files already in the log are skipped.
     MODEL_DIR may also be an exported ``.onnx`` file: then only onnxruntime is used (see docs/factory.md).
+    DECODE: ``processes`` (libspng, no GIL), ``threads`` (Pillow) or ``auto`` (processes where libspng is
+    installed and there is more than one CPU); WORKERS: how many (default: one per CPU for processes).
     """
     if overlay_format not in ("jpeg", "png"):
         raise DefectclsError(f"overlay format must be 'jpeg' or 'png', got {overlay_format!r}")
@@ -545,7 +614,7 @@ def inspect_folder(model_dir: str | os.PathLike | None, input: str, log_dir: str
         queue = _load_review_queue() if to_review else None
         return _Run(predictor, spec, log_path, save_good, overlay_format, queue, review_band, batch_size,
                     workers, watch, poll_s, settle_s, progress, stop_event or threading.Event(), handle_signals,
-                    cam_method, overlay_size, on_row).run()
+                    cam_method, overlay_size, on_row, decode).run()
     finally:
         lock.release()
 
@@ -580,11 +649,13 @@ class _Run:
     """One inspect run: a scanner feeds a decode pool; the main thread batches verdicts and writes rows."""
 
     def __init__(self, predictor, spec, log_path, save_good, overlay_format, queue, band, batch_size, workers, watch,
-                 poll_s, settle_s, progress, stop, handle_signals, cam_method, overlay_size, on_row):
+                 poll_s, settle_s, progress, stop, handle_signals, cam_method, overlay_size, on_row, decode="auto"):
         self.p, self.spec, self.dir = predictor, spec, log_path
         self.save_good, self.fmt, self.queue, self.band = save_good, overlay_format, queue, band
         self.batch_size, self.watch, self.poll_s, self.stop = batch_size, watch, poll_s, stop
-        self.workers = workers or default_threads()[1]
+        self.prep = _prep_of(predictor)
+        self.decode = _choose_decode(decode, self.prep)
+        self.workers = workers or (os.cpu_count() or 1 if self.decode == "processes" else default_threads()[1])
         self.progress, self.handle_signals, self.cam_method = progress, handle_signals, cam_method
         self.overlay_size, self.on_row = overlay_size, on_row
         self.log = InspectionLog(log_path)
@@ -760,6 +831,19 @@ class _Run:
 
     # -- main loop
 
+    def _pool(self) -> Executor:
+        """The decode pool; processes are started (and waited for) here, before the clock of the first file."""
+        if self.decode == "threads":
+            return ThreadPoolExecutor(self.workers, thread_name_prefix="inspect-decode")
+        import multiprocessing as mp
+
+        # spawn: never fork a process that runs PyTorch's thread pools; the workers import only numpy and Pillow
+        pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                   initargs=(os.getpid(),))
+        for fut in [pool.submit(os.getpid) for _ in range(self.workers)]:
+            fut.result()
+        return pool
+
     def run(self) -> dict:
         rec = self.log.recovery
         for msg in rec.messages():
@@ -767,22 +851,24 @@ class _Run:
         self.log.event({"event": "start", "run": self.run_id, "pid": os.getpid(), "time": _now_iso(),
                         "input": self.spec, "model_id": self.p.model_id, "watch": self.watch,
                         "recovered": rec.to_dict()})
-        t_start, cpu_start = time.perf_counter(), time.process_time()
+        t_start, cpu_start = time.perf_counter(), _cpu_s()
         t_first = t_last = None
         stopped = "done"
         bar = None
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="inspect-decode")
+        pool = self._pool()
         pending: deque[Future] = deque()
         backlog: deque[_Item] = deque()
         depth = 2 * self.batch_size + self.workers
         keep_bytes = self.queue is not None
-        # libspng holds the GIL: with decode threads Pillow (which releases it) gets more done (docs/factory.md)
-        fast_png = D.PNG_DECODER == "libspng"
+        if self.decode == "processes":
+            decoder, fast_png = self.prep, True
+        else:   # libspng holds the GIL: in threads Pillow (which releases it) gets more done (docs/factory.md)
+            decoder, fast_png = self.p, D.PNG_DECODER == "libspng"
 
         def refill() -> None:
             nonlocal t_first
             while backlog and len(pending) < depth:
-                pending.append(pool.submit(_decode, backlog.popleft(), self.p, keep_bytes, fast_png))
+                pending.append(pool.submit(_decode, backlog.popleft(), decoder, keep_bytes, fast_png))
                 t_first = t_first or time.perf_counter()
 
         try:
@@ -831,7 +917,7 @@ class _Run:
             if bar is not None:
                 bar.close()
         busy = (t_last - t_first) if (t_first and t_last) else 0.0
-        summary = self._summary(time.perf_counter() - t_start, busy, time.process_time() - cpu_start, stopped)
+        summary = self._summary(time.perf_counter() - t_start, busy, _cpu_s() - cpu_start, stopped)
         self.log.event({"event": "end", "run": self.run_id, "time": _now_iso(), "summary": summary})
         self.log.close()
         return summary
@@ -851,7 +937,7 @@ class _Run:
             "elapsed_s": round(elapsed, 3), "images_per_s": round(total / busy, 2) if busy > 0 else None,
             "cpu_ms_per_image": round(cpu * 1e3 / total, 2) if total else None, "cpus": os.cpu_count(),
             "median_ms": {k: _median(list(v)) for k, v in self.t.items()},
-            "batch_size": self.batch_size, "workers": self.workers,
+            "batch_size": self.batch_size, "workers": self.workers, "decode": self.decode,
             "slowest": [{"file": f, "seq": s, "duration_ms": ms} for ms, s, f in slow],
             "error_rows": self.error_rows, "recovered": self.log.recovery.to_dict(),
         }
@@ -865,7 +951,7 @@ def format_summary(s: dict) -> str:
         ips += f", {s['cpu_ms_per_image']:.0f} CPU-ms per image"
     lines = [f"{s['mode']} run on {s['input']} with {s['model_id']} ({s['stopped']}): {s['rows']} row(s) in {s['log_dir']}",
              f"  good {s['good']}  bad {s['bad']}  errors {s['errors']}  bad rate {rate}  {ips}"
-             f"  ({s['elapsed_s']:.1f} s, batch {s['batch_size']}, {s['workers']} decode threads)"]
+             f"  ({s['elapsed_s']:.1f} s, batch {s['batch_size']}, {s['workers']} decode {s['decode']})"]
     m = s["median_ms"]
     lines.append("  median ms per image: " + "  ".join(f"{k} {v:.1f}" for k, v in m.items() if v is not None))
     if s["rows_before"] or s["skipped_same_content"]:

@@ -177,8 +177,9 @@ def test_watch_judges_files_once_complete_and_never_early(pred, model, tiny_data
 
     monkeypatch.setattr(I, "_decode", spy)
     stop, rows, result = threading.Event(), [], {}
+    # decode threads: the spy must run in this process (the CLI test below watches with decode processes)
     th = threading.Thread(target=lambda: result.update(_run(pred, inp, log, watch=True, poll_s=0.05, settle_s=3.0,
-                                                            stop_event=stop, on_row=rows.append)))
+                                                            stop_event=stop, on_row=rows.append, decode="threads")))
     th.start()
     try:
         slow = srcs[:3]
@@ -386,3 +387,40 @@ def test_edge_route_onnx_file_alone_without_torch(pred, model, tiny_data, tmp_pa
     for src, p in zip(srcs, expected, strict=True):
         row = rows[src.name]
         assert abs(row["prob_bad"] - p) < 1e-4 and (log / row["overlay"]).is_file()
+
+
+def test_decode_processes_judge_and_refuse_exactly_as_threads(pred, tiny_data, tmp_path):
+    """Process decoding (libspng where installed) gives the same rows as thread decoding (Pillow)."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for f in _images(tiny_data, 3, 3):
+        shutil.copy(f, inp / f.name)
+    for name, data in invalid_files().items():
+        (inp / name).write_bytes(data)
+    got = {}
+    for mode in ("threads", "processes"):
+        s = _run(pred, inp, tmp_path / mode, settle_s=0.5, decode=mode, workers=2)
+        assert s["decode"] == mode and s["workers"] == 2
+        got[mode] = {r["file"]: r for r in _rows(tmp_path / mode)}
+    assert set(got["threads"]) == set(got["processes"]) and len(got["threads"]) == 6 + len(invalid_files())
+    for f, a in got["threads"].items():
+        b = got["processes"][f]
+        assert (a["verdict"], a["error"], a["sha256"]) == (b["verdict"], b["error"], b["sha256"]), f
+        if a["prob_bad"] is not None:
+            assert abs(a["prob_bad"] - b["prob_bad"]) < 1e-5
+    assert sum(r["verdict"] == "error" for r in got["processes"].values()) == len(invalid_files())
+
+
+def test_decode_mode_choice(pred, monkeypatch):
+    from defectcls import data as D
+
+    prep = I._prep_of(pred)
+    assert prep == I._Prep(pred.card.color, pred.card.img_size, tuple(pred.card.mean), tuple(pred.card.std))
+    assert I._prep_of(object()) is None                    # a predictor with its own preprocessing
+    assert I._choose_decode("threads", prep) == "threads"
+    monkeypatch.setattr(D, "_spng", None)                  # no libspng: processes would buy nothing
+    assert I._choose_decode("auto", prep) == "threads"
+    with pytest.raises(DefectclsError, match="decode processes need"):
+        I._choose_decode("processes", None)
+    with pytest.raises(DefectclsError, match="decode must be one of"):
+        I._choose_decode("fast", prep)
