@@ -330,8 +330,13 @@ def mask_at(mask_path: str | os.PathLike, size: int, dilate: float) -> np.ndarra
 def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs: Sequence[str] = CAM_ARCHS,
                          methods: Sequence[str] | None = None, epochs: int | None = None, img_size: int | None = None,
                          seed: int = 0, dilate: float = 0.03, split: str = "auto", n_show: int = 3,
-                         progress: bool = False, reuse: bool = False, command: str | None = None) -> dict:
-    """Pointing game on bad parts with defect masks (DATA/masks/<name>, from ``defectcls synth --masks``)."""
+                         progress: bool = False, reuse: bool = False, command: str | None = None,
+                         models: Sequence[str | os.PathLike] | None = None) -> dict:
+    """Pointing game on bad parts with defect masks (DATA/masks/<name>, from ``defectcls synth --masks``).
+
+    MODELS: trained model directories to score instead of training one per arch (e.g. the shipped
+    model on freshly generated parts); each is named by its card's arch.
+    """
     from PIL import Image
 
     from .explain import CAM_METHODS, explain, overlay
@@ -348,11 +353,18 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
     mask_dir = Path(data) / "masks"
     if not mask_dir.is_dir():
         raise DefectclsError(f"{data} has no masks/ folder: make the data with `defectcls synth --masks`")
+    given = [Path(m) for m in models or []]
+    for m in given:
+        if not (m / "card.json").is_file():
+            raise DefectclsError(f"--models: {m} is not a model directory (no card.json)")
     out, t0 = _start(data, out)
     rows, shown = [], []
-    for arch in archs:
-        mdir = out / "models" / arch
-        train_model(data, mdir, seed=seed, epochs=epochs, img_size=img_size, progress=progress, reuse=reuse, arch=arch)
+    todo = [(json.loads((m / "card.json").read_text())["arch"], m) for m in given] if given else \
+        [(arch, out / "models" / arch) for arch in archs]
+    for arch, mdir in todo:
+        if not given:
+            train_model(data, mdir, seed=seed, epochs=epochs, img_size=img_size, progress=progress, reuse=reuse,
+                        arch=arch)
         pred = Predictor(mdir, backend="torch")
         size = pred.card.img_size
         chosen, used = select_split(mdir, data, D.scan_folder(data), split)
@@ -379,7 +391,7 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
                                   "overlay": overlay(ex.image, ex.cam, size=max(size, SHOW_SIZE)), "name": Path(s.path).name})
         for method in methods:
             st = stats[method]
-            rows.append({"arch": arch, "method": method, "split": used, "n": len(bad), "hits": st["hits"],
+            rows.append({"arch": arch, "model": str(mdir), "method": method, "split": used, "n": len(bad), "hits": st["hits"],
                          "rate": st["hits"] / len(bad), "detected": st["detected"],
                          "rate_detected": st["hits_detected"] / st["detected"] if st["detected"] else None,
                          "chance": float(np.mean(chance))})
@@ -409,7 +421,11 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
     plt.close(fig)
     res = {"experiment": "cam-localization", "data": str(data), "seed": seed, "dilate": dilate, "methods": methods,
            **_recipe(epochs, img_size), "rows": rows, "machine": machine_info(), "seconds": time.perf_counter() - t0}
-    body = [f"{res['epochs']} epochs, {res['img_size']} px, seed {seed}. Bad parts of each model's {rows[0]['split']} "
+    if given:
+        res.update(epochs=None, img_size=None, models=[str(m) for m in given])
+    trained = (f"{res['epochs']} epochs, {res['img_size']} px, seed {seed}." if not given else
+               "Given models: " + ", ".join(f"`{m}`" for m in given) + ".")
+    body = [f"{trained} Bad parts of each model's {rows[0]['split']} "
             f"part with a defect mask; a hit is a heat-map maximum (at the model's input size) inside the mask dilated "
             f"by {dilate:.0%} of the side. 'chance' is the mean dilated mask area (a random point's hit rate); "
             "'among detected' counts only parts the model called bad.", "",

@@ -65,6 +65,17 @@ def test_cam_localization_pointing_game(masked_data, tmp_path):
         X.run_cam_localization(masked_data / "good", tmp_path / "x", archs=ARCHS[:1], **FAST)
 
 
+def test_cam_localization_scores_given_models_without_training(masked_data, tiny_model, tmp_path):
+    res = X.run_cam_localization(masked_data, tmp_path, models=[tiny_model], methods=["gradcam"])
+    n_bad = len(list((masked_data / "bad").glob("*.png")))
+    assert [(r["arch"], r["method"], r["split"], r["n"]) for r in res["rows"]] == \
+        [("mobilenet_v3_large", "gradcam", "all", n_bad)]       # not its training data: every bad part
+    assert res["models"] == [str(tiny_model)] and not (tmp_path / "models").exists()
+    assert str(tiny_model) in (tmp_path / "report.md").read_text()
+    with pytest.raises(DefectclsError, match="not a model directory"):
+        X.run_cam_localization(masked_data, tmp_path / "y", models=[tmp_path])
+
+
 def test_pointing_hit_and_dilated_mask(tmp_path):
     from PIL import Image
 
