@@ -166,6 +166,37 @@ def _run_evaluate(a) -> int:
     return 0
 
 
+def _add_calibrate(sub) -> None:
+    p = _cmd(sub, "calibrate", "choose a model's threshold anew for a target FNR on its own validation part "
+                               "(no retraining)",
+             "defectcls calibrate --model runs/my_model --target-fnr 0.01")
+    p.add_argument("--model", required=True, help="model directory with its split.json")
+    p.add_argument("--target-fnr", type=float, required=True, help="missed-defect rate to guarantee, e.g. 0 or 0.01")
+    p.add_argument("--threshold-method", choices=["conformal", "empirical"], default="conformal")
+    p.add_argument("--data", default=None, help="the training folder, if it moved since training")
+    p.add_argument("--dry-run", action="store_true", help="print the new threshold and metrics, change nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_calibrate)
+
+
+def _run_calibrate(a) -> int:
+    from .scoring import recalibrate
+
+    res = recalibrate(a.model, a.target_fnr, a.threshold_method, data_root=a.data, write=not a.dry_run)
+    pol, old = res["threshold_policy"], res["before"]
+    lines = [f"{a.model}: threshold {old['threshold']:.6g} -> {res['threshold']:.6g} "
+             f"({pol['method']}, target FNR {pol['target_fnr']}, guaranteed {pol['guaranteed_fnr']}, "
+             f"{pol['n_bad_val']} bad parts in validation)" + ("" if res["written"] else "  [dry run: not written]")]
+    for name, m in res["metrics"].items():
+        was = old["metrics"].get(name, {})
+        lines.append(f"  {name}: FNR {was.get('fnr', float('nan')):.4f} -> {m['fnr']:.4f}   "
+                     f"FPR {was.get('fpr', float('nan')):.4f} -> {m['fpr']:.4f}   (n={m['n']})")
+    if res["stale_exports"] and res["written"]:
+        lines.append(f"  exported {', '.join(res['stale_exports'])} still carry the old threshold: export again")
+    _emit(res, a.json, "\n".join(lines))
+    return 0
+
+
 # ---------------------------------------------------------------- predict
 
 def _add_predict(sub) -> None:
@@ -470,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_Fmt)
     p.add_argument("--version", action="version", version=f"defectcls {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_train, _add_evaluate, _add_predict, _add_inspect, _add_review, _add_bench,
+    for add in (_add_synth, _add_train, _add_evaluate, _add_calibrate, _add_predict, _add_inspect, _add_review, _add_bench,
                 _add_export, _add_experiment):
         add(sub)
     return p

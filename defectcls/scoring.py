@@ -48,3 +48,58 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
     return {"metrics": compute_metrics(y, p, thr), "y_true": y.tolist(), "prob_bad": p.tolist(),
             "paths": [samples[i].path for i in ok], "model_id": pred.model_id, "split": used,
             "skipped": [{"path": path, "error": err} for path, err in failed]}
+
+
+def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "conformal",
+                data_root: str | os.PathLike | None = None, write: bool = True) -> dict:
+    """Choose MODEL_DIR's threshold anew for TARGET_FNR on its own validation part, without retraining.
+
+    The validation and test parts come from the model's split.json (DATA_ROOT: where its training
+    folder is now, default the path it was trained from; the folder must hold the same files).
+    The card's temperature is kept; threshold, policy and val/test metrics are replaced, atomically.
+    """
+    from .evaluate import choose_threshold
+    from .models import CARD_FILE, read_card
+
+    if not 0.0 <= target_fnr < 1.0:
+        raise DefectclsError(f"target FNR must be in [0, 1), got {target_fnr}")
+    if method not in ("conformal", "empirical"):
+        raise DefectclsError(f"threshold method must be conformal or empirical, got {method!r}")
+    model_dir = Path(model_dir)
+    split_path = model_dir / SPLIT_FILE
+    if not split_path.is_file():
+        raise DefectclsError(f"{model_dir} has no {SPLIT_FILE}: its validation part is unknown, so retrain with "
+                             "--target-fnr instead")
+    saved = json.loads(split_path.read_text())
+    if not saved.get("val"):
+        raise DefectclsError(f"{model_dir} has no validation part (a --folds ensemble): retrain with --target-fnr")
+    root = Path(data_root or saved["data_root"])
+    if not root.is_dir():
+        raise DefectclsError(f"training folder {root} not found: pass --data with where it is now")
+    if D.fingerprint(D.scan_folder(root)) != saved.get("data_fingerprint"):
+        raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
+    pred = Predictor(model_dir, backend="torch")
+    metrics, parts = {}, {}
+    for name in ("val", "test"):
+        samples = [D.Sample(str(root / rel), int(lab)) for rel, lab in saved.get(name) or []]
+        if not samples:
+            continue
+        images, ok, failed = D.decode_all(samples, pred.card.img_size, pred.card.color, use_disk_cache=False)
+        if failed:
+            raise DefectclsError(f"{len(failed)} {name} image(s) unreadable now, e.g. {failed[0][0]}: {failed[0][1]}")
+        parts[name] = (np.array([samples[i].label for i in ok]), pred.probs_cached(images))
+    y_val, p_val = parts["val"]
+    policy = choose_threshold(y_val, p_val, target_fnr, method)
+    thr = policy["threshold"]
+    for name, (y, p) in parts.items():
+        metrics[name] = compute_metrics(y, p, thr)
+    card = read_card(model_dir)
+    before = {"threshold": card.threshold, "threshold_policy": card.threshold_policy, "metrics": card.metrics}
+    if write:
+        card.threshold, card.threshold_policy, card.metrics = thr, policy, metrics
+        tmp = model_dir / f".{CARD_FILE}.tmp"
+        tmp.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, model_dir / CARD_FILE)
+    stale = sorted(p.name for p in model_dir.glob("*.onnx"))
+    return {"model": str(model_dir), "written": write, "threshold": thr, "threshold_policy": policy,
+            "metrics": metrics, "before": before, "stale_exports": stale}

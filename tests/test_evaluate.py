@@ -78,3 +78,42 @@ def test_report_files(tmp_path):
     files = E.write_report(tmp_path, y, p, m, "t")
     assert {f.split("/")[-1] for f in files} == {"roc.png", "confusion.png", "reliability.png", "metrics.json"}
     assert all((tmp_path / f.split("/")[-1]).stat().st_size > 1000 for f in files if f.endswith(".png"))
+
+
+def test_calibrate_sets_a_new_threshold_from_the_model_own_validation_part(tiny_model, tiny_data, tmp_path, capsys):
+    import json
+    import shutil
+
+    from defectcls.cli import main
+    from defectcls.errors import DefectclsError
+    from defectcls.scoring import evaluate_model, recalibrate
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model, m)
+    card0 = json.loads((m / "card.json").read_text())
+    dry = recalibrate(m, 0.5, data_root=tiny_data, write=False)
+    assert json.loads((m / "card.json").read_text()) == card0                   # a dry run changes nothing
+
+    assert main(["calibrate", "--model", str(m), "--target-fnr", "0.5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    card = json.loads((m / "card.json").read_text())
+    assert res["threshold"] == dry["threshold"] == card["threshold"] and card["threshold_policy"]["target_fnr"] == 0.5
+    assert res["before"]["threshold"] == card0["threshold"] and card["temperature"] == card0["temperature"]
+    for part in ("val", "test"):                                                # metrics = scoring that part anew
+        fresh = evaluate_model(m, tiny_data, split=part)["metrics"]
+        assert {k: card["metrics"][part][k] for k in ("fn", "fp", "tn", "tp")} == {k: fresh[k] for k in ("fn", "fp", "tn", "tp")}
+    bad_val = sorted(p for y, p in zip(*[evaluate_model(m, tiny_data, split="val")[k] for k in ("y_true", "prob_bad")],
+                                       strict=True) if y == 1)
+    k = int(0.5 * (len(bad_val) + 1))                                            # conformal: the k-th lowest bad score
+    assert card["threshold"] == pytest.approx(bad_val[k - 1], rel=1e-6)
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    sorted((other / "bad").glob("*.png"))[0].unlink()                           # not the folder it was trained on
+    with pytest.raises(DefectclsError, match="does not hold the files"):
+        recalibrate(m, 0.1, data_root=other)
+    with pytest.raises(DefectclsError, match="target FNR"):
+        recalibrate(m, 1.5)
+    (m / "split.json").unlink()
+    with pytest.raises(DefectclsError, match="no split.json"):
+        recalibrate(m, 0.1)
