@@ -425,8 +425,9 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
         res.update(epochs=None, img_size=None, models=[str(m) for m in given])
     trained = (f"{res['epochs']} epochs, {res['img_size']} px, seed {seed}." if not given else
                "Given models: " + ", ".join(f"`{m}`" for m in given) + ".")
-    body = [f"{trained} Bad parts of each model's {rows[0]['split']} "
-            f"part with a defect mask; a hit is a heat-map maximum (at the model's input size) inside the mask dilated "
+    which = "Every bad part of DATA" if rows[0]["split"] == "all" else f"Bad parts of each model's {rows[0]['split']} part"
+    body = [f"{trained} {which} "
+            f"with a defect mask; a hit is a heat-map maximum (at the model's input size) inside the mask dilated "
             f"by {dilate:.0%} of the side. 'chance' is the mean dilated mask area (a random point's hit rate); "
             "'among detected' counts only parts the model called bad.", "",
             md_table(["arch", "method", "bad parts", "hits", "pointing rate", "among detected", "detected", "chance"],
