@@ -14,9 +14,14 @@ DEFAULT_MODEL_NAME = "mobilenet_v3_large_gray"
 
 
 def default_model_dir() -> str:
+    """The shipped model: under DEFECTCLS_MODELS_DIR (default ./models), else in this checkout's models/."""
     from .config import models_dir
 
-    return str(Path(models_dir()) / DEFAULT_MODEL_NAME)
+    here = Path(models_dir()) / DEFAULT_MODEL_NAME
+    shipped = Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODEL_NAME
+    if not here.is_dir() and not os.environ.get("DEFECTCLS_MODELS_DIR") and shipped.is_dir():
+        return str(shipped)     # run from another folder: the checkout's own shipped model
+    return str(here)
 
 
 def _emit(obj, as_json: bool, text: str | None = None) -> None:

@@ -104,3 +104,15 @@ def test_evaluate_recognises_its_training_folder_after_a_move(tmp_path, tiny_mod
     r = run_cli("evaluate", "--model", str(tiny_model), "--data", str(moved), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["split"] == "test"
+
+
+def test_default_model_is_found_from_any_folder(tmp_path, monkeypatch, default_model_dir):
+    from defectcls.cli import default_model_dir as resolve
+
+    monkeypatch.delenv("DEFECTCLS_MODELS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)                                    # no ./models here: the checkout's own
+    assert Path(resolve()).resolve() == default_model_dir.resolve()
+    (tmp_path / "models" / default_model_dir.name).mkdir(parents=True)
+    assert Path(resolve()).resolve() == (tmp_path / "models" / default_model_dir.name).resolve()   # ./models first
+    monkeypatch.setenv("DEFECTCLS_MODELS_DIR", str(tmp_path / "elsewhere"))
+    assert resolve() == str(tmp_path / "elsewhere" / default_model_dir.name)                  # the setting wins
