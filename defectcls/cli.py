@@ -398,6 +398,7 @@ def _add_export(sub) -> None:
     p.add_argument("--out", help="output folder; None means the model directory")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--n-check", type=int, default=200, help="synthetic parts in the parity check")
+    p.add_argument("--n-calib", type=int, default=256, help="synthetic parts that calibrate the int8 ranges")
     p.add_argument("--json", action="store_true", help="the export report as one JSON object")
     p.set_defaults(func=_run_export)
 
@@ -405,9 +406,10 @@ def _add_export(sub) -> None:
 def _run_export(a) -> int:
     from .export import export_onnx
 
-    if a.n_check < 1:
-        raise DefectclsError("--n-check must be >= 1")
-    rep = export_onnx(a.model or default_model_dir(), out=a.out, int8=a.int8, opset=a.opset, n_check=a.n_check)
+    if a.n_check < 1 or a.n_calib < 1:
+        raise DefectclsError("--n-check and --n-calib must be >= 1")
+    rep = export_onnx(a.model or default_model_dir(), out=a.out, int8=a.int8, opset=a.opset, n_check=a.n_check,
+                      n_calib=a.n_calib)
     lines = [f"exported {rep['model_id']} ({rep['arch']}, outputs {', '.join(rep['outputs'])}) in {rep['seconds']} s"]
     for kind, f in rep["files"].items():
         lines.append(f"  {kind}: {f['path']} ({f['size_mb']:.1f} MB)")
