@@ -655,7 +655,7 @@ class _Run:
         self.batch_size, self.watch, self.poll_s, self.stop = batch_size, watch, poll_s, stop
         self.prep = _prep_of(predictor)
         self.decode = _choose_decode(decode, self.prep)
-        self.workers = workers or (os.cpu_count() or 1 if self.decode == "processes" else default_threads()[1])
+        self.workers = workers or ((os.cpu_count() or 1) if self.decode == "processes" else default_threads()[1])
         self.progress, self.handle_signals, self.cam_method = progress, handle_signals, cam_method
         self.overlay_size, self.on_row = overlay_size, on_row
         self.log = InspectionLog(log_path)
