@@ -572,15 +572,18 @@ def inspect_folder(model_dir: str | os.PathLike | None, input: str, log_dir: str
                    progress: bool = True, stop_event: threading.Event | None = None, handle_signals: bool = False,
                    cam_method: str = "gradcam", overlay_size: int = OVERLAY_SIDE, device: str = "auto",
                    backend: str = "auto", threads: int | None = None, predictor=None,
-                   on_row: Callable[[dict], None] | None = None, decode: str = "auto") -> dict:
+                   on_row: Callable[[dict], None] | None = None, decode: str = "threads") -> dict:
     """Judge every image under INPUT (a folder or a glob) and log it in LOG_DIR; returns a summary.
 
     In batch mode the files present at start are judged (a file that fails while it is still being
     written is retried until it holds still for SETTLE_S). With WATCH, new files keep being judged
     until STOP_EVENT is set (or SIGINT/SIGTERM with HANDLE_SIGNALS). Files already in the log are skipped.
     MODEL_DIR may also be an exported ``.onnx`` file: then only onnxruntime is used (see docs/factory.md).
-    DECODE: ``processes`` (libspng, no GIL), ``threads`` (Pillow) or ``auto`` (processes where libspng is
-    installed and there is more than one CPU); WORKERS: how many (default: one per CPU for processes).
+    DECODE: ``threads`` (Pillow; the default here), ``processes`` (libspng, no GIL; ~14% more images/s,
+    docs/factory.md) or ``auto`` (processes where libspng is installed and there is more than one CPU;
+    the command line's default). Decode processes are spawned, which imports the caller's main script
+    again: call this under ``if __name__ == "__main__":`` then. With ``auto`` a pool that cannot
+    start falls back to threads. WORKERS: how many (default: one per CPU for processes).
     """
     if overlay_format not in ("jpeg", "png"):
         raise DefectclsError(f"overlay format must be 'jpeg' or 'png', got {overlay_format!r}")
@@ -654,6 +657,7 @@ class _Run:
         self.save_good, self.fmt, self.queue, self.band = save_good, overlay_format, queue, band
         self.batch_size, self.watch, self.poll_s, self.stop = batch_size, watch, poll_s, stop
         self.prep = _prep_of(predictor)
+        self.decode_asked, self.workers_asked = decode, workers
         self.decode = _choose_decode(decode, self.prep)
         self.workers = workers or ((os.cpu_count() or 1) if self.decode == "processes" else default_threads()[1])
         self.progress, self.handle_signals, self.cam_method = progress, handle_signals, cam_method
@@ -840,9 +844,20 @@ class _Run:
         # spawn: never fork a process that runs PyTorch's thread pools; the workers import only numpy and Pillow
         pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                    initargs=(os.getpid(),))
-        for fut in [pool.submit(os.getpid) for _ in range(self.workers)]:
-            fut.result()
-        return pool
+        try:
+            for fut in [pool.submit(os.getpid) for _ in range(self.workers)]:
+                fut.result(timeout=120)
+            return pool
+        except Exception as exc:  # noqa: BLE001 - e.g. a main script that spawn cannot import again
+            pool.shutdown(wait=False, cancel_futures=True)
+            why = f"{type(exc).__name__}: {_reason(exc)}" if str(exc) else type(exc).__name__
+            if self.decode_asked == "processes":
+                raise DefectclsError(f"decode processes could not start ({why}); from a Python script, call "
+                                     "inspect_folder under `if __name__ == \"__main__\":`, or use decode='threads'") from exc
+            print(f"defectcls inspect: decode processes could not start ({why}); decoding in threads",
+                  file=sys.stderr, flush=True)
+            self.decode, self.workers = "threads", self.workers_asked or default_threads()[1]
+            return ThreadPoolExecutor(self.workers, thread_name_prefix="inspect-decode")
 
     def run(self) -> dict:
         rec = self.log.recovery

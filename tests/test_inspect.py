@@ -424,3 +424,35 @@ def test_decode_mode_choice(pred, monkeypatch):
         I._choose_decode("processes", None)
     with pytest.raises(DefectclsError, match="decode must be one of"):
         I._choose_decode("fast", prep)
+
+
+def test_a_decode_pool_that_cannot_start_falls_back_or_says_why(pred, tiny_data, tmp_path, monkeypatch, capsys):
+    """Spawn fails e.g. for a main script it cannot import again: auto decodes in threads, processes says why."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from defectcls import data as D
+
+    class Broken:
+        def __init__(self, *a, **k):
+            pass
+
+        def submit(self, *a, **k):
+            f = Future()
+            f.set_exception(BrokenProcessPool("a process in the pool was terminated abruptly"))
+            return f
+
+        def shutdown(self, *a, **k):
+            pass
+
+    monkeypatch.setattr(I, "ProcessPoolExecutor", Broken)
+    monkeypatch.setattr(D, "_spng", D._spng or object())         # auto would pick processes
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for f in _images(tiny_data, 2, 2):
+        shutil.copy(f, inp / f.name)
+    s = _run(pred, inp, tmp_path / "log", decode="auto")
+    assert s["decode"] == "threads" and s["judged"] == 4
+    assert "decode processes could not start" in capsys.readouterr().err
+    with pytest.raises(DefectclsError, match='if __name__ == "__main__"'):
+        _run(pred, inp, tmp_path / "log2", decode="processes")
