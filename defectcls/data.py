@@ -185,6 +185,36 @@ def preprocess(src: str | os.PathLike | bytes | np.ndarray, img_size: int, color
     return normalize(fit_square(arr, img_size), mean, std)
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """A model card's preprocessing (colour mode, size, mean/std), picklable for decode processes.
+
+    ``Predictor``, ``EdgePredictor`` and ``defectcls inspect``'s decode processes all go through it.
+    """
+
+    color: str
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_card(cls, card) -> Preprocessing:
+        """From a ``ModelCard`` or the card dict an exported ONNX file carries."""
+        get = card.get if isinstance(card, dict) else (lambda k: getattr(card, k))
+        return cls(str(get("color")), int(get("img_size")), tuple(float(v) for v in get("mean")),
+                   tuple(float(v) for v in get("std")))
+
+    def load(self, src: str | os.PathLike | bytes | np.ndarray, fast_png: bool = True) -> np.ndarray:
+        """Decode to uint8 in the model's colour mode (arrays are converted, not copied when possible)."""
+        if isinstance(src, np.ndarray):
+            return as_color(src, self.color)
+        return load_image(src, self.color, fast_png=fast_png)
+
+    def preprocess(self, src: str | os.PathLike | bytes | np.ndarray) -> np.ndarray:
+        """File/bytes/array -> float32 CxHxW; the same function training and export use."""
+        return preprocess(self.load(src), self.img_size, self.color, self.mean, self.std)
+
+
 def as_color(arr: np.ndarray, color: str) -> np.ndarray:
     """Bring an already decoded uint8 array to the colour mode a model wants."""
     if arr.dtype != np.uint8:

@@ -72,8 +72,6 @@ def session_outputs(session) -> list[str]:
 class EdgePredictor:
     """Judge images with an exported ONNX file alone (no torch, no model directory)."""
 
-    standard_preprocess = True   # preprocess() is data.preprocess with the card's settings (inspect relies on it)
-
     def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None, spin: bool = True):
         self.path = Path(onnx_path)
         self.session = make_session(self.path, threads, spin)
@@ -81,20 +79,18 @@ class EdgePredictor:
         if "card" not in meta:
             raise ModelLoadError(f"{self.path}: no defectcls model card in its metadata (export it with `defectcls export`)")
         self.card: dict = json.loads(meta["card"])
+        self.prep = D.Preprocessing.from_card(self.card)
         self.model_id: str = meta.get("model_id", self.card.get("name", self.path.stem))
         self.threshold = float(self.card["threshold"])
         self.temperature = float(self.card.get("temperature", 1.0))
         self.has_cam = CAM_NAME in session_outputs(self.session)
 
     def load(self, src: ImageSource, fast_png: bool = True) -> np.ndarray:
-        if isinstance(src, np.ndarray):
-            return D.as_color(src, self.card["color"])
-        return D.load_image(src, self.card["color"], fast_png=fast_png)
+        return self.prep.load(src, fast_png)
 
     def preprocess(self, src: ImageSource) -> np.ndarray:
-        """The one preprocessing path (``data.preprocess``) with the card's settings."""
-        c = self.card
-        return D.preprocess(self.load(src), c["img_size"], c["color"], c["mean"], c["std"])
+        """The one preprocessing path (``data.Preprocessing``) with the card's settings."""
+        return self.prep.preprocess(src)
 
     def run(self, x: np.ndarray, cam: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits, raw Grad-CAM maps or None) for a float32 NxCxHxW batch."""

@@ -68,8 +68,6 @@ def onnx_mismatch(meta: dict[str, str], sha: str) -> str | None:
 class Predictor:
     """Loads a model directory once; thread-safe single and batched prediction."""
 
-    standard_preprocess = True   # preprocess() is data.preprocess with the card's settings (inspect relies on it)
-
     def __init__(self, model_dir: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  backend: str = "auto", onnx_path: str | os.PathLike | None = None, fp16: bool | None = None):
         if backend not in BACKENDS:
@@ -78,6 +76,7 @@ class Predictor:
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model directory {model_dir} does not exist")
         self.card: ModelCard = read_card(model_dir)
+        self.prep = D.Preprocessing.from_card(self.card)
         if not (self.model_dir / "model.safetensors").is_file():
             load_model_dir(model_dir)   # raises the precise reason (pickles, missing weights)
         self.weights_sha256 = weights_sha256(model_dir)
@@ -169,14 +168,11 @@ class Predictor:
 
     def load(self, src: ImageSource, fast_png: bool = True) -> np.ndarray:
         """Decode to uint8 in the model's colour mode (arrays are converted, not copied when possible)."""
-        if isinstance(src, np.ndarray):
-            return D.as_color(src, self.card.color)
-        return D.load_image(src, self.card.color, fast_png=fast_png)
+        return self.prep.load(src, fast_png)
 
     def preprocess(self, src: ImageSource) -> np.ndarray:
         """File/bytes/array -> float32 CxHxW; the same function training and export use."""
-        c = self.card
-        return D.preprocess(self.load(src), c.img_size, c.color, c.mean, c.std)
+        return self.prep.preprocess(src)
 
     # ------------------------------------------------------------ model
 

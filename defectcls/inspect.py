@@ -392,29 +392,13 @@ def _reason(exc: Exception) -> str:
 DECODE_MODES = ("auto", "threads", "processes")
 
 
-@dataclass(frozen=True)
-class _Prep:
-    """The card's preprocessing settings, picklable: decode processes get this instead of the predictor."""
-
-    color: str
-    img_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def load(self, src, fast_png: bool = True) -> np.ndarray:
-        return D.load_image(src, self.color, fast_png=fast_png)
-
-    def preprocess(self, img: np.ndarray) -> np.ndarray:
-        return D.preprocess(D.as_color(img, self.color), self.img_size, self.color, self.mean, self.std)
+_Prep = D.Preprocessing   # what decode processes get instead of the predictor (picklable)
 
 
 def _prep_of(predictor) -> _Prep | None:
-    """The predictor's preprocessing as a ``_Prep``; None for a predictor with its own (it stays in threads)."""
-    if not getattr(predictor, "standard_preprocess", False):
-        return None
-    c = predictor.card
-    get = c.get if isinstance(c, dict) else (lambda k: getattr(c, k))
-    return _Prep(str(get("color")), int(get("img_size")), tuple(get("mean")), tuple(get("std")))
+    """The predictor's ``data.Preprocessing``; None for a predictor with its own (it stays in threads)."""
+    prep = getattr(predictor, "prep", None)
+    return prep if isinstance(prep, D.Preprocessing) else None
 
 
 def _worker_init(parent: int) -> None:
