@@ -273,6 +273,13 @@ def read_card(model_dir: str | os.PathLike) -> ModelCard:
     return card
 
 
+def write_card(card: ModelCard, model_dir: str | os.PathLike) -> None:
+    """Write MODEL_DIR/card.json atomically (a reader sees the old card or the new one, never half)."""
+    tmp = Path(model_dir) / f".{CARD_FILE}.tmp"
+    tmp.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, Path(model_dir) / CARD_FILE)
+
+
 def save_model_dir(model: nn.Module, card: ModelCard, out: str | os.PathLike, fp16: bool = False) -> Path:
     """Write weights (safetensors; fp16 storage when asked) and the card atomically into OUT."""
     from safetensors.torch import save_file
@@ -288,7 +295,7 @@ def save_model_dir(model: nn.Module, card: ModelCard, out: str | os.PathLike, fp
             v = v.detach().cpu().contiguous()
             sd[k] = v.half() if fp16 and v.is_floating_point() else v
         save_file(sd, str(tmp / WEIGHTS_FILE))
-        (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_card(card, tmp)
         if out.exists():
             for name in (WEIGHTS_FILE, CARD_FILE):
                 os.replace(tmp / name, out / name)

@@ -59,7 +59,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     The card's temperature is kept; threshold, policy and val/test metrics are replaced, atomically.
     """
     from .evaluate import choose_threshold
-    from .models import CARD_FILE, read_card
+    from .models import read_card, write_card
 
     if not 0.0 <= target_fnr < 1.0:
         raise DefectclsError(f"target FNR must be in [0, 1), got {target_fnr}")
@@ -80,14 +80,12 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
         raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
     pred = Predictor(model_dir, backend="torch")
     metrics, parts = {}, {}
-    for name in ("val", "test"):
-        samples = [D.Sample(str(root / rel), int(lab)) for rel, lab in saved.get(name) or []]
-        if not samples:
-            continue
-        images, ok, failed = D.decode_all(samples, pred.card.img_size, pred.card.color, use_disk_cache=False)
-        if failed:
-            raise DefectclsError(f"{len(failed)} {name} image(s) unreadable now, e.g. {failed[0][0]}: {failed[0][1]}")
-        parts[name] = (np.array([samples[i].label for i in ok]), pred.probs_cached(images))
+    for name in [n for n in ("val", "test") if saved.get(n)]:
+        res = evaluate_model(model_dir, root, split=name, predictor=pred)
+        if res["skipped"]:
+            bad = res["skipped"][0]
+            raise DefectclsError(f"{len(res['skipped'])} {name} image(s) unreadable now, e.g. {bad['path']}: {bad['error']}")
+        parts[name] = (np.array(res["y_true"]), np.array(res["prob_bad"]))
     y_val, p_val = parts["val"]
     policy = choose_threshold(y_val, p_val, target_fnr, method)
     thr = policy["threshold"]
@@ -97,9 +95,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     before = {"threshold": card.threshold, "threshold_policy": card.threshold_policy, "metrics": card.metrics}
     if write:
         card.threshold, card.threshold_policy, card.metrics = thr, policy, metrics
-        tmp = model_dir / f".{CARD_FILE}.tmp"
-        tmp.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, model_dir / CARD_FILE)
+        write_card(card, model_dir)
     stale = sorted(p.name for p in model_dir.glob("*.onnx"))
     return {"model": str(model_dir), "written": write, "threshold": thr, "threshold_policy": policy,
             "metrics": metrics, "before": before, "stale_exports": stale}
