@@ -341,7 +341,7 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
 
     from .explain import CAM_METHODS, explain, overlay
     from .inference import Predictor
-    from .models import arch_spec
+    from .models import arch_spec, read_card
     from .scoring import select_split
 
     methods = list(methods or CAM_METHODS)
@@ -359,7 +359,7 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
             raise DefectclsError(f"--models: {m} is not a model directory (no card.json)")
     out, t0 = _start(data, out)
     rows, shown = [], []
-    todo = [(json.loads((m / "card.json").read_text())["arch"], m) for m in given] if given else \
+    todo = [(read_card(m).arch, m) for m in given] if given else \
         [(arch, out / "models" / arch) for arch in archs]
     for arch, mdir in todo:
         if not given:
