@@ -380,6 +380,9 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
                 inspect_btn.click(inspect, [image, method, model_state], [label, heat, details], api_name="inspect",
                                   preprocess=False, concurrency_limit=2, concurrency_id="model").success(
                     summary, details, verdict_md, api_visibility="private", queue=False)
+                # the written verdict belongs to one photo: a new photo or a new run (which may fail) clears it
+                for trigger in (image.change, inspect_btn.click):
+                    trigger(lambda: "", None, verdict_md, api_visibility="private", queue=False)
 
             with gr.Tab("Models", id="models", elem_id="tab-models") as models_tab:
                 gr.Markdown("Available models (the active one is what **Inspect** uses in this session).")

@@ -72,6 +72,16 @@ def test_three_tabs_in_chromium(browser, tiny_model, tmp_path, monkeypatch):
         assert sha[:12] in page.locator("#verdict-md").inner_text()
         page.screenshot(path=str(shots / "inspect.png"), full_page=True)
 
+        # ---- a broken file: an error, and the previous part's written verdict is gone
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(part.read_bytes()[:200])
+        page.locator("#inspect-image input[type=file]").set_input_files(str(broken))
+        page.locator("#inspect-run").click()
+        page.get_by_text("broken.png: ").first.wait_for()
+        assert page.locator("#verdict-md h2").count() == 0
+        page.locator("#inspect-image input[type=file]").set_input_files(str(part))      # back to the part
+        page.locator("#inspect-image img").first.wait_for()
+
         # ---- Models: the table, the timing-only row, switching the active model
         page.get_by_role("tab", name="Models").click()
         page.locator("#models-table").get_by_text("second_model").first.wait_for()
