@@ -247,7 +247,8 @@ def _run_predict(a) -> int:
                 r = pred.predict(path)
         except ImageLoadError as exc:
             failed += 1
-            _emit({"path": path, "error": str(exc)}, a.json, f"{path}: ERROR {exc}")
+            msg = str(exc)  # names the file already when it comes from a path
+            _emit({"path": path, "error": msg}, a.json, f"ERROR {msg}" if msg.startswith(str(path)) else f"{path}: ERROR {msg}")
             continue
         row = {"path": path, "label": r.label, "prob_bad": round(r.prob_bad, 6), "threshold": r.threshold,
                "latency_ms": r.latency_ms, "model_id": r.model_id}

@@ -73,6 +73,11 @@ def test_predict_whole_corpus_never_crashes(tmp_path, tiny_model):
 
     assert errors == set(invalid_files())
     assert r.returncode == 1 and "could not be judged" in r.stderr
+    # the human line names the file once
+    text = str(corpus["text.png"])
+    r = run_cli("predict", "--model", str(tiny_model), text)
+    line = next(ln for ln in r.stdout.splitlines() if "ERROR" in ln)
+    assert line.count(text) == 1 and "not a recognised image" in line
 
 
 def test_evaluate_json_keys_and_report(tmp_path, tiny_model, tiny_data):
