@@ -78,10 +78,25 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-def photometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tensor:
-    """Random gain, contrast, gamma, blur and sensor noise, per image."""
+def _bad_factor(n: int, cfg: AugConfig, labels: torch.Tensor | None, device) -> torch.Tensor:
+    """Per-image strength factor of the defect-erasing changes: ``bad_degrade`` for bad parts, 1 otherwise."""
+    f = torch.ones(n, device=device)
+    if labels is not None and cfg.bad_degrade != 1.0:
+        f[labels.to(device) == 1] = float(cfg.bad_degrade)
+    return f
+
+
+def photometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Random gain, contrast, gamma, blur and sensor noise, per image.
+
+    With LABELS, blur and noise reach bad parts (label 1) at ``cfg.bad_degrade`` of their
+    strength: a blurred or noisy pin-sized defect is gone, and a part still labelled bad
+    with nothing left to see teaches the network to call clean surfaces bad.
+    """
     n = x.shape[0]
     dev = x.device
+    fac = _bad_factor(n, cfg, labels, dev)
     if cfg.brightness:
         x = x * _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, g, dev).view(n, 1, 1, 1)
     if cfg.contrast:
@@ -96,20 +111,26 @@ def photometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Te
         if len(idx):
             sigma = float(_uniform(1, 0.3, cfg.blur_sigma, g, "cpu")) * x.shape[-1] / 300.0
             x = x.clone()
-            x[idx] = gaussian_blur(x[idx], sigma)
+            for f in fac[idx].unique().tolist():
+                sub = idx[fac[idx] == f]
+                x[sub] = gaussian_blur(x[sub], sigma * f)
     if cfg.noise:
-        sig = _uniform(n, 0, cfg.noise, g, dev).view(n, 1, 1, 1)
+        sig = (_uniform(n, 0, cfg.noise, g, dev) * fac).view(n, 1, 1, 1)
         x = x + torch.randn(x.shape, generator=g).to(dev) * sig
     return x.clamp(0, 1)
 
 
-def jpeg(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tensor:
-    """Re-encode a random share of the batch as JPEG (quality uniform in [jpeg_quality, 95]), as a camera does."""
+def jpeg(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Re-encode a random share of the batch as JPEG (quality uniform in [jpeg_quality, 95]), as a camera does.
+
+    With LABELS, bad parts lose quality at ``cfg.bad_degrade`` of the rate (see photometric).
+    """
     from PIL import Image
 
     n = x.shape[0]
     pick = (_uniform(n, 0, 1, g, "cpu") < cfg.jpeg_p).nonzero().flatten()
-    quality = _uniform(n, cfg.jpeg_quality, 95, g, "cpu").round().int()
+    quality = (95 - (95 - _uniform(n, cfg.jpeg_quality, 95, g, "cpu")) * _bad_factor(n, cfg, labels, "cpu"))
+    quality = quality.round().int()
     if not len(pick):
         return x
     u8 = (x[pick.to(x.device)].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
@@ -125,7 +146,10 @@ def jpeg(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tensor:
     return out
 
 
-def augment(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tensor:
-    """Full training augmentation of a float [0,1] batch: pose, then light and sensor, then compression."""
-    x = photometric(geometric(x, cfg, g), cfg, g)
-    return jpeg(x, cfg, g) if cfg.jpeg_p else x
+def augment(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Full training augmentation of a float [0,1] batch: pose, then light and sensor, then compression.
+
+    LABELS (0 good, 1 bad) let blur, noise and JPEG spare the bad parts' defects (``cfg.bad_degrade``).
+    """
+    x = photometric(geometric(x, cfg, g), cfg, g, labels)
+    return jpeg(x, cfg, g, labels) if cfg.jpeg_p else x

@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from .config import AugConfig
 from .errors import DefectclsError
 
 DEFAULT_MODEL_NAME = "mobilenet_v3_large_gray"
@@ -100,6 +102,9 @@ def _add_train(sub) -> None:
     p.add_argument("--aug", choices=["full", "light", "none"], default="full",
                    help="training augmentation: full (pose, light, blur, JPEG, noise), light (pose, mild light), none")
     p.add_argument("--no-aug", action="store_const", const="none", dest="aug", help="same as --aug none")
+    p.add_argument("--bad-degrade", type=float, default=AugConfig.bad_degrade, metavar="F",
+                   help="blur, noise and JPEG strength on bad parts, as a share of the good parts': spares the "
+                        "smallest defects, whose bad label would otherwise sit on a part with nothing left to see")
     p.add_argument("--no-cache", action="store_true", help="do not keep decoded images on disk")
     p.add_argument("--workers", type=int, default=None, help="decode processes")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object (no progress bars)")
@@ -107,7 +112,6 @@ def _add_train(sub) -> None:
 
 
 def _run_train(a) -> int:
-    from .config import AugConfig
     from .train import TrainConfig, train
 
     cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, img_size=a.img_size,
@@ -117,6 +121,9 @@ def _run_train(a) -> int:
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
                       folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,
                       progress=not a.json, aug=AugConfig.preset(a.aug))
+    if not 0 <= a.bad_degrade <= 1:
+        raise DefectclsError("--bad-degrade must be in [0, 1]")
+    cfg.aug = replace(cfg.aug, bad_degrade=a.bad_degrade)
     from .models import arch_spec
 
     arch_spec(cfg.arch)

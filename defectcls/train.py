@@ -200,9 +200,10 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
             if len(idx) < 2:  # BatchNorm cannot train on a single sample
                 continue
             xb = torch.from_numpy(x_train[idx]).to(device).float() / 255.0
-            xb = augment(xb, cfg.aug.at_strength(cfg.aug.strength((epoch * steps_per_epoch + step) / total_steps)), gen)
-            xb = ((xb - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
             yb = torch.from_numpy(y_train[idx]).to(device)
+            xb = augment(xb, cfg.aug.at_strength(cfg.aug.strength((epoch * steps_per_epoch + step) / total_steps)), gen,
+                         labels=yb)
+            xb = ((xb - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(net(xb), yb, weight=class_w)
             opt.zero_grad(set_to_none=True)
             loss.backward()

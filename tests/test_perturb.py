@@ -191,3 +191,26 @@ def test_cli_evaluate_perturb_writes_the_report(tiny_model, tiny_data, tmp_path,
     assert "| rotate90 |" in md and "| clean |" in md
     assert json.loads((tmp_path / "perturb.json").read_text())["model_id"] == out["model_id"]
     assert main(["evaluate", "--model", str(tiny_model), "--data", str(tiny_data), "--perturb-names", "fog"]) == 2
+
+
+def test_blur_noise_and_jpeg_reach_bad_parts_at_the_bad_degrade_share():
+    # a pin-sized dark dot on a flat part: the smallest defect the casting photos have
+    x = torch.full((8, 1, 48, 48), 0.7)
+    x[:, :, 24, 24] = 0.2
+    labels = torch.tensor([0, 1] * 4)
+    sensor_only = dict(rotate=False, flip=False, scale=0, shift=0, fill_border_p=0, brightness=0, contrast=0,
+                       gamma=0, blur_p=1.0, blur_sigma=15.0, noise=0.05, jpeg_p=1.0, jpeg_quality=25)
+
+    def dot_contrast(bad_degrade):
+        y = augment(x, AugConfig(**sensor_only, bad_degrade=bad_degrade), torch.Generator().manual_seed(0), labels)
+        return (0.7 - y[:, 0, 24, 24]).abs()
+
+    spared, equal = dot_contrast(0.0), dot_contrast(1.0)
+    # bad parts keep their dot (only a JPEG pass at quality 95), good parts lose it to the blur
+    assert float(spared[labels == 1].min()) > 0.45 and float(spared[labels == 0].max()) < 0.2
+    # at share 1 bad parts are degraded as much as good ones: the dot is blurred away on both
+    assert float(equal[labels == 1].max()) < 0.2
+    # without labels every part is degraded alike, as at share 1
+    y0 = augment(x, AugConfig(**sensor_only, bad_degrade=0.0), torch.Generator().manual_seed(0))
+    y1 = augment(x, AugConfig(**sensor_only, bad_degrade=1.0), torch.Generator().manual_seed(0), labels)
+    assert torch.equal(y0, y1)
