@@ -79,7 +79,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _bad_factor(n: int, cfg: AugConfig, labels: torch.Tensor | None, device) -> torch.Tensor:
-    """Per-image strength factor of the defect-erasing changes: ``bad_degrade`` for bad parts, 1 otherwise."""
+    """Per-image strength factor of blur and JPEG: ``bad_degrade`` for bad parts, 1 otherwise."""
     f = torch.ones(n, device=device)
     if labels is not None and cfg.bad_degrade != 1.0:
         f[labels.to(device) == 1] = float(cfg.bad_degrade)
@@ -90,9 +90,11 @@ def photometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
     """Random gain, contrast, gamma, blur and sensor noise, per image.
 
-    With LABELS, blur and noise reach bad parts (label 1) at ``cfg.bad_degrade`` of their
-    strength: a blurred or noisy pin-sized defect is gone, and a part still labelled bad
-    with nothing left to see teaches the network to call clean surfaces bad.
+    With LABELS, blur reaches bad parts (label 1) at ``cfg.bad_degrade`` of its strength: a
+    blurred pin-sized defect is gone, and a part still labelled bad with nothing left to see
+    teaches the network to call clean surfaces bad. Noise stays the same for both classes: it
+    hides no defect a camera would keep, and when only good parts got the strongest noise the
+    network learned "noisy means good" (7% of bad photos missed at sigma 8 of 255).
     """
     n = x.shape[0]
     dev = x.device
@@ -115,7 +117,7 @@ def photometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator,
                 sub = idx[fac[idx] == f]
                 x[sub] = gaussian_blur(x[sub], sigma * f)
     if cfg.noise:
-        sig = (_uniform(n, 0, cfg.noise, g, dev) * fac).view(n, 1, 1, 1)
+        sig = _uniform(n, 0, cfg.noise, g, dev).view(n, 1, 1, 1)
         x = x + torch.randn(x.shape, generator=g).to(dev) * sig
     return x.clamp(0, 1)
 
@@ -149,7 +151,7 @@ def jpeg(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, labels: torch.Tens
 def augment(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Full training augmentation of a float [0,1] batch: pose, then light and sensor, then compression.
 
-    LABELS (0 good, 1 bad) let blur, noise and JPEG spare the bad parts' defects (``cfg.bad_degrade``).
+    LABELS (0 good, 1 bad) let blur and JPEG spare the bad parts' defects (``cfg.bad_degrade``).
     """
     x = photometric(geometric(x, cfg, g), cfg, g, labels)
     return jpeg(x, cfg, g, labels) if cfg.jpeg_p else x

@@ -103,7 +103,7 @@ def _add_train(sub) -> None:
                    help="training augmentation: full (pose, light, blur, JPEG, noise), light (pose, mild light), none")
     p.add_argument("--no-aug", action="store_const", const="none", dest="aug", help="same as --aug none")
     p.add_argument("--bad-degrade", type=float, default=AugConfig.bad_degrade, metavar="F",
-                   help="blur, noise and JPEG strength on bad parts, as a share of the good parts': spares the "
+                   help="blur and JPEG strength on bad parts, as a share of the good parts': spares the "
                         "smallest defects, whose bad label would otherwise sit on a part with nothing left to see")
     p.add_argument("--no-cache", action="store_true", help="do not keep decoded images on disk")
     p.add_argument("--workers", type=int, default=None, help="decode processes")
