@@ -102,6 +102,10 @@ def _add_train(sub) -> None:
     p.add_argument("--aug", choices=["full", "light", "none"], default="full",
                    help="training augmentation: full (pose, light, blur, JPEG, noise), light (pose, mild light), none")
     p.add_argument("--no-aug", action="store_const", const="none", dest="aug", help="same as --aug none")
+    p.add_argument("--input-norm", choices=["image", "none"], default=None,
+                   help="image: each photo standardised to zero mean and unit variance inside the network, so "
+                        "light and contrast drifts do not move the verdict; none: the dataset's mean/std only "
+                        "(default: image, or the --init model's)")
     p.add_argument("--bad-degrade", type=float, default=AugConfig.bad_degrade, metavar="F",
                    help="blur and JPEG strength on bad parts, as a share of the good parts': spares the "
                         "smallest defects, whose bad label would otherwise sit on a part with nothing left to see")
@@ -120,7 +124,7 @@ def _run_train(a) -> int:
                       balance=a.balance, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
                       folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,
-                      progress=not a.json, aug=AugConfig.preset(a.aug))
+                      progress=not a.json, aug=AugConfig.preset(a.aug), input_norm=a.input_norm)
     if not 0 <= a.bad_degrade <= 1:
         raise DefectclsError("--bad-degrade must be in [0, 1]")
     cfg.aug = replace(cfg.aug, bad_degrade=a.bad_degrade)

@@ -139,6 +139,8 @@ class TrainConfig:
     pretrained_file: str | None = None
     extra_labels: str | None = None
     init: str | None = None           # start from this model directory's weights (same arch and colour mode)
+    input_norm: str | None = None     # "image" (each image standardised in the network), "none"; None: the
+                                      # --init model's, else "image"
     max_per_class: tuple[int, int] | None = None  # seeded subset (good, bad) of the training part
     folds: int = 1                    # K > 1: K-fold cross-validation, K members + their ensemble (train_folds)
     fp16_weights: bool = False

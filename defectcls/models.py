@@ -156,9 +156,42 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
+INPUT_NORMS = ("image", "none")
+
+
+class StandardizedInputConv2d(nn.Conv2d):
+    """The stem convolution, applied to each image standardised to zero mean and unit variance.
+
+    Part of the network, so every path that runs the model (training, Predictor, ONNX,
+    int8, Grad-CAM) sees the same input: the verdict does not change when the whole photo
+    gets brighter or darker or its contrast drifts (x -> a*x + b, a > 0), up to clipping.
+    Same parameters as ``nn.Conv2d``: the state dict does not change.
+    """
+
+    eps = 1e-5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        var = (x - mean).pow(2).mean(dim=(1, 2, 3), keepdim=True)
+        return super().forward((x - mean) / torch.sqrt(var + self.eps))
+
+
+def _standardize_stem(model: nn.Module, spec: ArchSpec) -> None:
+    parent, attr, conv = _stem_conv(model, spec)
+    new = StandardizedInputConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                  conv.dilation, conv.groups, conv.bias is not None)
+    new.load_state_dict(conv.state_dict())
+    _set(parent, attr, new)
+
+
 def build_model(arch: str, in_chans: int = 1, num_classes: int = 2, pretrained: bool = False,
-                pretrained_file: str | None = None) -> nn.Module:
-    """A torchvision classifier with an IN_CHANS stem and NUM_CLASSES outputs."""
+                pretrained_file: str | None = None, input_norm: str = "none") -> nn.Module:
+    """A torchvision classifier with an IN_CHANS stem and NUM_CLASSES outputs.
+
+    INPUT_NORM "image" standardises each image inside the network (``StandardizedInputConv2d``).
+    """
+    if input_norm not in INPUT_NORMS:
+        raise ModelLoadError(f"unknown input normalisation {input_norm!r}; choose one of: {', '.join(INPUT_NORMS)}")
     spec = arch_spec(arch)
     if pretrained or pretrained_file:
         model = torchvision.models.get_model(arch, weights=None)
@@ -174,6 +207,8 @@ def build_model(arch: str, in_chans: int = 1, num_classes: int = 2, pretrained: 
                 if isinstance(m, nn.BatchNorm2d):
                     m.momentum = spec.bn_momentum
     _replace_stem(model, spec, in_chans)
+    if input_norm == "image":
+        _standardize_stem(model, spec)
     return model
 
 
@@ -247,6 +282,7 @@ class ModelCard:
     versions: dict = field(default_factory=library_versions)
     storage_dtype: str = "float32"
     members: list[str] = field(default_factory=list)  # ensembles: member directories, relative to this one
+    input_norm: str = "none"  # "image": each image standardised inside the network (cards before it: none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -347,10 +383,11 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
         raise ModelLoadError(f"{model_dir}: no {WEIGHTS_FILE}")
     if card.arch == ENSEMBLE_ARCH:
         archs = member_archs(model_dir, card)
-        model = Ensemble([build_model(a, card.in_chans, len(card.labels)) for a in archs], archs)
+        model = Ensemble([build_model(a, card.in_chans, len(card.labels), input_norm=card.input_norm)
+                          for a in archs], archs)
         what = f"an ensemble of {', '.join(archs)}"
     else:
-        model = build_model(card.arch, card.in_chans, len(card.labels))
+        model = build_model(card.arch, card.in_chans, len(card.labels), input_norm=card.input_norm)
         what = card.arch
     sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_file(wpath).items()}
     try:

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from .augment import augment
 from .config import TrainConfig, resolve_device, seed_everything
 from .errors import DefectclsError
 from .evaluate import choose_threshold, compute_metrics, fit_temperature, fpr_at_fnr, prob_bad_from_logits
-from .models import ModelCard, build_model, save_model_dir
+from .models import INPUT_NORMS, ModelCard, build_model, read_card, save_model_dir
 
 SPLIT_FILE = "split.json"
 
@@ -53,6 +53,14 @@ def predict_logits(model: nn.Module, images_u8: np.ndarray, mean: torch.Tensor, 
         x = to_input(torch.from_numpy(images_u8[i:i + batch_size]).to(device), mean, std)
         out.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
+
+
+def resolve_input_norm(cfg: TrainConfig) -> TrainConfig:
+    """CFG with ``input_norm`` set: as asked, else the --init model's (fine-tuning keeps its input), else "image"."""
+    norm = cfg.input_norm or (read_card(cfg.init).input_norm if cfg.init else "image")
+    if norm not in INPUT_NORMS:
+        raise DefectclsError(f"--input-norm must be one of {', '.join(INPUT_NORMS)}, got {norm!r}")
+    return replace(cfg, input_norm=norm)
 
 
 def init_weights(model: nn.Module, model_dir: str, arch: str, in_chans: int) -> None:
@@ -159,7 +167,7 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     """Train one network; returns it with the weights of its best validation epoch (on rank 0), that epoch, history."""
     c = x_train.shape[1]
     model = build_model(cfg.arch, in_chans=c, num_classes=2, pretrained=cfg.pretrained,
-                        pretrained_file=cfg.pretrained_file)
+                        pretrained_file=cfg.pretrained_file, input_norm=cfg.input_norm or "image")
     if cfg.init:
         init_weights(model, cfg.init, cfg.arch, c)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -277,6 +285,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
+        input_norm=cfg.input_norm or "image",
         threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()),
                "data_fingerprint": fingerprint, "seed": cfg.seed, "device": str(device),
@@ -301,6 +310,7 @@ def train(cfg: TrainConfig) -> dict:
     With ``cfg.folds`` > 1 this is K-fold cross-validation (``train_folds``).
     """
     rank, world, distributed = _dist_info()
+    cfg = resolve_input_norm(cfg)
     if cfg.folds > 1:
         if distributed:
             raise DefectclsError("--folds trains its folds one after another in one process: start it without torchrun")
@@ -369,6 +379,7 @@ def train_folds(cfg: TrainConfig) -> dict:
     """
     from .models import ENSEMBLE_ARCH, Ensemble
 
+    cfg = resolve_input_norm(cfg)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -417,7 +428,7 @@ def train_folds(cfg: TrainConfig) -> dict:
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=ENSEMBLE_ARCH, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
+        input_norm=cfg.input_norm or "image", threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
         members=[r["dir"] for r in member_rows],
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()), "data_fingerprint": fingerprint,
                "seed": cfg.seed, "device": str(device), "world_size": 1, "folds": cfg.folds,

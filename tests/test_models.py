@@ -116,3 +116,42 @@ def test_bad_model_dirs(tmp_path):
     (tmp_path / "card.json").write_text(json.dumps({"arch": "resnet18"}))
     with pytest.raises(ModelLoadError, match="safetensors"):
         M.load_model_dir(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "resnet18"])
+def test_image_input_norm_ignores_light_and_contrast_and_keeps_the_state_dict(arch):
+    torch.manual_seed(0)
+    plain = M.build_model(arch, input_norm="none").eval()
+    std = M.build_model(arch, input_norm="image").eval()
+    assert list(std.state_dict()) == list(plain.state_dict())   # same weights file layout
+    std.load_state_dict(plain.state_dict())
+    x = torch.rand(3, 1, 64, 64)
+    drifted = 1.3 * x - 0.2                                       # brighter, more contrast, shifted
+    def rel_change(net):   # an untrained network's logits can be tiny: compare relative to their size
+        with torch.no_grad():
+            a, b = net(x), net(drifted)
+        return float((a - b).abs().max() / a.abs().max())
+
+    assert rel_change(std) < 1e-3 and rel_change(plain) > 1e-2
+    with pytest.raises(ModelLoadError, match="input normalisation"):
+        M.build_model(arch, input_norm="per-pixel")
+
+
+def test_input_norm_is_recorded_on_the_card_and_inherited_by_fine_tuning(tmp_path, tiny_model):
+    from defectcls.train import TrainConfig, resolve_input_norm
+
+    card = M.read_card(tiny_model)
+    assert card.input_norm == "image"                             # the default recipe
+    model, _ = M.load_model_dir(tiny_model)
+    assert isinstance(M._stem_conv(model, M.arch_spec(card.arch))[2], M.StandardizedInputConv2d)
+    # a card written before the field existed loads as the plain network it was trained as
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / M.WEIGHTS_FILE).write_bytes((tiny_model / M.WEIGHTS_FILE).read_bytes())
+    d = json.loads((tiny_model / M.CARD_FILE).read_text())
+    d.pop("input_norm")
+    (legacy / M.CARD_FILE).write_text(json.dumps(d))
+    assert M.read_card(legacy).input_norm == "none"
+    assert resolve_input_norm(TrainConfig(data="d", out="o", init=str(legacy))).input_norm == "none"
+    assert resolve_input_norm(TrainConfig(data="d", out="o", init=str(legacy), input_norm="image")).input_norm == "image"
+    assert resolve_input_norm(TrainConfig(data="d", out="o")).input_norm == "image"
