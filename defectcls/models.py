@@ -171,9 +171,8 @@ class StandardizedInputConv2d(nn.Conv2d):
     eps = 1e-5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        var = (x - mean).pow(2).mean(dim=(1, 2, 3), keepdim=True)
-        return super().forward((x - mean) / torch.sqrt(var + self.eps))
+        d = x - x.mean(dim=(1, 2, 3), keepdim=True)
+        return super().forward(d * torch.rsqrt(d.mul(d).mean(dim=(1, 2, 3), keepdim=True) + self.eps))
 
 
 def _standardize_stem(model: nn.Module, spec: ArchSpec) -> None:
