@@ -98,7 +98,6 @@ def photometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator,
     """
     n = x.shape[0]
     dev = x.device
-    fac = _bad_factor(n, cfg, labels, dev)
     if cfg.brightness:
         x = x * _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, g, dev).view(n, 1, 1, 1)
     if cfg.contrast:
@@ -113,6 +112,7 @@ def photometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator,
         if len(idx):
             sigma = float(_uniform(1, 0.3, cfg.blur_sigma, g, "cpu")) * x.shape[-1] / 300.0
             x = x.clone()
+            fac = _bad_factor(n, cfg, labels, dev)
             for f in fac[idx].unique().tolist():
                 sub = idx[fac[idx] == f]
                 x[sub] = gaussian_blur(x[sub], sigma * f)
