@@ -164,10 +164,11 @@ def _norm_stats(cfg: TrainConfig, x: np.ndarray) -> tuple[list[float], list[floa
 def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
          mean_t: torch.Tensor, std_t: torch.Tensor, device: torch.device, gen: torch.Generator, what: str,
          rank: int = 0, world: int = 1, distributed: bool = False) -> tuple[nn.Module, int, list[dict]]:
-    """Train one network; returns it with the weights of its best validation epoch (on rank 0), that epoch, history."""
+    """Train one network (CFG resolved by resolve_input_norm); returns it with the weights of its best validation
+    epoch (on rank 0), that epoch, history."""
     c = x_train.shape[1]
     model = build_model(cfg.arch, in_chans=c, num_classes=2, pretrained=cfg.pretrained,
-                        pretrained_file=cfg.pretrained_file, input_norm=cfg.input_norm or "image")
+                        pretrained_file=cfg.pretrained_file, input_norm=cfg.input_norm)
     if cfg.init:
         init_weights(model, cfg.init, cfg.arch, c)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -285,8 +286,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm or "image",
-        threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
+        input_norm=cfg.input_norm, threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()),
                "data_fingerprint": fingerprint, "seed": cfg.seed, "device": str(device),
                "world_size": world, "best_epoch": best_epoch, "epochs_run": len(history),
@@ -428,7 +428,7 @@ def train_folds(cfg: TrainConfig) -> dict:
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=ENSEMBLE_ARCH, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm or "image", threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
+        input_norm=cfg.input_norm, threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
         members=[r["dir"] for r in member_rows],
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()), "data_fingerprint": fingerprint,
                "seed": cfg.seed, "device": str(device), "world_size": 1, "folds": cfg.folds,
