@@ -165,11 +165,12 @@ def _onnx_dir(model_dir: Path, root: Path) -> tuple[Path, bool]:
     """A directory with a current model.onnx: MODEL_DIR itself, or a temporary copy exported now."""
     from .edge import make_session, session_meta
     from .inference import ONNX_FILE, onnx_mismatch
-    from .models import weights_sha256
+    from .models import read_card, weights_sha256
 
     if (model_dir / ONNX_FILE).is_file():
         try:
-            if onnx_mismatch(session_meta(make_session(model_dir / ONNX_FILE)), weights_sha256(model_dir)) is None:
+            meta = session_meta(make_session(model_dir / ONNX_FILE))
+            if onnx_mismatch(meta, weights_sha256(model_dir), read_card(model_dir).tta) is None:
                 return model_dir, False
         except Exception:  # unreadable file: export a fresh copy
             pass

@@ -141,6 +141,8 @@ class TrainConfig:
     init: str | None = None           # start from this model directory's weights (same arch and colour mode)
     input_norm: str | None = None     # "image" (each image standardised in the network), "none"; None: the
                                       # --init model's, else "image"
+    tta: int = 8                      # test-time views the saved model answers with (1, 4, 8): the threshold and
+                                      # temperature are chosen on its validation scores over the same views
     max_per_class: tuple[int, int] | None = None  # seeded subset (good, bad) of the training part
     folds: int = 1                    # K > 1: K-fold cross-validation, K members + their ensemble (train_folds)
     fp16_weights: bool = False

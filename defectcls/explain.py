@@ -138,27 +138,38 @@ class CamSplit:
     body: nn.Module                       # input -> activation A of the CAM layer (N, C, h, w)
     tail: Callable[[torch.Tensor], torch.Tensor]   # A -> logits
     mlp: tuple | None                     # the layers after global average pooling, when the tail is pool + MLP
+    views: int = 1                        # test-time views (``models.dihedral_views``): logits and maps are
+                                          # the mean over the views, each map turned back upright
 
 
-def cam_split(model: nn.Module, arch: str) -> CamSplit | None:
-    """Cut MODEL at ``models.cam_target_layer``; None for architectures without a known cut."""
+def cam_split(model: nn.Module, arch: str, views: int = 1) -> CamSplit | None:
+    """Cut MODEL (the bare network) at ``models.cam_target_layer``; None for architectures without a known cut."""
     import torch
     from torch import nn
     from torch.nn import functional as F
 
     if arch.startswith("mobilenet_v3"):
         return CamSplit(model.features, lambda a: model.classifier(torch.flatten(model.avgpool(a), 1)),
-                        tuple(model.classifier))
+                        tuple(model.classifier), views)
     if arch == "mobilenet_v2":
         return CamSplit(model.features, lambda a: model.classifier(torch.flatten(F.adaptive_avg_pool2d(a, 1), 1)),
-                        tuple(model.classifier))
+                        tuple(model.classifier), views)
     if arch.startswith("resnet"):
         body = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
                              model.layer1, model.layer2, model.layer3, model.layer4)
-        return CamSplit(body, lambda a: model.fc(torch.flatten(model.avgpool(a), 1)), (model.fc,))
+        return CamSplit(body, lambda a: model.fc(torch.flatten(model.avgpool(a), 1)), (model.fc,), views)
     if arch.startswith("squeezenet"):
-        return CamSplit(model.features, lambda a: torch.flatten(model.classifier(a), 1), None)
+        return CamSplit(model.features, lambda a: torch.flatten(model.classifier(a), 1), None, views)
     return None
+
+
+def merge_views(logits: torch.Tensor, cam: torch.Tensor, views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-view logits (V*N, K) and raw maps (V*N, h, w) -> the image's (N, K) and (N, h, w)."""
+    from .models import merge_view_maps
+
+    if views == 1:
+        return logits, cam
+    return logits.reshape(views, -1, logits.shape[-1]).mean(dim=0), merge_view_maps(cam, views)
 
 
 def gradcam_torch(split: CamSplit, x: torch.Tensor, target: int = CAM_TARGET,
@@ -167,12 +178,15 @@ def gradcam_torch(split: CamSplit, x: torch.Tensor, target: int = CAM_TARGET,
 
     The body runs under inference mode; only the tail (pooling + classifier) is
     differentiated, from the detached CAM-layer activation to the TARGET logit.
-    Thread-safe: no hooks, no module state.
+    Thread-safe: no hooks, no module state. With test-time views, each view's map is that
+    view's own Grad-CAM; the maps are turned back upright and averaged, the logits averaged.
     """
     import torch
 
+    from .models import dihedral_views
+
     with torch.inference_mode(), torch.autocast(x.device.type, enabled=autocast):
-        a = split.body(x)
+        a = split.body(dihedral_views(x, split.views))
     a = a.float().clone().requires_grad_(True)   # a normal tensor again, outside inference mode
     with torch.enable_grad():
         logits = split.tail(a)
@@ -180,7 +194,7 @@ def gradcam_torch(split: CamSplit, x: torch.Tensor, target: int = CAM_TARGET,
     with torch.no_grad():
         w = grad.mean(dim=(2, 3), keepdim=True)
         cam = torch.relu((w * a).sum(dim=1))
-    return logits.detach().float(), cam
+        return merge_views(logits.detach().float(), cam, split.views)
 
 
 def _act_grad(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -207,17 +221,20 @@ def _mlp_supported(mlp: tuple | None) -> bool:
     return all(isinstance(m, ok) for m in mlp) and bool(core) and isinstance(core[-1], nn.Linear)
 
 
-def make_cam_graph(model: nn.Module, arch: str, target: int = CAM_TARGET) -> nn.Module | None:
+def make_cam_graph(model: nn.Module, arch: str, target: int = CAM_TARGET, views: int = 1) -> nn.Module | None:
     """A module whose forward returns (logits, raw Grad-CAM maps) with no autograd, for ONNX export.
 
     Works where the tail is global average pooling + an MLP of Linear / ReLU / Hardswish /
     Dropout layers (MobileNetV2/V3, ResNets): the gradient of the TARGET logit with respect
     to the pooled features is written out by the chain rule, and the Grad-CAM channel weights
-    are that gradient divided by h*w. None for other architectures.
+    are that gradient divided by h*w. VIEWS test-time views are merged as in ``gradcam_torch``.
+    None for other architectures.
     """
     from torch import nn
 
-    split = cam_split(model, arch)
+    from .models import dihedral_views
+
+    split = cam_split(model, arch, views)
     if split is None or not _mlp_supported(split.mlp):
         return None
 
@@ -228,7 +245,7 @@ def make_cam_graph(model: nn.Module, arch: str, target: int = CAM_TARGET) -> nn.
             self.mlp = nn.ModuleList(split.mlp)
 
         def forward(self, x):
-            a = self.body(x)
+            a = self.body(dihedral_views(x, views))
             h = a.mean(dim=(2, 3))
             slopes = []
             for layer in self.mlp:
@@ -243,7 +260,7 @@ def make_cam_graph(model: nn.Module, arch: str, target: int = CAM_TARGET) -> nn.
                     g = g * slope
             w = g / (a.shape[2] * a.shape[3])
             cam = (a * w[:, :, None, None]).sum(dim=1).relu()
-            return h, cam
+            return merge_views(h, cam, views)
 
     return CamGraph().eval()
 
@@ -272,6 +289,9 @@ def _library_cam(predictor: Predictor, x: np.ndarray, method: str, target: int) 
     with lock, cls(model=model, target_layers=[cam_target_layer(model, predictor.card.arch)]) as cam:
         maps = cam(input_tensor=t, targets=[ClassifierOutputTarget(target)] * len(t))
         logits = cam.outputs.detach().float().cpu().numpy()
+    if predictor.card.tta > 1:
+        # the library's map is the upright view's; the verdict is the model's own, over all its views
+        logits = predictor.logits(x)
     return maps, logits
 
 

@@ -35,7 +35,7 @@ from .errors import DefectclsError
 from .evaluate import prob_bad_from_logits
 from .explain import normalize_cam
 from .inference import ONNX_FILE, ONNX_INT8_FILE, Predictor
-from .models import load_model_dir, weights_sha256
+from .models import load_model_dir, weights_sha256, with_tta
 
 DEFAULT_OPSET = 17
 FP32_TOL = 1e-4          # max |P(bad) difference| between torch and the fp32 graph
@@ -217,9 +217,9 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     sha = weights_sha256(model_dir)
     from .explain import make_cam_graph
 
-    graph = make_cam_graph(model, card.arch)
+    graph = make_cam_graph(model, card.arch, views=card.tta)
     outputs = [LOGITS_NAME, CAM_NAME] if graph is not None else [LOGITS_NAME]
-    module = graph if graph is not None else model
+    module = graph if graph is not None else with_tta(model, card.tta)
     dummy = torch.randn(2, card.in_chans, card.img_size, card.img_size, generator=torch.Generator().manual_seed(0))
     meta = {"card": json.dumps(card.to_dict()), "weights_sha256": sha, "model_id": f"{card.name}@{sha[:12]}",
             "outputs": ",".join(outputs), "cam_target": "1",
@@ -306,21 +306,24 @@ def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
     from .edge import session_meta
     from .inference import onnx_mismatch
 
+    from .models import read_card
+
     model_dir = Path(model_dir)
     sha = weights_sha256(model_dir)
+    tta = read_card(model_dir).tta
 
     def current(path: Path) -> bool:
         if not path.is_file():
             return False
         try:
-            return onnx_mismatch(session_meta(make_session(path)), sha) is None
+            return onnx_mismatch(session_meta(make_session(path)), sha, tta) is None
         except DefectclsError:
             return False
 
     if current(model_dir / ONNX_FILE):
         return model_dir / ONNX_FILE
     root = Path(cache_dir or os.environ.get("DEFECTCLS_CACHE_DIR") or Path.home() / ".cache" / "defectcls")
-    target = root / "onnx" / sha[:16]
+    target = root / "onnx" / (sha[:16] + (f"-tta{tta}" if tta > 1 else ""))
     target.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target / ".lock")):
         if not current(target / ONNX_FILE):

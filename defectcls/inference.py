@@ -15,12 +15,13 @@ torch model and the hook-safe model copy are created once, under a lock).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import threading
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from .edge import CAM_NAME, INPUT_NAME, LOGITS_NAME, make_session, session_meta,
 from .errors import DefectclsError, ImageLoadError, ModelLoadError
 from .evaluate import prob_bad_from_logits
 from .explain import CAM_TARGET, cam_split, gradcam_torch
-from .models import ModelCard, load_model_dir, read_card, weights_sha256
+from .models import ModelCard, check_tta, load_model_dir, read_card, unwrap_tta, weights_sha256, with_tta
 
 ImageSource = str | os.PathLike | bytes | np.ndarray
 BACKENDS = ("auto", "torch", "onnx")
@@ -57,11 +58,18 @@ class Prediction:
         return asdict(self)
 
 
-def onnx_mismatch(meta: dict[str, str], sha: str) -> str | None:
-    """Why an exported graph (its defectcls.* metadata) does not belong to weights SHA, or None."""
+def onnx_mismatch(meta: dict[str, str], sha: str, tta: int = 1) -> str | None:
+    """Why an exported graph (its defectcls.* metadata) does not belong to weights SHA answering with TTA
+    test-time views, or None."""
     have = meta.get("weights_sha256")
     if have != sha:
         return f"exported from other weights ({(have or 'unknown')[:12]} != {sha[:12]}); export again"
+    try:
+        views = int(json.loads(meta.get("card") or "{}").get("tta", 1))
+    except (ValueError, TypeError, AttributeError):
+        views = 1
+    if views != tta:
+        return f"exported with {views} test-time view(s) but the card says {tta}; export again"
     return None
 
 
@@ -69,13 +77,17 @@ class Predictor:
     """Loads a model directory once; thread-safe single and batched prediction."""
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "auto", threads: int | None = None,
-                 backend: str = "auto", onnx_path: str | os.PathLike | None = None, fp16: bool | None = None):
+                 backend: str = "auto", onnx_path: str | os.PathLike | None = None, fp16: bool | None = None,
+                 tta: int | None = None):
+        """TTA: answer with that many test-time views instead of the card's (1, 4 or 8; ``models.DihedralTTA``)."""
         if backend not in BACKENDS:
             raise DefectclsError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model directory {model_dir} does not exist")
         self.card: ModelCard = read_card(model_dir)
+        if tta is not None and tta != self.card.tta:
+            self.card = replace(self.card, tta=check_tta(tta))
         self.prep = D.Preprocessing.from_card(self.card)
         if not (self.model_dir / "model.safetensors").is_file():
             load_model_dir(model_dir)   # raises the precise reason (pickles, missing weights)
@@ -110,7 +122,7 @@ class Predictor:
                 raise ModelLoadError(f"{path} does not exist (write it with `defectcls export --model {self.model_dir}`)")
             return "torch"
         session = make_session(path, self.threads)
-        why = onnx_mismatch(session_meta(session), self.weights_sha256)
+        why = onnx_mismatch(session_meta(session), self.weights_sha256, self.card.tta)
         size = session.get_inputs()[0].shape[-1]
         if why is None and isinstance(size, int) and size != self.card.img_size:
             why = f"takes {size} px inputs but the card says {self.card.img_size}; export again"
@@ -130,17 +142,18 @@ class Predictor:
                 if self._model is None:
                     m, _ = load_model_dir(self.model_dir)
                     m = m.to(self.device).to(memory_format=torch.channels_last).eval()
-                    self._split = cam_split(m, self.card.arch)
-                    self._model = m
+                    self._split = cam_split(m, self.card.arch, self.card.tta)
+                    self._model = with_tta(m, self.card.tta)
         return self._model
 
     def hookable_model(self) -> tuple[torch.nn.Module, threading.Lock]:
         """A private copy of the torch model and its lock, for code that registers hooks (pytorch-grad-cam).
 
-        Hooks on the shared model would see other threads' forward passes.
+        Hooks on the shared model would see other threads' forward passes. With test-time views
+        (``card.tta``) it is the bare network: hooked libraries see one image per input.
         """
         if self._hookable is None:
-            model = self.model
+            model = unwrap_tta(self.model)
             with self._lock:
                 if self._hookable is None:
                     self._hookable = copy.deepcopy(model)
@@ -242,9 +255,13 @@ class Predictor:
                 results[j] = self.verdict(float(p), per, {})
         return results
 
+    def logits_cached(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Raw logits (Nx2) for already decoded uint8 NxCxSxS images at the card's size."""
+        c = self.card
+        out = [self.logits(D.normalize(images_u8[i:i + batch_size], c.mean, c.std))
+               for i in range(0, len(images_u8), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(c.labels)), np.float32)
+
     def probs_cached(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Calibrated P(bad) for already decoded uint8 NxCxSxS images at the card's size."""
-        c = self.card
-        out = [self.probs(D.normalize(images_u8[i:i + batch_size], c.mean, c.std))
-               for i in range(0, len(images_u8), batch_size)]
-        return np.concatenate(out) if out else np.zeros(0)
+        return prob_bad_from_logits(self.logits_cached(images_u8, batch_size), self.card.temperature)

@@ -232,6 +232,77 @@ class Ensemble(nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(dim=0)
 
 
+TTA_VIEWS = (1, 4, 8)   # test-time views: the image alone, its 4 rotations by 90 degrees, those and their mirror images
+
+
+def check_tta(views: int) -> int:
+    if views not in TTA_VIEWS:
+        raise ModelLoadError(f"test-time views must be one of {', '.join(map(str, TTA_VIEWS))}, got {views!r}")
+    return int(views)
+
+
+def rot90(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``torch.rot90(x, k, dims=(-2, -1))`` from flips and a transpose, which every ONNX exporter writes."""
+    k %= 4
+    if k == 1:
+        return x.flip(-1).transpose(-2, -1)
+    if k == 2:
+        return x.flip(-2).flip(-1)
+    if k == 3:
+        return x.transpose(-2, -1).flip(-1)
+    return x
+
+
+def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
+    """(V*N, C, H, W): view v of every image, v-major. View v is the image rotated by (v % 4) * 90 degrees,
+    mirrored left-right first when v >= 4. The transforms are exact (no resampling) and the part is round,
+    so every view is a photo the line could have taken."""
+    if views == 1:
+        return x
+    out = [rot90(x, k) for k in range(4)]
+    if views == 8:
+        m = x.flip(-1)
+        out += [rot90(m, k) for k in range(4)]
+    return torch.cat(out, dim=0)
+
+
+def merge_view_maps(maps: torch.Tensor, views: int) -> torch.Tensor:
+    """Mean over views of per-view maps (V*N, h, w), each turned back to the upright image first: (N, h, w)."""
+    if views == 1:
+        return maps
+    m = maps.reshape(views, -1, *maps.shape[-2:])
+    back = [rot90(m[v], -(v % 4)) for v in range(views)]
+    back = [b.flip(-1) if v >= 4 else b for v, b in enumerate(back)]
+    return torch.stack(back).mean(dim=0)
+
+
+class DihedralTTA(nn.Module):
+    """Test-time augmentation as part of the network: the mean of NET's logits over ``dihedral_views``.
+
+    Wrapping the network (not the call sites) keeps torch, ONNX, int8 and the edge runtime
+    on one definition. Training and fine-tuning use the bare network; ``ModelCard.tta`` says
+    how many views a model directory answers with (cards before it: 1).
+    """
+
+    def __init__(self, net: nn.Module, views: int):
+        super().__init__()
+        self.net = net
+        self.views = check_tta(views)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        return self.net(dihedral_views(x, self.views)).reshape(self.views, n, -1).mean(dim=0)
+
+
+def with_tta(model: nn.Module, views: int) -> nn.Module:
+    """MODEL answering with the mean over VIEWS test-time views (MODEL itself for 1)."""
+    return model if check_tta(views) == 1 else DihedralTTA(model, views)
+
+
+def unwrap_tta(model: nn.Module) -> nn.Module:
+    return model.net if isinstance(model, DihedralTTA) else model
+
+
 def cam_target_layer(model: nn.Module, arch: str) -> nn.Module:
     """The Grad-CAM layer; for an ensemble, its first member's.
 
@@ -282,6 +353,7 @@ class ModelCard:
     storage_dtype: str = "float32"
     members: list[str] = field(default_factory=list)  # ensembles: member directories, relative to this one
     input_norm: str = "none"  # "image": each image standardised inside the network (cards before it: none)
+    tta: int = 1              # test-time views averaged per image (1, 4 or 8; ``DihedralTTA``; cards before it: 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -303,6 +375,8 @@ def read_card(model_dir: str | os.PathLike) -> ModelCard:
         card = ModelCard.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, TypeError) as exc:
         raise ModelLoadError(f"{path}: not a valid model card ({exc})") from exc
+    if card.tta not in TTA_VIEWS:
+        raise ModelLoadError(f"{path}: tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {card.tta!r}")
     if not card.name:
         card.name = Path(model_dir).resolve().name
     return card
@@ -396,6 +470,12 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
                              f"{str(exc).splitlines()[0]}") from exc
     model.eval()
     return model, card
+
+
+def load_for_inference(model_dir: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
+    """``load_model_dir`` with the card's test-time views (``ModelCard.tta``) around the network."""
+    model, card = load_model_dir(model_dir)
+    return with_tta(model, card.tta).eval(), card
 
 
 def model_id(model_dir: str | os.PathLike, card: ModelCard | None = None) -> str:

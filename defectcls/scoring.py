@@ -51,14 +51,16 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
 
 
 def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "conformal",
-                data_root: str | os.PathLike | None = None, write: bool = True) -> dict:
+                data_root: str | os.PathLike | None = None, write: bool = True, tta: int | None = None) -> dict:
     """Choose MODEL_DIR's threshold anew for TARGET_FNR on its own validation part, without retraining.
 
     The validation and test parts come from the model's split.json (DATA_ROOT: where its training
     folder is now, default the path it was trained from; the folder must hold the same files).
-    The card's temperature is kept; threshold, policy and val/test metrics are replaced, atomically.
+    TTA sets how many test-time views the model answers with from now on (1, 4 or 8); when it
+    changes, the temperature is fitted anew on validation, else the card's is kept. Threshold,
+    policy, views, temperature and val/test metrics are replaced, atomically.
     """
-    from .evaluate import choose_threshold
+    from .evaluate import choose_threshold, fit_temperature, prob_bad_from_logits
     from .models import read_card, write_card
 
     if not 0.0 <= target_fnr < 1.0:
@@ -78,24 +80,30 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
         raise DefectclsError(f"training folder {root} not found: pass --data with where it is now")
     if D.fingerprint(D.scan_folder(root)) != saved.get("data_fingerprint"):
         raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
-    pred = Predictor(model_dir, backend="torch")
+    card = read_card(model_dir)
+    pred = Predictor(model_dir, backend="torch", tta=tta)
+    samples_all = D.scan_folder(root)
     metrics, parts = {}, {}
     for name in [n for n in ("val", "test") if saved.get(n)]:
-        res = evaluate_model(model_dir, root, split=name, predictor=pred)
-        if res["skipped"]:
-            bad = res["skipped"][0]
-            raise DefectclsError(f"{len(res['skipped'])} {name} image(s) unreadable now, e.g. {bad['path']}: {bad['error']}")
-        parts[name] = (np.array(res["y_true"]), np.array(res["prob_bad"]))
-    y_val, p_val = parts["val"]
+        samples, _ = select_split(model_dir, root, samples_all, name)
+        images, ok, failed = D.decode_all(samples, card.img_size, card.color, use_disk_cache=False)
+        if failed:
+            raise DefectclsError(f"{len(failed)} {name} image(s) unreadable now, e.g. {failed[0][0]}: {failed[0][1]}")
+        parts[name] = (np.array([samples[i].label for i in ok]), pred.logits_cached(images))
+    views = pred.card.tta
+    temperature = card.temperature if views == card.tta else fit_temperature(parts["val"][1], parts["val"][0])
+    probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
+    y_val, p_val = probs["val"]
     policy = choose_threshold(y_val, p_val, target_fnr, method)
     thr = policy["threshold"]
-    for name, (y, p) in parts.items():
+    for name, (y, p) in probs.items():
         metrics[name] = compute_metrics(y, p, thr)
-    card = read_card(model_dir)
-    before = {"threshold": card.threshold, "threshold_policy": card.threshold_policy, "metrics": card.metrics}
+    before = {"threshold": card.threshold, "threshold_policy": card.threshold_policy, "metrics": card.metrics,
+              "tta": card.tta, "temperature": card.temperature}
     if write:
         card.threshold, card.threshold_policy, card.metrics = thr, policy, metrics
+        card.tta, card.temperature = views, temperature
         write_card(card, model_dir)
     stale = sorted(p.name for p in model_dir.glob("*.onnx"))
     return {"model": str(model_dir), "written": write, "threshold": thr, "threshold_policy": policy,
-            "metrics": metrics, "before": before, "stale_exports": stale}
+            "tta": views, "temperature": temperature, "metrics": metrics, "before": before, "stale_exports": stale}

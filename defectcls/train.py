@@ -20,7 +20,7 @@ from .augment import augment
 from .config import TrainConfig, resolve_device, seed_everything
 from .errors import DefectclsError
 from .evaluate import choose_threshold, compute_metrics, fit_temperature, fpr_at_fnr, prob_bad_from_logits
-from .models import INPUT_NORMS, ModelCard, build_model, read_card, save_model_dir
+from .models import INPUT_NORMS, ModelCard, TTA_VIEWS, build_model, read_card, save_model_dir, with_tta
 
 SPLIT_FILE = "split.json"
 
@@ -56,10 +56,13 @@ def predict_logits(model: nn.Module, images_u8: np.ndarray, mean: torch.Tensor, 
 
 
 def resolve_input_norm(cfg: TrainConfig) -> TrainConfig:
-    """CFG with ``input_norm`` set: as asked, else the --init model's (fine-tuning keeps its input), else "image"."""
+    """CFG with ``input_norm`` set: as asked, else the --init model's (fine-tuning keeps its input), else "image";
+    its ``tta`` checked."""
     norm = cfg.input_norm or (read_card(cfg.init).input_norm if cfg.init else "image")
     if norm not in INPUT_NORMS:
         raise DefectclsError(f"--input-norm must be one of {', '.join(INPUT_NORMS)}, got {norm!r}")
+    if cfg.tta not in TTA_VIEWS:
+        raise DefectclsError(f"--tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {cfg.tta!r}")
     return replace(cfg, input_norm=norm)
 
 
@@ -273,20 +276,22 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     std_t = torch.tensor(std, device=device).view(1, c, 1, 1)
     val_idx, test_idx = parts["val"], parts["test"]
     y_val = data.labels[val_idx]
-    logits_val = predict_logits(model, data.images[val_idx], mean_t, std_t, device)
+    scorer = with_tta(model, cfg.tta)   # the model as its directory will answer
+    logits_val = predict_logits(scorer, data.images[val_idx], mean_t, std_t, device)
     temperature = fit_temperature(logits_val, y_val)
     prob_val = prob_bad_from_logits(logits_val, temperature)
     policy = choose_threshold(y_val, prob_val, cfg.target_fnr, cfg.threshold_method)
     thr = policy["threshold"]
     metrics = {"val": compute_metrics(y_val, prob_val, thr)}
     if test_idx:
-        prob_test = prob_bad_from_logits(predict_logits(model, data.images[test_idx], mean_t, std_t, device), temperature)
+        prob_test = prob_bad_from_logits(predict_logits(scorer, data.images[test_idx], mean_t, std_t, device),
+                                         temperature)
         metrics["test"] = compute_metrics(data.labels[test_idx], prob_test, thr)
     duration = time.perf_counter() - t0
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
+        input_norm=cfg.input_norm, tta=cfg.tta, threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()),
                "data_fingerprint": fingerprint, "seed": cfg.seed, "device": str(device),
                "world_size": world, "best_epoch": best_epoch, "epochs_run": len(history),
@@ -407,7 +412,7 @@ def train_folds(cfg: TrainConfig) -> dict:
         model, best_epoch, history = _fit(cfg, images[parts["train"]], labels[parts["train"]], images[parts["val"]],
                                           labels[parts["val"]], mean_t, std_t, device, gen,
                                           f"fold {k + 1}/{cfg.folds}: val {len(val_pos)}, test {len(test_idx)}")
-        oof_logits[val_pos] = predict_logits(model, images[parts["val"]], mean_t, std_t, device)
+        oof_logits[val_pos] = predict_logits(with_tta(model, cfg.tta), images[parts["val"]], mean_t, std_t, device)
         s = _save_single(cfg, model, data, mean, std, parts, out / f"fold_{k}", device, 1, t0, best_epoch, history,
                          {"fold": k, "folds": cfg.folds, "ensemble": out.name})
         member_rows.append({"dir": f"fold_{k}", "best_epoch": best_epoch, "n_train": len(tr_pos), "n_val": len(val_pos),
@@ -422,13 +427,14 @@ def train_folds(cfg: TrainConfig) -> dict:
     thr = policy["threshold"]
     metrics = {"oof": compute_metrics(y_pool, prob_oof, thr)}
     if test_idx:
-        prob_test = prob_bad_from_logits(predict_logits(ensemble, images[test_idx], mean_t, std_t, device), temperature)
+        prob_test = prob_bad_from_logits(predict_logits(with_tta(ensemble, cfg.tta), images[test_idx], mean_t, std_t,
+                                                        device), temperature)
         metrics["test"] = compute_metrics(labels[test_idx], prob_test, thr)
     duration = time.perf_counter() - t0
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=ENSEMBLE_ARCH, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
+        input_norm=cfg.input_norm, tta=cfg.tta, threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
         members=[r["dir"] for r in member_rows],
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()), "data_fingerprint": fingerprint,
                "seed": cfg.seed, "device": str(device), "world_size": 1, "folds": cfg.folds,

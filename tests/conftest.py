@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,9 +46,23 @@ def tiny_model(tiny_data, tmp_path_factory) -> Path:
     os.environ["DEFECTCLS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     from defectcls.config import AugConfig
 
-    # no augmentation: 3 epochs at 64 px learn the most this way; the recipe's ramp is tested on its own
+    # no augmentation: 3 epochs at 64 px learn the most this way; the recipe's ramp is tested on its own.
+    # One test-time view: tests that need views use tiny_model_tta.
     train(TrainConfig(data=str(tiny_data), out=str(out), arch="mobilenet_v3_large", epochs=3, img_size=TINY_IMG,
-                      batch_size=16, seed=0, progress=False, workers=1, aug=AugConfig.none()))
+                      batch_size=16, seed=0, progress=False, workers=1, aug=AugConfig.none(), tta=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_tta(tiny_model, tmp_path_factory) -> Path:
+    """tiny_model answering with 8 test-time views (its card changed; the weights are the same)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("models") / "tiny_mnv3_tta8"
+    shutil.copytree(tiny_model, out)
+    card = json.loads((out / "card.json").read_text())
+    card["tta"] = 8
+    (out / "card.json").write_text(json.dumps(card))
     return out
 
 

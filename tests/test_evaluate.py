@@ -117,3 +117,46 @@ def test_calibrate_sets_a_new_threshold_from_the_model_own_validation_part(tiny_
     (m / "split.json").unlink()
     with pytest.raises(DefectclsError, match="no split.json"):
         recalibrate(m, 0.1)
+
+
+def test_calibrate_tta_changes_the_views_refits_temperature_and_marks_exports_stale(tiny_model, tiny_data, tmp_path,
+                                                                                   capsys):
+    import json
+    import shutil
+
+    from defectcls.cli import main
+    from defectcls.errors import ModelLoadError
+    from defectcls.evaluate import compute_metrics, fit_temperature
+    from defectcls.export import export_onnx
+    from defectcls.inference import Predictor
+    from defectcls.scoring import evaluate_model
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model, m)
+    export_onnx(m, n_check=4)
+    card0 = json.loads((m / "card.json").read_text())
+    assert card0["tta"] == 1 and Predictor(m, device="cpu").backend == "onnx"
+    assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--tta", "4", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    card = json.loads((m / "card.json").read_text())
+    assert card["tta"] == res["tta"] == 4 and res["before"]["tta"] == 1 and res["stale_exports"] == ["model.onnx"]
+    # the temperature is the one that fits the validation logits over 4 views
+    pred = Predictor(m, device="cpu", backend="torch")
+    val = evaluate_model(m, tiny_data, split="val", predictor=pred)
+    from defectcls import data as D
+    from defectcls.scoring import select_split
+    samples, _ = select_split(m, tiny_data, D.scan_folder(tiny_data), "val")
+    images, ok, _ = D.decode_all(samples, card["img_size"], card["color"], use_disk_cache=False)
+    assert card["temperature"] == pytest.approx(fit_temperature(pred.logits_cached(images),
+                                                                [samples[i].label for i in ok]), rel=1e-6)
+    assert card["metrics"]["val"]["fp"] == compute_metrics(val["y_true"], val["prob_bad"], card["threshold"])["fp"]
+    # the model.onnx exported with one view no longer answers for this card: refused, or torch with a warning
+    with pytest.raises(ModelLoadError, match="1 test-time view"):
+        Predictor(m, device="cpu", backend="onnx")
+    with pytest.warns(UserWarning, match="export again"):
+        assert Predictor(m, device="cpu").backend == "torch"
+    export_onnx(m, n_check=4)
+    assert Predictor(m, device="cpu").backend == "onnx"
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", str(m), "--target-fnr", "0", "--tta", "3"])
+    assert "invalid choice" in capsys.readouterr().err

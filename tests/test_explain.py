@@ -137,3 +137,36 @@ def test_encoders_round_trip():
     assert jpg[:2] == b"\xff\xd8" and png[:4] == b"\x89PNG"
     assert np.asarray(Image.open(io.BytesIO(jpg))).shape == (40, 30, 3)
     assert (np.asarray(Image.open(io.BytesIO(png))) == arr).all()
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "resnet50"])
+def test_fast_gradcam_with_views_is_the_mean_of_each_views_map_turned_upright(arch):
+    """With test-time views the verdict is the mean of the views' logits (DihedralTTA) and the map the
+    mean of each view's own Grad-CAM, turned back upright; the ONNX graph computes the same."""
+    from defectcls.models import DihedralTTA, dihedral_views, merge_view_maps
+
+    torch.manual_seed(0)
+    model = build_model(arch)
+    x = _parts(2)
+    calibrate_bn(model, x)
+    views = 8
+    logits, raw = gradcam_torch(cam_split(model, arch, views), x)
+    per_logits, per_raw = gradcam_torch(cam_split(model, arch), dihedral_views(x, views))
+    torch.testing.assert_close(raw, merge_view_maps(per_raw, views), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, DihedralTTA(model, views)(x), atol=1e-5, rtol=0)
+        g_logits, g_raw = make_cam_graph(model, arch, views=views)(x)
+    torch.testing.assert_close(g_logits, logits, atol=1e-5, rtol=0)
+    assert np.abs(normalize_cam(g_raw.numpy(), SIZE) - normalize_cam(raw.numpy(), SIZE)).max() <= 1e-4
+    # the views do not agree (else the test would not tell merging from taking the first view)
+    assert float((per_raw[:2] - per_raw[2:4]).abs().max()) > 1e-3
+
+
+def test_library_methods_with_views_give_the_models_verdict(tiny_model_tta, tiny_data):
+    """pytorch-grad-cam draws the upright view's map; the verdict is the model's, over all its views."""
+    pred = Predictor(tiny_model_tta, device="cpu", backend="torch")
+    f = sorted((tiny_data / "bad").glob("*.png"))[0]
+    ex = explain(pred, f, method="gradcam++")
+    assert ex.prediction.prob_bad == pytest.approx(pred.predict(f).prob_bad, abs=1e-6)
+    one = Predictor(tiny_model_tta, device="cpu", backend="torch", tta=1)
+    assert abs(one.predict(f).prob_bad - ex.prediction.prob_bad) > 1e-6   # the views moved it

@@ -114,3 +114,28 @@ def test_ensure_onnx_exports_once_into_a_cache(tiny_model, tmp_path):
     stamp = path.stat().st_mtime_ns
     assert ensure_onnx(tiny_model, cache_dir=tmp_path) == path and path.stat().st_mtime_ns == stamp
     assert Predictor(tiny_model, device="cpu", onnx_path=path).backend == "onnx"
+
+
+def test_export_with_views_matches_torch_and_the_edge_runtime(tiny_model_tta, tiny_data, tmp_path):
+    """A card with 8 test-time views exports them into the graph: onnxruntime (and so the edge box) answers
+    as torch does, heat-map included; the cache keeps graphs with and without views apart."""
+    from defectcls.explain import cam_fast
+    from defectcls.export import ensure_onnx, export_onnx
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_tta, d)
+    rep = export_onnx(d, n_check=8)
+    assert rep["ok"] and rep["heatmap_output"] and rep["parity"]["fp32"]["cam_max_diff"] <= 1e-4
+    files = sorted((tiny_data / "bad").glob("*.png"))[:3]
+    torch_p = Predictor(d, device="cpu", backend="torch")
+    onnx_p = Predictor(d, device="cpu", backend="onnx")
+    x = np.stack([torch_p.preprocess(f) for f in files])
+    np.testing.assert_allclose(onnx_p.logits(x), torch_p.logits(x), atol=1e-4)
+    np.testing.assert_allclose(cam_fast(onnx_p, x)[1], cam_fast(torch_p, x)[1], atol=1e-3)
+    edge = EdgePredictor(d / "model.onnx")
+    for f in files:
+        assert edge.predict(str(f))["prob_bad"] == pytest.approx(torch_p.predict(f).prob_bad, abs=1e-4)
+    one = Predictor(d, device="cpu", backend="torch", tta=1)
+    assert np.abs(one.logits(x) - torch_p.logits(x)).max() > 1e-4          # the views are really in the graph
+    cache = tmp_path / "cache"
+    assert ensure_onnx(tiny_model_tta, cache_dir=cache).parent.name.endswith("-tta8")

@@ -155,3 +155,42 @@ def test_input_norm_is_recorded_on_the_card_and_inherited_by_fine_tuning(tmp_pat
     assert resolve_input_norm(TrainConfig(data="d", out="o", init=str(legacy))).input_norm == "none"
     assert resolve_input_norm(TrainConfig(data="d", out="o", init=str(legacy), input_norm="image")).input_norm == "image"
     assert resolve_input_norm(TrainConfig(data="d", out="o")).input_norm == "image"
+
+
+def test_dihedral_views_are_exact_and_merge_back_upright():
+    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).reshape(2, 1, 5, 5)
+    assert all(torch.equal(M.rot90(x, k), torch.rot90(x, k, dims=(-2, -1))) for k in range(-3, 5))
+    for views in (4, 8):
+        v = M.dihedral_views(x, views)
+        assert v.shape == (views * 2, 1, 5, 5)
+        torch.testing.assert_close(v[:2], x)                                   # view 0 is the photo itself
+        torch.testing.assert_close(v[2:4], torch.rot90(x, 1, dims=(-2, -1)))  # v-major: view 1 of both images
+        # each view holds the same pixels (exact transforms, no resampling), and all views differ
+        assert all(torch.equal(v[k].flatten().sort().values, x[k % 2].flatten().sort().values) for k in range(len(v)))
+        assert len({tuple(t.flatten().tolist()) for t in v[::2]}) == views
+        torch.testing.assert_close(M.merge_view_maps(v[:, 0], views), x[:, 0])
+    assert M.dihedral_views(x, 1) is x
+
+
+def test_tta_wrapper_is_the_mean_over_views_and_cards_record_it(tmp_path, tiny_model, tiny_model_tta):
+    torch.manual_seed(0)
+    net = M.build_model("mobilenet_v3_large").eval()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        per_view = torch.stack([net(M.dihedral_views(x, 8)[k * 3:(k + 1) * 3]) for k in range(8)])
+        torch.testing.assert_close(M.DihedralTTA(net, 8)(x), per_view.mean(0), atol=1e-5, rtol=0)
+    assert M.with_tta(net, 1) is net and M.unwrap_tta(M.with_tta(net, 4)) is net
+    with pytest.raises(ModelLoadError, match="test-time views"):
+        M.with_tta(net, 3)
+    assert M.read_card(tiny_model).tta == 1 and M.read_card(tiny_model_tta).tta == 8
+    model, card = M.load_for_inference(tiny_model_tta)
+    assert isinstance(model, M.DihedralTTA) and model.views == 8
+    # the state dict does not change with views: fine-tuning and weights files stay as they were
+    assert list(M.unwrap_tta(model).state_dict()) == list(M.load_model_dir(tiny_model)[0].state_dict())
+    d = json.loads((tiny_model / M.CARD_FILE).read_text())
+    d["tta"] = 5
+    bad = tmp_path / "bad_tta"
+    bad.mkdir()
+    (bad / M.CARD_FILE).write_text(json.dumps(d))
+    with pytest.raises(ModelLoadError, match="tta must be one of 1, 4, 8"):
+        M.read_card(bad)

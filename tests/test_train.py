@@ -123,3 +123,22 @@ def test_init_warm_starts_from_a_model_dir(tmp_path, tiny_data, tiny_model):
         torch.testing.assert_close(fresh.state_dict()[k], v)
     with pytest.raises(DefectclsError, match="is a mobilenet_v3_large"):
         train(_tiny_cfg(tiny_data, tmp_path / "m", arch="resnet18", init=str(tiny_model)))
+
+
+def test_views_are_the_default_and_calibration_scores_as_the_saved_model_answers(tmp_path, tiny_data):
+    """Threshold, temperature and metrics are chosen on the same test-time views the model directory
+    answers with: its test metrics are what evaluating the directory gives."""
+    from defectcls.scoring import evaluate_model
+
+    assert TrainConfig(data="d", out="o").tta == 8
+    out = tmp_path / "m"
+    train(_tiny_cfg(tiny_data, out, tta=4))
+    card = json.loads((out / "card.json").read_text())
+    assert card["tta"] == 4 and card["train"]["config"]["tta"] == 4
+    fresh = evaluate_model(out, tiny_data, split="test")["metrics"]
+    assert {k: card["metrics"]["test"][k] for k in ("tp", "fp", "tn", "fn")} == {k: fresh[k] for k in ("tp", "fp", "tn", "fn")}
+    assert card["metrics"]["test"]["auroc"] == pytest.approx(fresh["auroc"], abs=1e-6)
+    from defectcls.errors import DefectclsError
+
+    with pytest.raises(DefectclsError, match="--tta must be one of"):
+        train(_tiny_cfg(tiny_data, tmp_path / "x", tta=2))
