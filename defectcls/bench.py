@@ -310,6 +310,7 @@ def _bench_model(name: str, model_dir: Path, trained: bool, work: Path, device, 
     row["e2e_ms"] = _stats(e2e)
     row["e2e_breakdown_ms"] = {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]}
     row["params"] = count_params(fast.model)
+    row["tta"] = fast.card.tta   # test-time views per photo: every latency above includes them
     files = {"safetensors": model_dir / "model.safetensors", "onnx": x_dir / "model.onnx", "onnx_int8": x_dir / ONNX_INT8_FILE}
     row["files_mb"] = {k: round(p.stat().st_size / 1e6, 3) for k, p in files.items() if p.is_file()}
     row["size_mb"] = row["files_mb"]["safetensors"]

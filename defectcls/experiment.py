@@ -39,7 +39,8 @@ SHOW_SIZE = 192                          # side of the heat-map samples drawn in
 METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "threshold")
 # settings that make two training runs the same run (for --reuse)
 _SAME_RUN = ("data", "arch", "epochs", "img_size", "batch_size", "lr", "weight_decay", "color", "seed", "target_fnr",
-             "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug")
+             "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug",
+             "input_norm")
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -68,23 +69,31 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
                 img_size: int | None = None, progress: bool = False, reuse: bool = False, **overrides) -> dict:
     """Train THE recipe (``TrainConfig`` defaults plus OVERRIDES) into OUT; returns the card as a dict.
 
-    With REUSE, an existing model directory trained with the same settings on the same data is kept.
+    With REUSE, an existing model directory trained with the same settings on the same data is kept;
+    when only its test-time views differ from the recipe's, it is recalibrated with them
+    (``scoring.recalibrate``: the views are not part of training).
     """
     from .models import read_card
-    from .train import TrainConfig, train
+    from .train import TrainConfig, resolve_input_norm, train
 
     cfg = TrainConfig(data=str(data), out=str(out), seed=seed, progress=progress, **overrides)
     if epochs:
         cfg.epochs = epochs
     if img_size:
         cfg.img_size = img_size
-    want = {k: v for k, v in _norm(cfg.to_dict()).items() if k in _SAME_RUN}
+    want = {k: v for k, v in _norm(resolve_input_norm(cfg).to_dict()).items() if k in _SAME_RUN}
     want["data"] = os.path.realpath(want["data"])
     if reuse and (Path(out) / "card.json").is_file():
         card = read_card(out)
         have = {k: v for k, v in (card.train or {}).get("config", {}).items() if k in _SAME_RUN}
         have["data"] = os.path.realpath(have.get("data", ""))
+        have["input_norm"] = card.input_norm
         if have == want:
+            if card.tta != cfg.tta:
+                from .scoring import recalibrate
+
+                recalibrate(out, cfg.target_fnr, cfg.threshold_method, data_root=data, tta=cfg.tta)
+                return read_card(out).to_dict()
             return card.to_dict()
     train(cfg)
     return read_card(out).to_dict()

@@ -22,6 +22,7 @@ def test_json_structure(result):
         for key in ("forward_ms", "cam_ms", "e2e_ms"):
             assert {"p50", "p95"} <= set(m[key]) and m[key]["p95"] >= m[key]["p50"] > 0
         assert m["throughput_ips"] > 0 and m["params"] > 1e6 and m["size_mb"] > 1 and m["peak_mem_mb"] >= 0
+        assert m["tta"] == 1   # the shipped model and untrained architectures answer with one view
         assert m["backend"] == "onnx" and {"onnx", "torch"} <= set(m["backends"])
         assert {"decode", "model_cam", "overlay", "encode"} <= set(m["e2e_breakdown_ms"])
         assert result["naive"][name]["e2e_ms"]["p50"] > 0 and result["speedup_e2e"][name] > 0

@@ -108,6 +108,14 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
                "--archs", "mobilenet_v3_small", "--epochs", "1", "--img-size", "32", "--reuse", "--json"])
     assert rc == 0 and weights.stat().st_mtime_ns == before                 # same settings: not trained again
     assert json.loads(capsys.readouterr().out)["rows"][0]["size"] == "8"
+    card_path = tmp_path / "models" / "n8" / "card.json"
+    card = json.loads(card_path.read_text())
+    assert card["tta"] == 8
+    card["tta"] = 1                                                          # a model from before the views
+    card_path.write_text(json.dumps(card))
+    res = X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
+    assert weights.stat().st_mtime_ns == before and json.loads(card_path.read_text())["tta"] == 8  # recalibrated
+    assert res["rows"][0]["test_fpr"] == json.loads(card_path.read_text())["metrics"]["test"]["fpr"]
 
 
 def test_sizes_and_caps():
