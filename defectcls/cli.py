@@ -88,6 +88,8 @@ def _add_train(sub) -> None:
     p.add_argument("--target-fnr", type=float, default=d.target_fnr, help="FNR the threshold must meet on new parts")
     p.add_argument("--threshold-method", choices=["conformal", "empirical"], default=d.threshold_method)
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
+    p.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights (e.g. 0.995); 0: off")
     p.add_argument("--balance", choices=["loss", "sampler", "none"], default=d.balance,
                    help="class imbalance: weighted loss, balanced sampler, or none")
     p.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (download or torch cache)")
@@ -124,7 +126,7 @@ def _run_train(a) -> int:
 
     cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, img_size=a.img_size,
                       batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, device=a.device,
-                      target_fnr=a.target_fnr, threshold_method=a.threshold_method, patience=a.patience,
+                      target_fnr=a.target_fnr, threshold_method=a.threshold_method, patience=a.patience, ema=a.ema,
                       balance=a.balance, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
                       folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,

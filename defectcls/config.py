@@ -141,6 +141,8 @@ class TrainConfig:
     init: str | None = None           # start from this model directory's weights (same arch and colour mode)
     input_norm: str | None = None     # "image" (each image standardised in the network), "none"; None: the
                                       # --init model's, else "image"
+    ema: float = 0.0                  # > 0: validate and keep an exponential moving average of the weights
+                                      # with this decay per step (0.995: about the last 200 steps)
     tta: int = 8                      # test-time views the saved model answers with (1, 4, 8): the threshold and
                                       # temperature are chosen on its validation scores over the same views
     max_per_class: tuple[int, int] | None = None  # seeded subset (good, bad) of the training part

@@ -61,6 +61,8 @@ def resolve_input_norm(cfg: TrainConfig) -> TrainConfig:
     norm = cfg.input_norm or (read_card(cfg.init).input_norm if cfg.init else "image")
     if norm not in INPUT_NORMS:
         raise DefectclsError(f"--input-norm must be one of {', '.join(INPUT_NORMS)}, got {norm!r}")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise DefectclsError(f"--ema must be a decay in [0, 1) (0: off), got {cfg.ema}")
     if cfg.tta not in TTA_VIEWS:
         raise DefectclsError(f"--tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {cfg.tta!r}")
     return replace(cfg, input_norm=norm)
@@ -190,6 +192,12 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
          f"train {len(y_train)} ({n_good} good / {n_bad} bad), {what}", rank)
 
     total_steps = cfg.epochs * steps_per_epoch
+    ema = None
+    if cfg.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=False)
+    scored = ema.module if ema is not None else model   # the weights validated, selected and saved
     best_score, best_state, best_epoch, history = (math.inf, math.inf, math.inf), None, -1, []
     stale = 0
     for epoch in range(cfg.epochs):
@@ -220,6 +228,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             if sched.last_epoch + 1 < sched.total_steps:
                 sched.step()
             losses.append(loss.item())
@@ -227,8 +237,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         stop = torch.zeros(1)
         if rank == 0:
-            recompute_bn_stats(model, x_train, mean_t, std_t, device, seed=cfg.seed + epoch)
-            logits = predict_logits(model, x_val, mean_t, std_t, device)
+            recompute_bn_stats(scored, x_train, mean_t, std_t, device, seed=cfg.seed + epoch)
+            logits = predict_logits(scored, x_val, mean_t, std_t, device)
             val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val)))
             prob = prob_bad_from_logits(logits)
             m = compute_metrics(y_val, prob, 0.5)
@@ -243,7 +253,7 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
             improved = score < best_score
             if improved:
                 best_score, best_epoch, stale = score, epoch + 1, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy(scored.state_dict())
             else:
                 stale += 1
             _log(f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} | val loss {val_loss:.4f} "

@@ -142,3 +142,20 @@ def test_views_are_the_default_and_calibration_scores_as_the_saved_model_answers
 
     with pytest.raises(DefectclsError, match="--tta must be one of"):
         train(_tiny_cfg(tiny_data, tmp_path / "x", tta=2))
+
+
+def test_ema_weights_are_what_is_validated_and_saved(tmp_path, tiny_data):
+    """With --ema the saved weights are the moving average, not the last step's (same seed, same data)."""
+    from defectcls.errors import DefectclsError
+    from defectcls.models import load_model_dir
+
+    plain, avg = tmp_path / "plain", tmp_path / "ema"
+    train(_tiny_cfg(tiny_data, plain, epochs=2, tta=1))
+    train(_tiny_cfg(tiny_data, avg, epochs=2, tta=1, ema=0.5))
+    assert json.loads((avg / "card.json").read_text())["train"]["config"]["ema"] == 0.5
+    a, _ = load_model_dir(plain)
+    b, _ = load_model_dir(avg)
+    diff = max(float((p - q).abs().max().detach()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert diff > 1e-6
+    with pytest.raises(DefectclsError, match="--ema"):
+        train(_tiny_cfg(tiny_data, tmp_path / "x", ema=1.0))
