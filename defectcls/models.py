@@ -472,12 +472,6 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
     return model, card
 
 
-def load_for_inference(model_dir: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
-    """``load_model_dir`` with the card's test-time views (``ModelCard.tta``) around the network."""
-    model, card = load_model_dir(model_dir)
-    return with_tta(model, card.tta).eval(), card
-
-
 def model_id(model_dir: str | os.PathLike, card: ModelCard | None = None) -> str:
     """Name plus the first 12 hex digits of the weights' sha256: changes whenever weights change."""
     card = card or read_card(model_dir)
