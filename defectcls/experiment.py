@@ -40,7 +40,7 @@ METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "thr
 # settings that make two training runs the same run (for --reuse)
 _SAME_RUN = ("data", "arch", "epochs", "img_size", "batch_size", "lr", "weight_decay", "color", "seed", "target_fnr",
              "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug",
-             "input_norm")
+             "input_norm", "ema")
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -88,6 +88,7 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
         have = {k: v for k, v in (card.train or {}).get("config", {}).items() if k in _SAME_RUN}
         have["data"] = os.path.realpath(have.get("data", ""))
         have["input_norm"] = card.input_norm
+        have.setdefault("ema", 0.0)   # models trained before the option
         if have == want:
             if card.tta != cfg.tta:
                 from .scoring import recalibrate
