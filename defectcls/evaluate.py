@@ -153,7 +153,7 @@ def fit_temperature(logits: np.ndarray, y_true: Sequence[int]) -> float:
 def prob_bad_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Calibrated P(bad) from 2-class logits."""
     z = np.asarray(logits, dtype=np.float64) / temperature
-    return 1.0 / (1.0 + np.exp(-(z[:, 1] - z[:, 0])))
+    return np.exp(-np.logaddexp(0.0, -(z[:, 1] - z[:, 0])))   # sigmoid, without overflow for confident logits
 
 
 def _jsonable(obj):
