@@ -305,7 +305,6 @@ def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
 
     from .edge import session_meta
     from .inference import onnx_mismatch
-
     from .models import read_card
 
     model_dir = Path(model_dir)

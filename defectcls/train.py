@@ -20,7 +20,7 @@ from .augment import augment
 from .config import TrainConfig, resolve_device, seed_everything
 from .errors import DefectclsError
 from .evaluate import choose_threshold, compute_metrics, fit_temperature, fpr_at_fnr, prob_bad_from_logits
-from .models import INPUT_NORMS, ModelCard, TTA_VIEWS, build_model, read_card, save_model_dir, with_tta
+from .models import INPUT_NORMS, TTA_VIEWS, ModelCard, build_model, read_card, save_model_dir, with_tta
 
 SPLIT_FILE = "split.json"
 
