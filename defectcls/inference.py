@@ -261,7 +261,3 @@ class Predictor:
         out = [self.logits(D.normalize(images_u8[i:i + batch_size], c.mean, c.std))
                for i in range(0, len(images_u8), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(c.labels)), np.float32)
-
-    def probs_cached(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Calibrated P(bad) for already decoded uint8 NxCxSxS images at the card's size."""
-        return prob_bad_from_logits(self.logits_cached(images_u8, batch_size), self.card.temperature)

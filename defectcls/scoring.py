@@ -10,7 +10,7 @@ import numpy as np
 
 from . import data as D
 from .errors import DefectclsError
-from .evaluate import compute_metrics
+from .evaluate import compute_metrics, prob_bad_from_logits
 from .inference import Predictor
 from .train import SPLIT_FILE
 
@@ -43,9 +43,10 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
     if not ok:
         raise DefectclsError(f"no readable images in {data_root}")
     y = np.array([samples[i].label for i in ok])
-    p = pred.probs_cached(images)
+    z = pred.logits_cached(images)
+    p = prob_bad_from_logits(z, pred.card.temperature)
     thr = pred.threshold if threshold is None else threshold
-    return {"metrics": compute_metrics(y, p, thr), "y_true": y.tolist(), "prob_bad": p.tolist(),
+    return {"metrics": compute_metrics(y, p, thr), "y_true": y.tolist(), "prob_bad": p.tolist(), "logits": z.tolist(),
             "paths": [samples[i].path for i in ok], "model_id": pred.model_id, "split": used,
             "skipped": [{"path": path, "error": err} for path, err in failed]}
 
@@ -60,7 +61,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     changes, the temperature is fitted anew on validation, else the card's is kept. Threshold,
     policy, views, temperature and val/test metrics are replaced, atomically.
     """
-    from .evaluate import choose_threshold, fit_temperature, prob_bad_from_logits
+    from .evaluate import choose_threshold, fit_temperature
     from .models import read_card, write_card
 
     if not 0.0 <= target_fnr < 1.0:
@@ -82,14 +83,13 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
         raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
     card = read_card(model_dir)
     pred = Predictor(model_dir, backend="torch", tta=tta)
-    samples_all = D.scan_folder(root)
     metrics, parts = {}, {}
     for name in [n for n in ("val", "test") if saved.get(n)]:
-        samples, _ = select_split(model_dir, root, samples_all, name)
-        images, ok, failed = D.decode_all(samples, card.img_size, card.color, use_disk_cache=False)
-        if failed:
-            raise DefectclsError(f"{len(failed)} {name} image(s) unreadable now, e.g. {failed[0][0]}: {failed[0][1]}")
-        parts[name] = (np.array([samples[i].label for i in ok]), pred.logits_cached(images))
+        res = evaluate_model(model_dir, root, split=name, predictor=pred)
+        if res["skipped"]:
+            bad = res["skipped"][0]
+            raise DefectclsError(f"{len(res['skipped'])} {name} image(s) unreadable now, e.g. {bad['path']}: {bad['error']}")
+        parts[name] = (np.array(res["y_true"]), np.array(res["logits"], dtype=np.float32))
     views = pred.card.tta
     temperature = card.temperature if views == card.tta else fit_temperature(parts["val"][1], parts["val"][0])
     probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
