@@ -77,13 +77,14 @@ def test_predictor_fast_cam_equals_library(tiny_model, tiny_data):
     np.testing.assert_allclose(logits, pred.logits(x), atol=1e-5)
 
 
-def test_normalize_cam_scales_like_the_library():
+@pytest.mark.parametrize("raw_hw,out_hw", [((7, 5), (70, 63)), ((14, 14), (448, 448)), ((10, 10), (320, 320))])
+def test_normalize_cam_scales_like_the_library(raw_hw, out_hw):
     from pytorch_grad_cam.utils.image import scale_cam_image
 
     rng = np.random.default_rng(0)
-    raw = rng.normal(size=(4, 7, 5)).astype(np.float32)
-    lib = scale_cam_image(scale_cam_image(np.maximum(raw, 0), (63, 70)))   # (width, height) as the library takes it
-    assert np.abs(normalize_cam(raw, (70, 63)) - lib).max() <= 1e-5
+    raw = rng.normal(size=(4, *raw_hw)).astype(np.float32)
+    lib = scale_cam_image(scale_cam_image(np.maximum(raw, 0), out_hw[::-1]))   # (width, height) as the library takes it
+    assert np.abs(normalize_cam(raw, out_hw) - lib).max() <= 1e-5
 
 
 def test_explain_prediction_is_predict(tiny_model, tiny_data):
