@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,8 +35,9 @@ def _dist_info() -> tuple[int, int, bool]:
 
 
 def _log(msg: str, rank: int = 0) -> None:
+    """Progress lines go to stderr: stdout carries only the result (one JSON object with --json)."""
     if rank == 0:
-        print(msg, flush=True)
+        print(msg, file=sys.stderr, flush=True)
 
 
 def to_input(batch_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

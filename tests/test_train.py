@@ -105,8 +105,9 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_data):
     assert r.returncode == 0, r.stderr[-3000:]
     card = json.loads((out / "card.json").read_text())
     assert card["train"]["world_size"] == 2 and len(card["train"]["history"]) == 2
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    summary = json.loads(r.stdout)   # --json: stdout is the one result object, progress went to stderr
     assert summary["out"] == str(out)
+    assert "epoch 2/2" in r.stderr
 
 
 def test_init_warm_starts_from_a_model_dir(tmp_path, tiny_data, tiny_model):
