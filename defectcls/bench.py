@@ -247,7 +247,7 @@ def _bench_backend(pred, x1: np.ndarray, xb: np.ndarray, iters: int, warmup: int
     fwd = _time(lambda: pred.logits(x1), iters, warmup, dev)
     res = {"forward_ms": _stats(fwd)}
     if pred.has_fast_cam:
-        cam = _time(lambda: normalize_cam(pred.forward_cam(x1)[1], x1.shape[-2:]), iters, warmup, dev)
+        cam = _time(lambda: normalize_cam(pred.forward_cam(x1)[1], x1.shape[-2:], pred.cam_offset), iters, warmup, dev)
         res["cam_ms"] = _stats(cam)
         res["cam_overhead"] = round(res["cam_ms"]["p50"] / res["forward_ms"]["p50"] - 1, 3)
     bt = _time(lambda: pred.logits(xb), max(3, iters // 3), 1, dev)

@@ -84,6 +84,8 @@ class EdgePredictor:
         self.threshold = float(self.card["threshold"])
         self.temperature = float(self.card.get("temperature", 1.0))
         self.has_cam = CAM_NAME in session_outputs(self.session)
+        # where the heat-map's cells are drawn (``models.cam_offset``); exports older than it: the usual place
+        self.cam_offset: tuple[float, float] = tuple(json.loads(meta.get("cam_offset", "[0, 0]")))
 
     def load(self, src: ImageSource, fast_png: bool = True) -> np.ndarray:
         return self.prep.load(src, fast_png)
@@ -134,7 +136,7 @@ class EdgePredictor:
         img = self.load(src)
         x = self.preprocess(img)[None]
         logits, raw = self.run(x, cam=True)
-        cam = normalize_cam(raw, x.shape[-2:])[0]
+        cam = normalize_cam(raw, x.shape[-2:], self.cam_offset)[0]
         p = float(prob_bad_from_logits(logits, self.temperature)[0])
         return self._result(p, (time.perf_counter() - t0) * 1e3), cam, img
 

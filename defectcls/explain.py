@@ -34,21 +34,23 @@ DISPLAY_SIZE = 512      # longer side of overlays rendered for screens
 
 # ---------------------------------------------------------------- rendering (numpy + Pillow only)
 
-def _linear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices i0, i1 and weight of i1 of a half-pixel-centred linear resize (cv2.INTER_LINEAR's rule)."""
-    src = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+def _linear_taps(n_out: int, n_in: int, offset: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices i0, i1 and weight of i1 of a half-pixel-centred linear resize (cv2.INTER_LINEAR's rule),
+    read OFFSET output pixels further on (the drawing moves by -OFFSET)."""
+    src = np.clip((np.arange(n_out, dtype=np.float64) + 0.5 + offset) * (n_in / n_out) - 0.5, 0, n_in - 1)
     i0 = np.floor(src).astype(np.int64)
     return i0, np.minimum(i0 + 1, n_in - 1), src - i0
 
 
-def _resize_linear(a: np.ndarray, H: int, W: int) -> np.ndarray:
-    """Separable linear resize of maps ((N,)h,w) to ((N,)H,W) by gathers and lerps.
+def _resize_linear(a: np.ndarray, H: int, W: int, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Separable linear resize of maps ((N,)h,w) to ((N,)H,W) by gathers and lerps, drawn OFFSET (dy, dx)
+    output pixels up and left of the usual half-pixel alignment.
 
     No matrix products: BLAS would start its own threads, which keep spinning after the call
     and slow the next model call on a small CPU (seen: 17 ms -> 61 ms per 448 px heat-map).
     """
-    r0, r1, fr = _linear_taps(H, a.shape[-2])
-    c0, c1, fc = _linear_taps(W, a.shape[-1])
+    r0, r1, fr = _linear_taps(H, a.shape[-2], offset[0])
+    c0, c1, fc = _linear_taps(W, a.shape[-1], offset[1])
     rows = a[..., r0, :] * (1 - fr)[:, None] + a[..., r1, :] * fr[:, None]
     return rows[..., c0] * (1 - fc) + rows[..., c1] * fc
 
@@ -58,14 +60,16 @@ def _minmax(a: np.ndarray) -> np.ndarray:
     return a / (1e-7 + a.max(axis=(-2, -1), keepdims=True))
 
 
-def normalize_cam(raw: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+def normalize_cam(raw: np.ndarray, size: int | tuple[int, int], offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
     """Raw Grad-CAM maps ((N,)h,w) -> float32 ((N,)H,W) in [0, 1], the way pytorch-grad-cam scales them.
 
-    ReLU, min-max scaling, linear upsampling to SIZE (an int or (H, W)), min-max again.
+    ReLU, min-max scaling, linear upsampling to SIZE (an int or (H, W)), min-max again. OFFSET
+    (dy, dx, input pixels; ``models.cam_offset``) draws each cell over the pixels it looks at
+    instead (the library's drawing is OFFSET down and right of them); (0, 0) is the library's.
     """
     H, W = (size, size) if isinstance(size, int) else size
     cam = _minmax(np.maximum(np.asarray(raw, np.float64), 0.0))
-    up = _resize_linear(cam, H, W)
+    up = _resize_linear(cam, H, W, offset)
     return _minmax(np.maximum(up, 0.0)).astype(np.float32)
 
 
@@ -294,12 +298,14 @@ def _library_cam(predictor: Predictor, x: np.ndarray, method: str, target: int) 
     model, lock = predictor.hookable_model()
     t = torch.from_numpy(np.ascontiguousarray(x)).to(predictor.device)
     with lock, cls(model=model, target_layers=[cam_target_layer(model, predictor.card.arch)]) as cam:
+        # maps at the CAM layer's own resolution (the library's resize becomes a no-op), scaled below like ours
+        cam.get_target_width_height = lambda _t: tuple(cam.activations_and_grads.activations[0].shape[:-3:-1])
         maps = cam(input_tensor=t, targets=[ClassifierOutputTarget(target)] * len(t))
         logits = cam.outputs.detach().float().cpu().numpy()
     if predictor.card.tta > 1:
         # the library's map is the upright view's; the verdict is the model's own, over all its views
         logits = predictor.logits(x)
-    return maps, logits
+    return normalize_cam(maps, x.shape[-2:], predictor.upright_cam_offset), logits
 
 
 def cam_library(predictor: Predictor, x: np.ndarray, method: str = "gradcam", target: int = CAM_TARGET) -> np.ndarray:
@@ -310,7 +316,7 @@ def cam_library(predictor: Predictor, x: np.ndarray, method: str = "gradcam", ta
 def cam_fast(predictor: Predictor, x: np.ndarray, target: int = CAM_TARGET) -> tuple[np.ndarray, np.ndarray]:
     """(logits (N,2), Grad-CAM maps (N,H,W) in [0,1]) for a float32 NxCxHxW batch, from one forward pass."""
     logits, raw = predictor.forward_cam(x, target)
-    return logits, normalize_cam(raw, x.shape[-2:])
+    return logits, normalize_cam(raw, x.shape[-2:], predictor.cam_offset)
 
 
 # ---------------------------------------------------------------- explain
@@ -337,7 +343,7 @@ def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> 
     if method == "gradcam" and predictor.has_fast_cam:
         logits, raw = predictor.forward_cam(x, CAM_TARGET)
         t3 = time.perf_counter()
-        cam = normalize_cam(raw, x.shape[-2:])[0]
+        cam = normalize_cam(raw, x.shape[-2:], predictor.cam_offset)[0]
     else:
         maps, logits = _library_cam(predictor, x, method, CAM_TARGET)
         t3 = time.perf_counter()

@@ -35,7 +35,7 @@ from .errors import DefectclsError
 from .evaluate import prob_bad_from_logits
 from .explain import normalize_cam
 from .inference import ONNX_FILE, ONNX_INT8_FILE, Predictor
-from .models import load_model_dir, weights_sha256, with_tta
+from .models import load_model_dir, model_cam_offset, weights_sha256, with_tta
 
 DEFAULT_OPSET = 17
 FP32_TOL = 1e-4          # max |P(bad) difference| between torch and the fp32 graph
@@ -223,6 +223,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     dummy = torch.randn(2, card.in_chans, card.img_size, card.img_size, generator=torch.Generator().manual_seed(0))
     meta = {"card": json.dumps(card.to_dict()), "weights_sha256": sha, "model_id": f"{card.name}@{sha[:12]}",
             "outputs": ",".join(outputs), "cam_target": "1",
+            "cam_offset": json.dumps(list(model_cam_offset(model_dir, card))),
             "cam": "raw Grad-CAM of logit 1 (bad) at the CAM layer: relu(sum_c mean_hw(dlogit/dA_c) A_c)"}
     fp32_path = out_dir / ONNX_FILE
     report: dict = {"model_dir": str(model_dir), "model_id": meta["model_id"], "arch": card.arch, "opset": opset,

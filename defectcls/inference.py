@@ -15,6 +15,7 @@ torch model and the hook-safe model copy are created once, under a lock).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import threading
@@ -33,7 +34,7 @@ from .edge import CAM_NAME, INPUT_NAME, LOGITS_NAME, make_session, session_meta,
 from .errors import DefectclsError, ImageLoadError, ModelLoadError
 from .evaluate import prob_bad_from_logits
 from .explain import CAM_TARGET, cam_split, gradcam_torch
-from .models import ModelCard, check_tta, load_model_dir, read_card, unwrap_tta, weights_sha256, with_tta
+from .models import ModelCard, check_tta, load_model_dir, model_cam_offset, read_card, unwrap_tta, weights_sha256, with_tta
 
 ImageSource = str | os.PathLike | bytes | np.ndarray
 BACKENDS = ("auto", "torch", "onnx")
@@ -158,6 +159,16 @@ class Predictor:
                 if self._hookable is None:
                     self._hookable = copy.deepcopy(model)
         return self._hookable, self._hook_lock
+
+    @functools.cached_property
+    def cam_offset(self) -> tuple[float, float]:
+        """Where this model's one-pass heat-maps are drawn (``models.model_cam_offset``; ``explain.normalize_cam``)."""
+        return model_cam_offset(self.model_dir, self.card)
+
+    @functools.cached_property
+    def upright_cam_offset(self) -> tuple[float, float]:
+        """The same for the bare network's map of the upright photo (the hooked library methods)."""
+        return model_cam_offset(self.model_dir, replace(self.card, tta=1))
 
     @property
     def threshold(self) -> float:

@@ -679,7 +679,7 @@ class _Run:
         from .explain import normalize_cam
 
         if raw is not None:
-            return normalize_cam(raw[None], d.x.shape[-2:])[0]
+            return normalize_cam(raw[None], d.x.shape[-2:], getattr(self.p, "cam_offset", (0.0, 0.0)))[0]
         if self.cam_fn is None:
             self.cam_fn = False
             try:

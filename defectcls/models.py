@@ -7,6 +7,7 @@ loading reads everything from the card and never unpickles anything.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -314,6 +315,61 @@ def cam_target_layer(model: nn.Module, arch: str) -> nn.Module:
     return arch_spec(arch).cam_layer(model)
 
 
+_PROBE_SIZE = 512
+
+
+@functools.cache
+def cam_offset(arch: str) -> tuple[float, float]:
+    """(dy, dx): where the Grad-CAM layer's cells really look, against the usual way of scaling their map.
+
+    Scaling a map of h cells to H pixels the usual way (half-pixel centres, pytorch-grad-cam's
+    ``cv2.resize``) puts cell i's centre at pixel (i + 0.5) * H / h - 0.5. Strided convolutions
+    padded on both sides centre cell i on pixel i * H / h instead (MobileNets and ResNets: 15.5
+    pixels up and left of where the map is drawn, whatever the input size; SqueezeNet 0.5), so every heat-map
+    sits that far down and right of what the network saw. This returns that distance in input
+    pixels, measured on the architecture itself: a linear twin of the network (positive uniform
+    convolution weights; no normalisation, activations or squeeze-excitation; average pooling
+    in place of max pooling) whose CAM-layer cell at the middle of a 512 px input is differentiated with respect
+    to the input; the centre of mass of that gradient is the cell's receptive-field centre.
+    ``explain.normalize_cam(raw, size, offset)`` draws the map there. Cached per process.
+    """
+    from torchvision.ops.misc import SqueezeExcitation
+
+    model = build_model(arch, in_chans=1, num_classes=2)
+    linear = nn.BatchNorm2d | nn.Dropout | nn.ReLU | nn.ReLU6 | nn.Hardswish | nn.Hardsigmoid | nn.SiLU | nn.Sigmoid
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, linear | SqueezeExcitation):   # SE: a per-channel scale, no geometry
+                setattr(mod, child_name, nn.Identity())
+            elif isinstance(child, nn.MaxPool2d):
+                setattr(mod, child_name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
+                                                      ceil_mode=child.ceil_mode))
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.Conv2d):
+                mod.weight.fill_(1.0 / (mod.weight[0].numel()))
+                if mod.bias is not None:
+                    mod.bias.zero_()
+    model.eval()
+    acts = []
+    handle = cam_target_layer(model, arch).register_forward_hook(lambda _m, _i, out: acts.append(out))
+    x = torch.ones(1, 1, _PROBE_SIZE, _PROBE_SIZE, requires_grad=True)
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    a = acts[0]
+    h, w = a.shape[-2:]
+    i, j = h // 2, w // 2
+    (g,) = torch.autograd.grad(a[0, :, i, j].sum(), x)
+    g = g[0, 0].abs().double()
+    cy = float((g.sum(1) * torch.arange(_PROBE_SIZE, dtype=torch.float64)).sum() / g.sum())
+    cx = float((g.sum(0) * torch.arange(_PROBE_SIZE, dtype=torch.float64)).sum() / g.sum())
+    drawn_y = (i + 0.5) * _PROBE_SIZE / h - 0.5
+    drawn_x = (j + 0.5) * _PROBE_SIZE / w - 0.5
+    return round(drawn_y - cy, 2), round(drawn_x - cx, 2)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -435,6 +491,17 @@ def member_archs(model_dir: str | os.PathLike, card: ModelCard) -> list[str]:
     if not card.members:
         raise ModelLoadError(f"{model_dir}: an ensemble card needs 'members' (member directories)")
     return [read_card(Path(model_dir) / m).arch for m in card.members]
+
+
+def model_cam_offset(model_dir: str | os.PathLike, card: ModelCard) -> tuple[float, float]:
+    """``cam_offset`` of the network that draws MODEL_DIR's heat-map (an ensemble's first member).
+
+    (0, 0) with test-time views: each view's map, turned back upright, is off by the offset in
+    its own direction, so their mean is centred where the usual scaling draws it.
+    """
+    if card.tta > 1:
+        return 0.0, 0.0
+    return cam_offset(member_archs(model_dir, card)[0] if card.arch == ENSEMBLE_ARCH else card.arch)
 
 
 def load_model_dir(model_dir: str | os.PathLike) -> tuple[nn.Module, ModelCard]:

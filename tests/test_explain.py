@@ -77,6 +77,20 @@ def test_predictor_fast_cam_equals_library(tiny_model, tiny_data):
     np.testing.assert_allclose(logits, pred.logits(x), atol=1e-5)
 
 
+def test_offset_draws_each_cell_over_the_pixels_it_looks_at():
+    """A single hot cell (3, 2) of a 7x7 map at 224 px: the usual scaling peaks at its half-pixel centre
+    (32 i + 15.5), the offset one on the pixel the cell is centred on (32 i, ``models.cam_offset``)."""
+    raw = np.zeros((1, 7, 7), np.float32)
+    raw[0, 3, 2] = 1.0
+
+    def peak(cam):
+        return np.unravel_index(int(np.argmax(cam[0])), cam.shape[1:])
+
+    assert peak(normalize_cam(raw, 224)) == (111, 79)          # 111.5 and 79.5, first of the tied pair
+    assert peak(normalize_cam(raw, 224, (15.5, 15.5))) == (96, 64)
+    assert peak(normalize_cam(raw, (224, 160), (0.0, 15.5 * 160 / 224))) == (111, round(2 * 160 / 7))   # cell 2 at 2 S
+
+
 @pytest.mark.parametrize("raw_hw,out_hw", [((7, 5), (70, 63)), ((14, 14), (448, 448)), ((10, 10), (320, 320))])
 def test_normalize_cam_scales_like_the_library(raw_hw, out_hw):
     from pytorch_grad_cam.utils.image import scale_cam_image

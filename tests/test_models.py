@@ -194,3 +194,23 @@ def test_tta_wrapper_is_the_mean_over_views_and_cards_record_it(tmp_path, tiny_m
     (bad / M.CARD_FILE).write_text(json.dumps(d))
     with pytest.raises(ModelLoadError, match="tta must be one of 1, 4, 8"):
         M.read_card(bad)
+
+
+@pytest.mark.parametrize("arch,expected", [("mobilenet_v3_large", 15.5), ("mobilenet_v2", 15.5), ("resnet18", 15.5),
+                                           ("resnet50", 15.5), ("squeezenet1_1", 0.5)])
+def test_cam_offset_matches_the_geometry_worked_by_hand(arch, expected):
+    """MobileNets and ResNets halve the resolution five times with layers padded so that output i is
+    centred on input 2i: CAM cell i looks at pixel 32 i, the usual half-pixel scaling draws it at
+    32 i + 15.5. SqueezeNet 1.1 halves four times unpadded (output i centred on input 2i + 1: cell i
+    at 16 i + 15); at 512 px its 31 cells are drawn at (i + 0.5) * 512 / 31 - 0.5, the middle one
+    (i = 15) at 255.5 against 255."""
+    assert M.cam_offset(arch) == (expected, expected)
+
+
+def test_model_cam_offset_follows_the_views(tiny_model, tiny_model_tta):
+    """One view: the architecture's offset; 4 or 8 views: each view's map turned back upright is off in
+    its own direction, their mean is centred where the usual scaling puts it."""
+    assert M.model_cam_offset(tiny_model, M.read_card(tiny_model)) == (15.5, 15.5)
+    assert M.model_cam_offset(tiny_model_tta, M.read_card(tiny_model_tta)) == (0.0, 0.0)
+    p = Predictor(tiny_model_tta, device="cpu", backend="torch")
+    assert p.cam_offset == (0.0, 0.0) and p.upright_cam_offset == (15.5, 15.5)
