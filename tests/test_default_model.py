@@ -24,5 +24,6 @@ def test_shipped_model_judges_the_examples(default_model_dir):
     assert len(files) >= 4
     for f in files:
         r = pred.predict(f)
-        assert r.label in ("good", "bad") and 0.0 <= r.prob_bad <= 1.0
-        assert r.model_id.startswith("mobilenet_v3_large_gray@")
+        assert 0.0 <= r.prob_bad <= 1.0 and r.model_id.startswith("mobilenet_v3_large_gray@")
+        if f.name.startswith(("good_", "bad_")):   # the borderline example may go either way
+            assert r.label == f.name.split("_")[0], (f.name, r.prob_bad, r.threshold)
