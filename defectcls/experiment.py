@@ -404,8 +404,9 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
             rows.append({"arch": arch, "model": str(mdir), "method": method, "split": used, "n": len(bad), "hits": st["hits"],
                          "rate": st["hits"] / len(bad), "detected": st["detected"],
                          "rate_detected": st["hits_detected"] / st["detected"] if st["detected"] else None,
-                         "chance": float(np.mean(chance)), "cam_offset": list(pred.upright_cam_offset if method != "gradcam"
-                                                                              else pred.cam_offset)})
+                         "chance": float(np.mean(chance)),
+                         "cam_offset": list(pred.cam_offset if method == "gradcam" and pred.has_fast_cam
+                                            else pred.upright_cam_offset)})
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
     ax.bar(range(len(rows)), [r["rate"] for r in rows])

@@ -324,15 +324,20 @@ def cam_offset(arch: str) -> tuple[float, float]:
 
     Scaling a map of h cells to H pixels the usual way (half-pixel centres, pytorch-grad-cam's
     ``cv2.resize``) puts cell i's centre at pixel (i + 0.5) * H / h - 0.5. Strided convolutions
-    padded on both sides centre cell i on pixel i * H / h instead (MobileNets and ResNets: 15.5
-    pixels up and left of where the map is drawn, whatever the input size; SqueezeNet 0.5), so every heat-map
-    sits that far down and right of what the network saw. This returns that distance in input
-    pixels, measured on the architecture itself: a linear twin of the network (positive uniform
-    convolution weights; no normalisation, activations or squeeze-excitation; average pooling
-    in place of max pooling) whose CAM-layer cell at the middle of a 512 px input is differentiated with respect
-    to the input; the centre of mass of that gradient is the cell's receptive-field centre.
+    padded on both sides centre cell i on pixel i * H / h instead, so every heat-map sits down and
+    right of what the network saw: 15.5 pixels for MobileNets and ResNets whatever the input size,
+    0.5 for SqueezeNet 1.1. This returns that distance in input pixels, measured on the
+    architecture itself: a linear twin of the network (positive uniform convolution weights; no
+    normalisation, activations or squeeze-excitation; average pooling in place of max pooling)
+    whose CAM-layer cell at the middle of a 512 px input is differentiated with respect to the
+    input; the centre of mass of that gradient is the cell's receptive-field centre.
     ``explain.normalize_cam(raw, size, offset)`` draws the map there. Cached per process.
     """
+    with torch.inference_mode(False), torch.enable_grad():   # also when the caller runs under no-grad
+        return _probe_cam_offset(arch)
+
+
+def _probe_cam_offset(arch: str) -> tuple[float, float]:
     from torchvision.ops.misc import SqueezeExcitation
 
     model = build_model(arch, in_chans=1, num_classes=2)

@@ -214,3 +214,8 @@ def test_model_cam_offset_follows_the_views(tiny_model, tiny_model_tta):
     assert M.model_cam_offset(tiny_model_tta, M.read_card(tiny_model_tta)) == (0.0, 0.0)
     p = Predictor(tiny_model_tta, device="cpu", backend="torch")
     assert p.cam_offset == (0.0, 0.0) and p.upright_cam_offset == (15.5, 15.5)
+
+
+def test_cam_offset_probe_runs_under_a_callers_inference_mode():
+    with torch.inference_mode():
+        assert M.cam_offset.__wrapped__("mobilenet_v3_small") == (15.5, 15.5)   # uncached: the probe itself
