@@ -72,6 +72,7 @@ def test_edge_matches_predictor(exported, tiny_data, name):
             p = ref.predict(f)
             assert r["label"] == p.label and abs(r["prob_bad"] - p.prob_bad) <= 1e-4
     res, cam, img = edge.explain(files[0])
+    assert edge.cam_offset == same.cam_offset == (15.5, 15.5)   # from the export's metadata / the architecture
     assert np.abs(cam - explain(same, files[0]).cam).max() <= 1e-6
     if name == "model.onnx":
         assert np.abs(cam - explain(ref, files[0]).cam).max() <= 1e-4
