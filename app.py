@@ -377,12 +377,13 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
                         verdict_md = gr.Markdown(elem_id="verdict-md")
                         with gr.Accordion("Details (JSON)", open=False):
                             details = gr.JSON(label="details", elem_id="inspect-details")
-                inspect_btn.click(inspect, [image, method, model_state], [label, heat, details], api_name="inspect",
-                                  preprocess=False, concurrency_limit=2, concurrency_id="model").success(
+                # the written verdict belongs to one photo: a new photo clears it, and a run (which may fail)
+                # clears it first, in one chain with the run, so the clearing cannot land after the new verdict
+                image.change(lambda: "", None, verdict_md, api_visibility="private", queue=False)
+                inspect_btn.click(lambda: "", None, verdict_md, api_visibility="private", queue=False).then(
+                    inspect, [image, method, model_state], [label, heat, details], api_name="inspect",
+                    preprocess=False, concurrency_limit=2, concurrency_id="model").success(
                     summary, details, verdict_md, api_visibility="private", queue=False)
-                # the written verdict belongs to one photo: a new photo or a new run (which may fail) clears it
-                for trigger in (image.change, inspect_btn.click):
-                    trigger(lambda: "", None, verdict_md, api_visibility="private", queue=False)
 
             with gr.Tab("Models", id="models", elem_id="tab-models") as models_tab:
                 gr.Markdown("Available models (the active one is what **Inspect** uses in this session).")
