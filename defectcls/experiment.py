@@ -383,6 +383,7 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
         if not bad:
             raise DefectclsError(f"no bad image of the {used} part has a mask in {mask_dir}")
         stats = {m: {"hits": 0, "hits_detected": 0, "detected": 0} for m in methods}
+        offsets: dict[str, list[float]] = {}
         chance = []
         for j, (s, mpath) in enumerate(bad):
             img = pred.load(s.path)
@@ -390,6 +391,7 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
             chance.append(float(mask.mean()))
             for method in methods:
                 ex = explain(pred, img, method)
+                offsets[method] = list(ex.cam_offset)
                 hit = pointing_hit(ex.cam, mask)
                 st = stats[method]
                 st["hits"] += hit
@@ -404,9 +406,7 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
             rows.append({"arch": arch, "model": str(mdir), "method": method, "split": used, "n": len(bad), "hits": st["hits"],
                          "rate": st["hits"] / len(bad), "detected": st["detected"],
                          "rate_detected": st["hits_detected"] / st["detected"] if st["detected"] else None,
-                         "chance": float(np.mean(chance)),
-                         "cam_offset": list(pred.cam_offset if method == "gradcam" and pred.has_fast_cam
-                                            else pred.upright_cam_offset)})
+                         "chance": float(np.mean(chance)), "cam_offset": offsets[method]})
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
     ax.bar(range(len(rows)), [r["rate"] for r in rows])

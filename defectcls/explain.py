@@ -327,6 +327,7 @@ class Explanation:
     cam: np.ndarray          # HxW float32 in [0, 1] at the model's input size
     image: np.ndarray        # the decoded uint8 image (model colour mode, original size)
     timings_ms: dict = field(default_factory=dict)
+    cam_offset: tuple[float, float] = (0.0, 0.0)   # where the map was drawn (``models.cam_offset``)
 
 
 def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> Explanation:
@@ -343,14 +344,16 @@ def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> 
     if method == "gradcam" and predictor.has_fast_cam:
         logits, raw = predictor.forward_cam(x, CAM_TARGET)
         t3 = time.perf_counter()
-        cam = normalize_cam(raw, x.shape[-2:], predictor.cam_offset)[0]
+        offset = predictor.cam_offset
+        cam = normalize_cam(raw, x.shape[-2:], offset)[0]
     else:
         maps, logits = _library_cam(predictor, x, method, CAM_TARGET)
         t3 = time.perf_counter()
+        offset = predictor.upright_cam_offset
         cam = maps[0].astype(np.float32)
     t4 = time.perf_counter()
     p = float(prob_bad_from_logits(logits, predictor.card.temperature)[0])
     ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "model_cam": (t3 - t2) * 1e3,
           "cam_scale": (t4 - t3) * 1e3}
     pred = predictor.verdict(p, (t4 - t1) * 1e3, {"preprocess": ms["preprocess"], "model": ms["model_cam"]})
-    return Explanation(pred, cam, img, {k: round(v, 3) for k, v in ms.items()})
+    return Explanation(pred, cam, img, {k: round(v, 3) for k, v in ms.items()}, offset)
