@@ -189,6 +189,24 @@ def _cam_diff(a: np.ndarray | None, b: np.ndarray | None, size: int) -> float | 
     return float(np.abs(normalize_cam(a, size) - normalize_cam(b, size)).max())
 
 
+def _cam_agreement(a: np.ndarray | None, b: np.ndarray | None, size: int, where: np.ndarray) -> dict:
+    """How alike two sets of heat-maps are on the parts WHERE selects (the ones judged bad).
+
+    On good parts the bad-class map is near-zero noise that normalisation blows up to 0..1, so
+    the all-parts maximum difference says little about an int8 graph; these do: the share of
+    parts whose hottest cell is the same, and the median / largest per-part mean absolute
+    difference of the normalised maps.
+    """
+    if a is None or b is None or not where.any():
+        return {}
+    a, b = a[where], b[where]
+    n = len(a)
+    d = np.abs(normalize_cam(a, size) - normalize_cam(b, size)).reshape(n, -1).mean(1)
+    same = a.reshape(n, -1).argmax(1) == b.reshape(n, -1).argmax(1)
+    return {"cam_bad_n": int(n), "cam_bad_peak_agreement": float(same.mean()),
+            "cam_bad_mean_abs_diff_p50": float(np.median(d)), "cam_bad_mean_abs_diff_max": float(d.max())}
+
+
 def _mb(path: Path) -> float:
     return round(path.stat().st_size / 1e6, 3)
 
@@ -278,7 +296,8 @@ def _export_int8(fp32_path: Path, dst: Path, tmp: Path, card, meta: dict, x: np.
         res = {"method": how, "n": int(len(x)), "verdict_agreement": float(np.mean(v8 == v32)),
                "missed_bad": int(np.sum(v32 & ~v8)), "extra_bad": int(np.sum(~v32 & v8)),
                "fp32_bad": int(v32.sum()), "max_prob_diff": float(np.abs(p8 - p32).max()),
-               "cam_max_diff": _cam_diff(c32, c8, card.img_size), "size_mb": _mb(cand)}
+               "cam_max_diff": _cam_diff(c32, c8, card.img_size), **_cam_agreement(c32, c8, card.img_size, v32),
+               "size_mb": _mb(cand)}
         res["ok"] = res["verdict_agreement"] >= INT8_AGREEMENT and res["missed_bad"] == 0
         tried.append(res)
         if res["ok"]:

@@ -140,3 +140,21 @@ def test_export_with_views_matches_torch_and_the_edge_runtime(tiny_model_tta, ti
     assert np.abs(one.logits(x) - torch_p.logits(x)).max() > 1e-4          # the views are really in the graph
     cache = tmp_path / "cache"
     assert ensure_onnx(tiny_model_tta, cache_dir=cache).parent.name.endswith("-tta8")
+
+
+def test_cam_agreement_scores_only_the_selected_parts():
+    from defectcls.export import _cam_agreement
+
+    rng = np.random.default_rng(0)
+    a = rng.random((4, 7, 7)).astype(np.float32)
+    b = a.copy()
+    b[3] = np.roll(a[3], 3, axis=1)          # a different map on part 3
+    b[0] = rng.random((7, 7))                # and on part 0, which is not selected
+    where = np.array([False, True, True, True])
+    rep = _cam_agreement(a, b, 56, where)
+    assert rep["cam_bad_n"] == 3
+    assert rep["cam_bad_peak_agreement"] == pytest.approx(2 / 3)
+    assert rep["cam_bad_mean_abs_diff_p50"] < 1e-6 < rep["cam_bad_mean_abs_diff_max"]
+    same = _cam_agreement(a, a.copy(), 56, where)
+    assert same["cam_bad_peak_agreement"] == 1.0 and same["cam_bad_mean_abs_diff_max"] < 1e-6
+    assert _cam_agreement(a, b, 56, np.zeros(4, bool)) == {}
