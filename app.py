@@ -558,10 +558,24 @@ def main() -> None:
         log.warning("hub model download: %s", exc)
     try:
         kwargs = launch_kwargs()
-        demo = build_demo(hub_status=hub_status)
+        registry = ModelRegistry(None, device="auto")
+        demo = build_demo(hub_status=hub_status, registry=registry)
     except DefectclsError as exc:
         raise SystemExit(f"app.py: error: {exc}") from None
+    # Load the default model while the server starts: on CPU that includes its one-time ONNX export
+    # (~10 s, cached), which would otherwise land on the first visitor's request.
+    threading.Thread(target=_warm_up, args=(registry,), name="warm-up", daemon=True).start()
     demo.launch(**kwargs)
+
+
+def _warm_up(registry: ModelRegistry) -> None:
+    t0 = time.perf_counter()
+    try:
+        pred = registry.predictor()
+    except DefectclsError as exc:
+        log.warning("default model not loaded at start: %s", exc)
+        return
+    log.info("default model %s ready on %s in %.1f s", registry.default, pred.backend, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ Backends:
 - ``torch``: CPU or CUDA, channels-last; float16 autocast on CUDA.
 - ``onnx``: onnxruntime on CPU, from ``model.onnx`` written by ``defectcls export``
   (its metadata must name the same weights, else it is stale and refused).
-- ``auto``: onnxruntime on CPU when a matching ``model.onnx`` exists (1.6x faster than eager
-  torch for ResNet50 and 2.4x for MobileNetV3 at one thread, see docs/benchmarks-speed.md), torch
-  otherwise and on CUDA. ``export.ensure_onnx`` exports one into a cache when the directory has none.
+- ``auto``: onnxruntime on CPU (1.6x faster than eager torch for ResNet50 and 2.4x for
+  MobileNetV3 at one thread, see docs/benchmarks-speed.md), torch on CUDA. The graph is the
+  directory's ``model.onnx`` when it matches the weights, else one that ``export.ensure_onnx``
+  exports once into a cache (~10 s for MobileNetV3; ``export_missing=False`` or
+  DEFECTCLS_AUTO_EXPORT=0 turns that off); torch when neither works (with a warning).
 
 A Predictor is safe to share between threads: no call mutates it (the lazily loaded
 torch model and the hook-safe model copy are created once, under a lock).
@@ -38,6 +40,7 @@ from .models import ModelCard, check_tta, load_model_dir, model_cam_offset, read
 
 ImageSource = str | os.PathLike | bytes | np.ndarray
 BACKENDS = ("auto", "torch", "onnx")
+ENV_AUTO_EXPORT = "DEFECTCLS_AUTO_EXPORT"
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
 
@@ -79,8 +82,12 @@ class Predictor:
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  backend: str = "auto", onnx_path: str | os.PathLike | None = None, fp16: bool | None = None,
-                 tta: int | None = None):
-        """TTA: answer with that many test-time views instead of the card's (1, 4 or 8; ``models.DihedralTTA``)."""
+                 tta: int | None = None, export_missing: bool | None = None):
+        """TTA: answer with that many test-time views instead of the card's (1, 4 or 8; ``models.DihedralTTA``).
+
+        EXPORT_MISSING (backend auto, CPU): with no matching model.onnx in the directory, export
+        one into the cache (``export.ensure_onnx``) and run on onnxruntime; None reads
+        DEFECTCLS_AUTO_EXPORT (default on; "0" turns it off)."""
         if backend not in BACKENDS:
             raise DefectclsError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.model_dir = Path(model_dir)
@@ -106,11 +113,29 @@ class Predictor:
         self._hook_lock = threading.Lock()
         self.session = None
         self.onnx_path: Path | None = None
+        if export_missing is None:
+            export_missing = os.environ.get(ENV_AUTO_EXPORT, "1").strip() != "0"
+        if (backend == "auto" and onnx_path is None and export_missing and self.device.type == "cpu"
+                and self.card.tta == read_card(model_dir).tta):
+            onnx_path = self._exported_graph()
         self.backend = self._choose_backend(backend, onnx_path)
         if self.backend == "torch":
             self.model  # noqa: B018 - load now: fail early, first request fast
 
     # ------------------------------------------------------------ backend setup
+
+    def _exported_graph(self) -> Path | None:
+        """The directory's current model.onnx, else one exported into the cache; None (and a
+        warning) when exporting fails, e.g. a read-only cache: the model then runs on torch."""
+        from .export import ensure_onnx
+
+        try:
+            return ensure_onnx(self.model_dir)
+        except Exception as exc:  # export touches torch.onnx, onnxruntime and the disk: any failure -> torch
+            first = (str(exc).splitlines() or [""])[0][:200]
+            warnings.warn(f"{self.model_dir}: no ONNX graph for onnxruntime ({type(exc).__name__}: {first}); "
+                          f"running on torch", stacklevel=3)
+            return None
 
     def _choose_backend(self, backend: str, onnx_path) -> str:
         if backend == "torch" or (backend == "auto" and self.device.type != "cpu"):

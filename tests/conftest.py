@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Predictor(backend="auto") would export every tiny model to ONNX on CPU (seconds each); the tests that
+# are about that path turn it back on for themselves (tests/test_inference.py).
+os.environ["DEFECTCLS_AUTO_EXPORT"] = "0"
 
 TINY_SIZE = 96       # synthetic image side for tests
 TINY_IMG = 64        # model input side for tests

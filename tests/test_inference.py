@@ -51,6 +51,35 @@ def test_auto_picks_onnx_on_cpu_when_exported(varied, tiny_model):
     assert Predictor(varied, device="cpu", backend="torch").backend == "torch"
 
 
+def test_auto_exports_once_into_the_cache(tiny_model, files, tmp_path, monkeypatch):
+    """Out of the box (no model.onnx in the directory) the CPU default still runs on onnxruntime: one export
+    into the cache, reused by the next Predictor, answering as torch does."""
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    monkeypatch.setenv("DEFECTCLS_AUTO_EXPORT", "1")
+    monkeypatch.setenv("DEFECTCLS_CACHE_DIR", str(tmp_path / "cache"))
+    first = Predictor(d, device="cpu")
+    assert first.backend == "onnx" and first.onnx_path.is_relative_to(tmp_path / "cache")
+    assert not (d / "model.onnx").exists(), "the model directory stays as it was"
+    stamp = first.onnx_path.stat().st_mtime_ns
+    second = Predictor(d, device="cpu")
+    assert second.onnx_path == first.onnx_path and second.onnx_path.stat().st_mtime_ns == stamp
+    x = np.stack([first.preprocess(f) for f in files])
+    np.testing.assert_allclose(second.probs(x), Predictor(d, device="cpu", backend="torch").probs(x), atol=1e-5)
+    assert Predictor(d, device="cpu", export_missing=False).backend == "torch"
+    monkeypatch.setenv("DEFECTCLS_AUTO_EXPORT", "0")
+    assert Predictor(d, device="cpu").backend == "torch"
+
+
+def test_auto_export_failure_runs_on_torch_with_a_warning(tiny_model, tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("DEFECTCLS_CACHE_DIR", str(blocker))
+    with pytest.warns(UserWarning, match="no ONNX graph for onnxruntime"):
+        pred = Predictor(tiny_model, device="cpu", export_missing=True)
+    assert pred.backend == "torch" and pred.probs(np.zeros((1, 1, 64, 64), np.float32)).shape == (1,)
+
+
 def test_backends_agree(varied, files):
     t, o = Predictor(varied, device="cpu", backend="torch"), Predictor(varied, device="cpu", backend="onnx")
     x = np.stack([t.preprocess(f) for f in files])

@@ -379,3 +379,20 @@ def test_auth_protects_review_endpoints(models, tmp_path, monkeypatch):
         assert json.loads(json.dumps(c.predict("reviewed", "any", "any", api_name="/review_queue")))["stats"]["reviewed"] == 1
     finally:
         demo.close()
+
+
+def test_warm_up_loads_the_default_model_or_says_why_not(models, tmp_path, caplog):
+    import logging
+
+    from defectcls.hub import ModelRegistry
+
+    app = load_app()
+    reg = ModelRegistry([str(d) for d in models], device="cpu")
+    with caplog.at_level(logging.INFO, logger=app.log.name):
+        app._warm_up(reg)
+    assert reg.default in reg._predictors and "ready on torch" in caplog.text   # tests keep auto-export off
+    caplog.clear()
+    empty = ModelRegistry([], device="cpu")
+    with caplog.at_level(logging.INFO, logger=app.log.name):
+        app._warm_up(empty)                                   # no model at all: a warning, no exception
+    assert "not loaded at start" in caplog.text and "no trained model available" in caplog.text
