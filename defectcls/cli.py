@@ -312,7 +312,8 @@ def _add_inspect(sub) -> None:
     p.add_argument("--cam-method", default="gradcam", help="gradcam, gradcam++ or eigencam")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
-                   help="for a model directory: auto uses its model.onnx when present and current")
+                   help="for a model directory: auto runs on onnxruntime on CPU (its model.onnx when current, else one "
+                        "exported once into the cache; DEFECTCLS_AUTO_EXPORT=0 keeps torch), torch on CUDA")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object (no progress bar)")
     p.set_defaults(func=_run_inspect)
 
