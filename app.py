@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 EXAMPLES_DIR = HERE / "examples"
 MAX_FILE_SIZE = "50mb"  # the same limit load_image applies (data.MAX_BYTES)
 DISPLAY_SIDE = 512  # longest side of images sent to the browser
+FULLRES_KEEP_S = 3600  # full-resolution heat-map files older than this are deleted on the next request
 BENCH_ARCHS = ("mobilenet_v3_large", "resnet50")
 ANY = "any"
 QUEUE_COLUMNS = ["#", "image", "status", "predicted", "p_bad", "margin", "label", "reviewer", "model"]
@@ -119,6 +121,21 @@ def _read_upload(path: str) -> bytes:
             return fh.read()
     except OSError as exc:
         raise DefectclsError(f"cannot read the upload ({exc.strerror or exc})") from exc
+
+
+def _fullres_dir() -> Path:
+    """Where full-resolution heat-maps are written for download: beside Gradio's own temporary files."""
+    root = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    d = root / "defectcls-fullres"
+    d.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in d.glob("*.png"):
+        try:
+            if now - old.stat().st_mtime > FULLRES_KEEP_S:
+                old.unlink()
+        except OSError:
+            pass
+    return d
 
 
 def _display(img: np.ndarray, side: int = DISPLAY_SIDE) -> np.ndarray:
@@ -207,6 +224,31 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
                    "timings_ms": timings, "review": "queued as pending"}
         label = {"verdict": p.label, "confidences": p.confidences}
         return label, heat, details
+
+    def heatmap_full(image, method: str, model_name: str | None) -> str:
+        """The heat-map over the photo at the photo's own resolution, as a PNG file to download."""
+        import hashlib
+
+        from PIL import Image
+
+        path, name = _upload(image)
+        if not path:
+            raise gr.Error("Upload an image (PNG, JPEG, BMP or TIFF) or pick an example first.", print_exception=False)
+        try:
+            raw = _read_upload(path)
+            ex = registry.explain(model_name, raw, method or "gradcam")
+            full = overlay(ex.image, ex.cam)          # no size: the photo's own
+        except (DefectclsError, ValueError) as exc:
+            msg = str(exc).removeprefix("upload: ")
+            raise gr.Error(f"{name}: {msg}", print_exception=False) from exc
+        except Exception as exc:  # keep serving whatever the file does to a decoder
+            log.exception("full-resolution heat-map failed on %s", name)
+            raise gr.Error(f"{name}: could not be processed ({type(exc).__name__})", print_exception=False) from exc
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem)[:60] or "part"
+        tag = re.sub(r"[^A-Za-z0-9]+", "", method or "gradcam")
+        out = _fullres_dir() / f"{stem}_{tag}_{ex.prediction.label}_{hashlib.sha256(raw).hexdigest()[:12]}.png"
+        Image.fromarray(full).save(out, format="PNG", compress_level=1)
+        return str(out)
 
     def summary(details: dict) -> str:
         if not details:
@@ -375,11 +417,16 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
                         heat = gr.Image(label="Grad-CAM heat-map", format="jpeg", interactive=False, height=360,
                                         elem_id="inspect-heatmap")
                         verdict_md = gr.Markdown(elem_id="verdict-md")
+                        full_btn = gr.Button("Heat-map at full resolution (PNG)", size="sm", elem_id="inspect-full")
+                        full_file = gr.File(label="Full-resolution heat-map", interactive=False, visible=True,
+                                            elem_id="inspect-full-file")
                         with gr.Accordion("Details (JSON)", open=False):
                             details = gr.JSON(label="details", elem_id="inspect-details")
                 # the written verdict belongs to one photo: a new photo clears it, and a run (which may fail)
                 # clears it first, in one chain with the run, so the clearing cannot land after the new verdict
-                image.change(lambda: "", None, verdict_md, api_visibility="private", queue=False)
+                image.change(lambda: ("", None), None, [verdict_md, full_file], api_visibility="private", queue=False)
+                full_btn.click(heatmap_full, [image, method, model_state], full_file, api_name="heatmap_full",
+                               preprocess=False, concurrency_limit=2, concurrency_id="model")
                 inspect_btn.click(lambda: "", None, verdict_md, api_visibility="private", queue=False).then(
                     inspect, [image, method, model_state], [label, heat, details], api_name="inspect",
                     preprocess=False, concurrency_limit=2, concurrency_id="model").success(

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 import shutil
 import sys
 import threading
@@ -273,8 +274,8 @@ def test_every_api_name_through_gradio_client(served, tmp_path):
 
     c = client(served.url)
     api = c.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert {"/inspect", "/benchmark", "/review_queue", "/review_submit"} <= set(api)
-    assert set(api) == {"/inspect", "/benchmark", "/review_queue", "/review_submit"}   # nothing else public
+    public = {"/inspect", "/heatmap_full", "/benchmark", "/review_queue", "/review_submit"}
+    assert set(api) == public   # nothing else public
     good = tmp_path / "part.png"
     good.write_bytes(part_png(21))
     label, heat, details = c.predict(handle_file(str(good)), "gradcam", api_name="/inspect")
@@ -282,6 +283,8 @@ def test_every_api_name_through_gradio_client(served, tmp_path):
     assert Path(heat).suffix == ".jpeg" and Image.open(heat).format == "JPEG"
     assert details["sha256"] == hashlib.sha256(good.read_bytes()).hexdigest() and "@" in details["model_id"]
     assert label["label"] == details["verdict"]                 # the heading is the thresholded verdict
+    full = c.predict(handle_file(str(good)), "gradcam", api_name="/heatmap_full")
+    assert Image.open(full).format == "PNG" and Image.open(full).size == Image.open(good).size
     # a bad file gets an error, and the next good call still succeeds
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"<html>not a picture</html>")
@@ -396,3 +399,25 @@ def test_warm_up_loads_the_default_model_or_says_why_not(models, tmp_path, caplo
     with caplog.at_level(logging.INFO, logger=app.log.name):
         app._warm_up(empty)                                   # no model at all: a warning, no exception
     assert "not loaded at start" in caplog.text and "no trained model available" in caplog.text
+
+
+def test_full_resolution_heatmap_download(built):
+    app, demo, tmp = built
+    full = handler(demo, "heatmap_full")
+    data = part_png(5, size=200)
+    path = Path(full(upload(tmp, "my part.png", data), "gradcam", None))
+    img = Image.open(path)
+    assert path.suffix == ".png" and img.size == (200, 200) and img.mode == "RGB"   # the photo's own size
+    assert path.name.startswith("my_part_gradcam_") and (tmp / "gradio") in path.parents
+    _, heat, _ = handler(demo, "inspect")(upload(tmp, "my part.png", data), "gradcam", None)
+    small = np.asarray(img.resize(heat.shape[1::-1], Image.Resampling.BILINEAR), np.float32)
+    assert np.abs(small - heat).mean() < 8          # the same picture as the on-screen heat-map, larger
+    with pytest.raises(gr.Error, match="Upload an image"):
+        full(None, "gradcam", None)
+    with pytest.raises(gr.Error, match="empty.png: "):
+        full(upload(tmp, "empty.png", b""), "gradcam", None)
+    old = path.with_name("old_gradcam_bad_000000000000.png")
+    old.write_bytes(b"x")
+    os.utime(old, (0, 0))                            # older than FULLRES_KEEP_S: pruned by the next request
+    full(upload(tmp, "p.png", part_png(6)), "eigencam", None)
+    assert not old.exists() and path.exists()
