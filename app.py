@@ -616,9 +616,13 @@ def main() -> None:
 
 
 def _warm_up(registry: ModelRegistry) -> None:
+    """Load the default model and run one blank photo through it: the ONNX export, the heat-map's
+    drawing offset (a probe of about a second) and the runtimes' first-call costs are paid here, not
+    by the first visitor."""
     t0 = time.perf_counter()
     try:
         pred = registry.predictor()
+        registry.explain(None, np.zeros((256, 256), np.uint8))
     except DefectclsError as exc:
         log.warning("default model not loaded at start: %s", exc)
         return

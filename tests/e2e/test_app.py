@@ -394,6 +394,7 @@ def test_warm_up_loads_the_default_model_or_says_why_not(models, tmp_path, caplo
     with caplog.at_level(logging.INFO, logger=app.log.name):
         app._warm_up(reg)
     assert reg.default in reg._predictors and "ready on torch" in caplog.text   # tests keep auto-export off
+    assert "cam_offset" in vars(reg.predictor())          # the heat-map's offset probe has run too
     caplog.clear()
     empty = ModelRegistry([], device="cpu")
     with caplog.at_level(logging.INFO, logger=app.log.name):
