@@ -8,6 +8,7 @@ API (gradio_client): /inspect, /benchmark, /review_queue, /review_submit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -123,6 +124,24 @@ def _read_upload(path: str) -> bytes:
         raise DefectclsError(f"cannot read the upload ({exc.strerror or exc})") from exc
 
 
+NO_IMAGE = "Upload an image (PNG, JPEG, BMP or TIFF) or pick an example first."
+
+
+@contextlib.contextmanager
+def _user_errors(name: str, what: str):
+    """What a photo does to the pipeline becomes one clear message naming the file (never a server path)."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (DefectclsError, ValueError) as exc:
+        msg = str(exc).removeprefix("upload: ")
+        raise gr.Error(f"{name}: {msg}", print_exception=False) from exc
+    except Exception as exc:  # keep serving whatever the file does to a decoder
+        log.exception("%s failed on %s", what, name)
+        raise gr.Error(f"{name}: could not be processed ({type(exc).__name__})", print_exception=False) from exc
+
+
 def _fullres_dir() -> Path:
     """Where full-resolution heat-maps are written for download: beside Gradio's own temporary files."""
     root = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
@@ -198,9 +217,9 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
         """Verdict, heat-map and details for one image; the image enters the review queue as pending."""
         path, name = _upload(image)
         if not path:
-            raise gr.Error("Upload an image (PNG, JPEG, BMP or TIFF) or pick an example first.", print_exception=False)
+            raise gr.Error(NO_IMAGE, print_exception=False)
         t0 = time.perf_counter()
-        try:
+        with _user_errors(name, "inspect"):
             raw = _read_upload(path)
             ex = registry.explain(model_name, raw, method or "gradcam")
             t1 = time.perf_counter()
@@ -208,12 +227,6 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
             t2 = time.perf_counter()
             sha = queue.add_pending(raw, ex.prediction, source=f"app:{name}")
             t3 = time.perf_counter()
-        except (DefectclsError, ValueError) as exc:
-            msg = str(exc).removeprefix("upload: ")
-            raise gr.Error(f"{name}: {msg}", print_exception=False) from exc
-        except Exception as exc:  # keep serving whatever the file does to a decoder
-            log.exception("inspect failed on %s", name)
-            raise gr.Error(f"{name}: could not be processed ({type(exc).__name__})", print_exception=False) from exc
         p = ex.prediction
         timings = {**{k: round(v, 1) for k, v in ex.timings_ms.items()}, "overlay": round((t2 - t1) * 1e3, 1),
                    "queue": round((t3 - t2) * 1e3, 1), "total": round((t3 - t0) * 1e3, 1)}
@@ -233,17 +246,11 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
 
         path, name = _upload(image)
         if not path:
-            raise gr.Error("Upload an image (PNG, JPEG, BMP or TIFF) or pick an example first.", print_exception=False)
-        try:
+            raise gr.Error(NO_IMAGE, print_exception=False)
+        with _user_errors(name, "full-resolution heat-map"):
             raw = _read_upload(path)
             ex = registry.explain(model_name, raw, method or "gradcam")
             full = overlay(ex.image, ex.cam)          # no size: the photo's own
-        except (DefectclsError, ValueError) as exc:
-            msg = str(exc).removeprefix("upload: ")
-            raise gr.Error(f"{name}: {msg}", print_exception=False) from exc
-        except Exception as exc:  # keep serving whatever the file does to a decoder
-            log.exception("full-resolution heat-map failed on %s", name)
-            raise gr.Error(f"{name}: could not be processed ({type(exc).__name__})", print_exception=False) from exc
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem)[:60] or "part"
         tag = re.sub(r"[^A-Za-z0-9]+", "", method or "gradcam")
         out = _fullres_dir() / f"{stem}_{tag}_{ex.prediction.label}_{hashlib.sha256(raw).hexdigest()[:12]}.png"
