@@ -280,6 +280,8 @@ def run_archs(data: str | os.PathLike, out: str | os.PathLike, archs: Sequence[s
                "cuda": time_forward(mdir, "cuda", iters=latency_iters, warmup=max(1, latency_iters // 5))
                if torch.cuda.is_available() else None}
         rows.append(row)
+        # each architecture's row as soon as it exists: a long run stopped part-way keeps what it measured
+        (out / "rows.partial.json").write_text(json.dumps(_norm(rows), indent=1) + "\n", encoding="utf-8")
     rows.sort(key=_sort_key)
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -51,6 +51,8 @@ def test_archs_sorted_by_metric_priority_with_robustness_size_and_latency(masked
     table = _table_rows((tmp_path / "report.md").read_text())
     assert [t[1] for t in table] == [r["arch"] for r in rows]
     assert (tmp_path / "archs.png").is_file()
+    partial = json.loads((tmp_path / "rows.partial.json").read_text())     # written after each architecture
+    assert sorted(r["arch"] for r in partial) == sorted(ARCHS) and all(r["cpu"]["p50_ms"] > 0 for r in partial)
 
 
 def test_cam_localization_pointing_game(masked_data, tmp_path):
