@@ -219,3 +219,16 @@ def test_model_cam_offset_follows_the_views(tiny_model, tiny_model_tta):
 def test_cam_offset_probe_runs_under_a_callers_inference_mode():
     with torch.inference_mode():
         assert M.cam_offset.__wrapped__("mobilenet_v3_small") == (15.5, 15.5)   # uncached: the probe itself
+
+
+def test_squeezenet_head_can_output_negative_logits():
+    """torchvision's SqueezeNet ends in ReLU; a 2-class head that can only output >= 0 dies from scratch."""
+    import torch
+
+    torch.manual_seed(0)
+    m = M.build_model("squeezenet1_1").eval()
+    assert not any(isinstance(x, torch.nn.ReLU) for x in m.classifier)
+    with torch.no_grad():
+        m.classifier[1].bias.fill_(-1.0)              # a head pushed below zero still answers
+        out = m(torch.rand(4, 1, 96, 96))
+    assert (out < 0).any() and out.std() > 0
