@@ -313,7 +313,8 @@ def _export_int8(fp32_path: Path, dst: Path, tmp: Path, card, meta: dict, x: np.
     return {"ok": False, "tried": tried, "agreement_required": INT8_AGREEMENT}
 
 
-def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                sha256: str | None = None) -> Path:
     """A model.onnx that matches MODEL_DIR's weights: the directory's own, else one exported once into a cache.
 
     The cache (CACHE_DIR, else $DEFECTCLS_CACHE_DIR, else ~/.cache/defectcls) is keyed by the weights'
@@ -328,7 +329,7 @@ def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
     from .models import read_card
 
     model_dir = Path(model_dir)
-    sha = weights_sha256(model_dir)
+    sha = sha256 or weights_sha256(model_dir)   # SHA256: the caller's hash of the weights, not read again
     tta = read_card(model_dir).tta
 
     def current(path: Path) -> bool:

@@ -94,7 +94,8 @@ class Predictor:
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model directory {model_dir} does not exist")
         self.card: ModelCard = read_card(model_dir)
-        if tta is not None and tta != self.card.tta:
+        own_views = tta is None or tta == self.card.tta     # the exported graph carries the card's views
+        if not own_views:
             self.card = replace(self.card, tta=check_tta(tta))
         self.prep = D.Preprocessing.from_card(self.card)
         if not (self.model_dir / "model.safetensors").is_file():
@@ -116,7 +117,7 @@ class Predictor:
         if export_missing is None:
             export_missing = os.environ.get(ENV_AUTO_EXPORT, "1").strip() != "0"
         if (backend == "auto" and onnx_path is None and export_missing and self.device.type == "cpu"
-                and self.card.tta == read_card(model_dir).tta):
+                and own_views):
             onnx_path = self._exported_graph()
         self.backend = self._choose_backend(backend, onnx_path)
         if self.backend == "torch":
@@ -130,7 +131,7 @@ class Predictor:
         from .export import ensure_onnx
 
         try:
-            return ensure_onnx(self.model_dir)
+            return ensure_onnx(self.model_dir, sha256=self.weights_sha256)
         except Exception as exc:  # export touches torch.onnx, onnxruntime and the disk: any failure -> torch
             first = (str(exc).splitlines() or [""])[0][:200]
             warnings.warn(f"{self.model_dir}: no ONNX graph for onnxruntime ({type(exc).__name__}: {first}); "
