@@ -456,3 +456,18 @@ def test_a_decode_pool_that_cannot_start_falls_back_or_says_why(pred, tiny_data,
     assert "decode processes could not start" in capsys.readouterr().err
     with pytest.raises(DefectclsError, match='if __name__ == "__main__"'):
         _run(pred, inp, tmp_path / "log2", decode="processes")
+
+
+def test_caption_from_cached_glyphs_matches_pillow_text():
+    """The overlay caption is drawn from cached glyph masks; it must look as ImageDraw.text draws it."""
+    from PIL import ImageDraw
+
+    font = I._font(14)
+    text = "#0000123  bad_00012.png  BAD  P(bad) 0.9934  threshold 0.2215  Wg|"
+    ours = Image.new("RGB", (640, 40), (16, 16, 16))
+    I._draw_text(ours, (7, 10), text, (220, 40, 40), font)
+    ref = Image.new("RGB", (640, 40), (16, 16, 16))
+    ImageDraw.Draw(ref).text((7, 10), text, fill=(220, 40, 40), font=font)
+    a, b = np.asarray(ours, np.int16), np.asarray(ref, np.int16)
+    assert (b != 16).any(axis=2).sum() > 300          # the reference drew a visible line of text
+    assert np.abs(a - b).max() <= 2                    # same pixels (kerning-free font: within rounding)
