@@ -14,11 +14,14 @@ draws of the good image, so outside the defect mask both renders agree.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .errors import DefectclsError
 
 __all__ = ["PartSpec", "render_part", "image_seed", "generate"]
 
@@ -226,9 +229,9 @@ def _render_base(spec: PartSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return img, alpha, rho
 
 
-def _draw_severities(rng: np.random.Generator) -> list[float]:
+def _draw_severities(rng: np.random.Generator, subtle_share: float = SUBTLE_IMAGE_PROB) -> list[float]:
     n_def = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
-    if rng.random() < SUBTLE_IMAGE_PROB:
+    if rng.random() < subtle_share:
         return [float(rng.uniform(SUBTLE_THRESHOLD + 1e-3, 1.0)) for _ in range(n_def)]
     return [float(rng.uniform(0.0, SUBTLE_THRESHOLD)) for _ in range(n_def)]
 
@@ -402,8 +405,13 @@ def _bbox(m: np.ndarray) -> list[int]:
 # --------------------------------------------------------------------------- public API
 
 
-def render_part(seed: int, bad: bool, size: int = 1024) -> tuple[Image.Image, np.ndarray | None, dict]:
+def render_part(seed: int, bad: bool, size: int = 1024, kinds: Sequence[str] = DEFECT_KINDS,
+                subtle_share: float = SUBTLE_IMAGE_PROB) -> tuple[Image.Image, np.ndarray | None, dict]:
     """Render one part photo.
+
+    KINDS: the defect kinds a bad part draws from; SUBTLE_SHARE: the share of bad parts whose
+    defects are all subtle (severity above ``SUBTLE_THRESHOLD``). The defaults are the product's
+    mix; narrower ones make a set of the hard cases (e.g. only scratches, all subtle).
 
     Returns ``(image, mask, meta)``: an RGB PIL image of ``size`` x ``size``; for bad
     parts a uint8 HxW defect mask in {0, 255} (None for good parts); and a JSON-able
@@ -420,8 +428,8 @@ def render_part(seed: int, bad: bool, size: int = 1024) -> tuple[Image.Image, np
     if bad:
         on_part = rho < 1.0
         union = np.zeros((size, size), bool)
-        for sev in _draw_severities(rng):
-            kind = str(rng.choice(DEFECT_KINDS))
+        for sev in _draw_severities(rng, subtle_share):
+            kind = str(rng.choice(kinds))
             # Own generator per defect: the defect list does not depend on ``size``.
             drng = np.random.default_rng(int(rng.integers(0, 2**63 - 1)))
             m, info = _DEFECT_FUNCS[kind](img, drng, spec, sev)
@@ -471,9 +479,9 @@ def _save_png(im: Image.Image, path: Path) -> None:
     im.save(path, format="PNG", compress_level=1, optimize=False, pnginfo=None)
 
 
-def _job(args: tuple[str, str, int, int, int, bool]) -> None:
-    out, label, index, seed, size, masks = args
-    img, mask, _ = render_part(image_seed(seed, label, index), label == "bad", size)
+def _job(args: tuple[str, str, int, int, int, bool, tuple[str, ...], float]) -> None:
+    out, label, index, seed, size, masks, kinds, subtle_share = args
+    img, mask, _ = render_part(image_seed(seed, label, index), label == "bad", size, kinds, subtle_share)
     stem = f"{label}_{index:05d}.png"
     root = Path(out)
     _save_png(img, root / label / stem)
@@ -490,19 +498,27 @@ def generate(
     masks: bool = False,
     workers: int = 1,
     progress: bool = False,
+    kinds: Sequence[str] = DEFECT_KINDS,
+    subtle_share: float = SUBTLE_IMAGE_PROB,
 ) -> dict:
     """Write OUT/good/good_00000.png ..., OUT/bad/bad_00000.png ... (and OUT/masks/bad_*.png).
 
     Output bytes are a pure function of the arguments (``workers`` does not change
-    them). Returns ``{out, n_good, n_bad, size, seed}``.
+    them). KINDS and SUBTLE_SHARE as in ``render_part``. Returns ``{out, n_good, n_bad, size, seed}``.
     """
+    kinds = tuple(kinds)
+    bad_kinds = [k for k in kinds if k not in DEFECT_KINDS]
+    if not kinds or bad_kinds:
+        raise DefectclsError(f"defect kinds must be among {', '.join(DEFECT_KINDS)}, got {', '.join(kinds) or 'none'}")
+    if not 0.0 <= subtle_share <= 1.0:
+        raise DefectclsError(f"subtle share must be within [0, 1], got {subtle_share}")
     root = Path(out)
     (root / "good").mkdir(parents=True, exist_ok=True)
     (root / "bad").mkdir(parents=True, exist_ok=True)
     if masks:
         (root / "masks").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(root), "good", i, seed, size, masks) for i in range(n_good)]
-    jobs += [(str(root), "bad", i, seed, size, masks) for i in range(n_bad)]
+    jobs = [(str(root), "good", i, seed, size, masks, kinds, subtle_share) for i in range(n_good)]
+    jobs += [(str(root), "bad", i, seed, size, masks, kinds, subtle_share) for i in range(n_bad)]
 
     bar = None
     if progress:

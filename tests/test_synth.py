@@ -175,3 +175,24 @@ def test_good_parts_vary() -> None:
     metas = [render_part(image_seed(5, "good", i), False, 32)[2] for i in range(10)]
     assert len({round(m["rotation"], 3) for m in metas}) == 10
     assert len({round(m["scale"], 4) for m in metas}) == 10
+
+
+def test_hard_case_sets_narrow_kinds_and_severity(tmp_path: Path) -> None:
+    """--defects/--subtle-share make a set of the hard cases; the defaults stay the product's mix."""
+    from defectcls.cli import main
+    from defectcls.synth import SUBTLE_THRESHOLD
+
+    metas = [render_part(image_seed(3, "bad", i), True, 64, ("scratch",), 1.0)[2] for i in range(12)]
+    assert all(d["kind"] == "scratch" for m in metas for d in m["defects"])
+    assert all(m["subtle"] and all(d["severity"] > SUBTLE_THRESHOLD for d in m["defects"]) for m in metas)
+    mixed = [render_part(image_seed(3, "bad", i), True, 64)[2] for i in range(40)]
+    assert len({d["kind"] for m in mixed for d in m["defects"]}) == len(DEFECT_KINDS)
+    assert not all(m["subtle"] for m in mixed)
+
+    out = tmp_path / "hard"
+    assert main(["synth", "--out", str(out), "--good", "0", "--bad", "1", "--size", "64", "--defects", "scratch",
+                 "--subtle-share", "1", "--json"]) == 0
+    assert len(list((out / "bad").glob("*.png"))) == 1
+    for bad in (["--defects", "scratch,dent"], ["--subtle-share", "1.5"]):
+        rc = main(["synth", "--out", str(tmp_path / "no"), "--bad", "1", "--size", "64", *bad])
+        assert rc == 2 and not (tmp_path / "no").exists()
