@@ -405,6 +405,15 @@ def _bbox(m: np.ndarray) -> list[int]:
 # --------------------------------------------------------------------------- public API
 
 
+def _check_mix(kinds: Sequence[str], subtle_share: float) -> tuple[str, ...]:
+    kinds = tuple(kinds)
+    if not kinds or any(k not in DEFECT_KINDS for k in kinds):
+        raise DefectclsError(f"defect kinds must be among {', '.join(DEFECT_KINDS)}, got {', '.join(kinds) or 'none'}")
+    if not 0.0 <= subtle_share <= 1.0:
+        raise DefectclsError(f"subtle share must be within [0, 1], got {subtle_share}")
+    return kinds
+
+
 def render_part(seed: int, bad: bool, size: int = 1024, kinds: Sequence[str] = DEFECT_KINDS,
                 subtle_share: float = SUBTLE_IMAGE_PROB) -> tuple[Image.Image, np.ndarray | None, dict]:
     """Render one part photo.
@@ -419,6 +428,7 @@ def render_part(seed: int, bad: bool, size: int = 1024, kinds: Sequence[str] = D
     (bool) and ``defects`` (list of ``{kind, severity, bbox, ...}``, ``bbox`` =
     ``[x0, y0, x1, y1]`` with exclusive ends, severity 0 = obvious .. 1 = subtle).
     """
+    kinds = _check_mix(kinds, subtle_share)
     rng = np.random.default_rng(seed)
     spec = PartSpec.sample(rng, size)
     img, alpha, rho = _render_base(spec)
@@ -506,12 +516,7 @@ def generate(
     Output bytes are a pure function of the arguments (``workers`` does not change
     them). KINDS and SUBTLE_SHARE as in ``render_part``. Returns ``{out, n_good, n_bad, size, seed}``.
     """
-    kinds = tuple(kinds)
-    bad_kinds = [k for k in kinds if k not in DEFECT_KINDS]
-    if not kinds or bad_kinds:
-        raise DefectclsError(f"defect kinds must be among {', '.join(DEFECT_KINDS)}, got {', '.join(kinds) or 'none'}")
-    if not 0.0 <= subtle_share <= 1.0:
-        raise DefectclsError(f"subtle share must be within [0, 1], got {subtle_share}")
+    kinds = _check_mix(kinds, subtle_share)
     root = Path(out)
     (root / "good").mkdir(parents=True, exist_ok=True)
     (root / "bad").mkdir(parents=True, exist_ok=True)

@@ -193,6 +193,10 @@ def test_hard_case_sets_narrow_kinds_and_severity(tmp_path: Path) -> None:
     assert main(["synth", "--out", str(out), "--good", "0", "--bad", "1", "--size", "64", "--defects", "scratch",
                  "--subtle-share", "1", "--json"]) == 0
     assert len(list((out / "bad").glob("*.png"))) == 1
+    from defectcls.errors import DefectclsError
+
+    with pytest.raises(DefectclsError, match="defect kinds"):
+        render_part(1, True, 64, ("dent",))
     for bad in (["--defects", "scratch,dent"], ["--subtle-share", "1.5"]):
         rc = main(["synth", "--out", str(tmp_path / "no"), "--bad", "1", "--size", "64", *bad])
         assert rc == 2 and not (tmp_path / "no").exists()
