@@ -51,10 +51,10 @@ def _add_synth(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=1024, help="image side in pixels")
     p.add_argument("--masks", action="store_true", help="also write each bad image's defect mask")
-    p.add_argument("--defects", default="blotch,corruption,scratch",
-                   help="defect kinds of bad parts, comma-separated (blotch, corruption, scratch)")
-    p.add_argument("--subtle-share", type=float, default=0.2,
-                   help="share of bad parts whose defects are all subtle (the borderline cases)")
+    p.add_argument("--defects", default=None,
+                   help="defect kinds of bad parts, comma-separated (default: all of blotch, corruption, scratch)")
+    p.add_argument("--subtle-share", type=float, default=None,
+                   help="share of bad parts whose defects are all subtle, the borderline cases (default: 0.2)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_synth)
@@ -65,9 +65,13 @@ def _run_synth(a) -> int:
 
     if a.good < 0 or a.bad < 0 or a.size < 32:
         raise DefectclsError("--good/--bad must be >= 0 and --size >= 32")
-    kinds = tuple(k.strip() for k in a.defects.split(",") if k.strip())
+    mix = {}     # only what was asked for: the generator's defaults are the product's mix
+    if a.defects is not None:
+        mix["kinds"] = tuple(k.strip() for k in a.defects.split(",") if k.strip())
+    if a.subtle_share is not None:
+        mix["subtle_share"] = a.subtle_share
     s = generate(a.out, n_good=a.good, n_bad=a.bad, seed=a.seed, size=a.size, masks=a.masks,
-                 workers=a.workers, progress=not a.json, kinds=kinds, subtle_share=a.subtle_share)
+                 workers=a.workers, progress=not a.json, **mix)
     _emit(s, a.json, f"wrote {a.good} good and {a.bad} bad images ({a.size}px) to {a.out}")
     return 0
 

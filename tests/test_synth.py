@@ -180,6 +180,7 @@ def test_good_parts_vary() -> None:
 def test_hard_case_sets_narrow_kinds_and_severity(tmp_path: Path) -> None:
     """--defects/--subtle-share make a set of the hard cases; the defaults stay the product's mix."""
     from defectcls.cli import main
+    from defectcls.errors import DefectclsError
     from defectcls.synth import SUBTLE_THRESHOLD
 
     metas = [render_part(image_seed(3, "bad", i), True, 64, ("scratch",), 1.0)[2] for i in range(12)]
@@ -193,8 +194,6 @@ def test_hard_case_sets_narrow_kinds_and_severity(tmp_path: Path) -> None:
     assert main(["synth", "--out", str(out), "--good", "0", "--bad", "1", "--size", "64", "--defects", "scratch",
                  "--subtle-share", "1", "--json"]) == 0
     assert len(list((out / "bad").glob("*.png"))) == 1
-    from defectcls.errors import DefectclsError
-
     with pytest.raises(DefectclsError, match="defect kinds"):
         render_part(1, True, 64, ("dent",))
     for bad in (["--defects", "scratch,dent"], ["--subtle-share", "1.5"]):
