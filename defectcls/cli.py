@@ -88,6 +88,9 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--arch", default=d.arch, help="mobilenet_v3_large, resnet50, resnet18, mobilenet_v2, squeezenet1_1, ...")
     p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epoch-size", type=int, default=d.epoch_size, metavar="N",
+                   help="samples an epoch draws at least: a smaller training set is repeated, reshuffled each pass, "
+                        "so a few hundred photos get the steps of a full-size set; 0: one pass")
     p.add_argument("--img-size", type=int, default=d.img_size)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -133,7 +136,7 @@ def _add_train(sub) -> None:
 def _run_train(a) -> int:
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, img_size=a.img_size,
+    cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, epoch_size=a.epoch_size, img_size=a.img_size,
                       batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, device=a.device,
                       target_fnr=a.target_fnr, threshold_method=a.threshold_method, patience=a.patience, ema=a.ema,
                       balance=a.balance, pretrained=a.pretrained, pretrained_file=a.pretrained_file,

@@ -123,6 +123,8 @@ class TrainConfig:
     out: str
     arch: str = "mobilenet_v3_large"
     epochs: int = 10
+    epoch_size: int = 4096            # samples per epoch at least: a smaller training set is repeated (reshuffled
+                                      # each pass), so a 1350-image set gets the steps of a full-size one; 0: one pass
     img_size: int = 192
     batch_size: int = 32
     lr: float = 1e-3

@@ -40,7 +40,7 @@ METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "thr
 # settings that make two training runs the same run (for --reuse)
 _SAME_RUN = ("data", "arch", "epochs", "img_size", "batch_size", "lr", "weight_decay", "color", "seed", "target_fnr",
              "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug",
-             "input_norm", "ema")
+             "input_norm", "ema", "epoch_size")
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -74,7 +74,7 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
     (``scoring.recalibrate``: the views are not part of training).
     """
     from .models import read_card
-    from .train import TrainConfig, resolve_input_norm, train
+    from .train import TrainConfig, epoch_samples, resolve_input_norm, train
 
     cfg = TrainConfig(data=str(data), out=str(out), seed=seed, progress=progress, **overrides)
     if epochs:
@@ -89,6 +89,10 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
         have["data"] = os.path.realpath(have.get("data", ""))
         have["input_norm"] = card.input_norm
         have.setdefault("ema", 0.0)   # models trained before the option
+        have.setdefault("epoch_size", 0)   # before it, an epoch was one pass
+        n_train = (card.train or {}).get("n", {}).get("train", 0)
+        if epoch_samples(n_train, have["epoch_size"]) == epoch_samples(n_train, want["epoch_size"]):
+            have["epoch_size"] = want["epoch_size"]   # the same epochs (a set larger than either size)
         if have == want:
             if card.tta != cfg.tta:
                 from .scoring import recalibrate

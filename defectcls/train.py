@@ -65,6 +65,8 @@ def resolve_input_norm(cfg: TrainConfig) -> TrainConfig:
         raise DefectclsError(f"--input-norm must be one of {', '.join(INPUT_NORMS)}, got {norm!r}")
     if not 0.0 <= cfg.ema < 1.0:
         raise DefectclsError(f"--ema must be a decay in [0, 1) (0: off), got {cfg.ema}")
+    if cfg.epoch_size < 0:
+        raise DefectclsError(f"--epoch-size must be >= 0 (0: one pass over the training set), got {cfg.epoch_size}")
     if cfg.tta not in TTA_VIEWS:
         raise DefectclsError(f"--tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {cfg.tta!r}")
     return replace(cfg, input_norm=norm)
@@ -109,6 +111,15 @@ def recompute_bn_stats(model: nn.Module, images_u8: np.ndarray, mean: torch.Tens
     for bn, m in zip(bns, momenta, strict=True):
         bn.momentum = m
     model.train(was_training)
+
+
+def epoch_samples(n_train: int, epoch_size: int) -> int:
+    """Samples one epoch draws: the training set once, or repeated up to EPOCH_SIZE when it is smaller.
+
+    The recipe's step count (and so its learning-rate schedule and augmentation ramp) then stays
+    that of a full-size set when a user trains on a few hundred photos.
+    """
+    return max(n_train, epoch_size)
 
 
 def _selection_score(y: np.ndarray, prob: np.ndarray, loss: float, target_fnr: float) -> tuple[float, float]:
@@ -186,12 +197,13 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     n_bad, n_good = int((y_train == 1).sum()), int((y_train == 0).sum())
     class_w = torch.tensor([len(y_train) / (2 * n_good), len(y_train) / (2 * n_bad)], device=device) \
         if cfg.balance == "loss" else None
-    steps_per_epoch = max(1, math.ceil(len(y_train) / (cfg.batch_size * world)))
+    n_epoch = epoch_samples(len(y_train), cfg.epoch_size)
+    steps_per_epoch = max(1, math.ceil(n_epoch / (cfg.batch_size * world)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.15)
     _log(f"training {cfg.arch} ({cfg.color}, {cfg.img_size}px) on {device}, world {world}: "
-         f"train {len(y_train)} ({n_good} good / {n_bad} bad), {what}", rank)
+         f"train {len(y_train)} ({n_good} good / {n_bad} bad), {n_epoch} samples an epoch, {what}", rank)
 
     total_steps = cfg.epochs * steps_per_epoch
     ema = None
@@ -207,9 +219,10 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
         perm_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         if cfg.balance == "sampler":
             w = np.where(y_train == 1, 0.5 / n_bad, 0.5 / n_good)
-            order = torch.multinomial(torch.tensor(w), len(y_train), replacement=True, generator=perm_gen)
+            order = torch.multinomial(torch.tensor(w), n_epoch, replacement=True, generator=perm_gen)
         else:
-            order = torch.randperm(len(y_train), generator=perm_gen)
+            passes = math.ceil(n_epoch / len(y_train))
+            order = torch.cat([torch.randperm(len(y_train), generator=perm_gen) for _ in range(passes)])[:n_epoch]
         order = order[rank::world]
         bar = range(0, len(order), cfg.batch_size)
         if cfg.progress and rank == 0:
@@ -249,7 +262,7 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
             strength = cfg.aug.strength(((epoch + 1) * steps_per_epoch - 1) / total_steps)
             ramping = strength < 1.0
             score = (float(ramping), *score)
-            history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+            history.append({"epoch": epoch + 1, "steps": len(losses), "train_loss": float(np.mean(losses)), "val_loss": val_loss,
                             "val_fnr": m["fnr"], "val_fpr": m["fpr"], "val_auroc": m["auroc"],
                             "val_fpr_at_target_fnr": score[1], "aug_strength": round(strength, 3)})
             improved = score < best_score
@@ -307,6 +320,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()),
                "data_fingerprint": fingerprint, "seed": cfg.seed, "device": str(device),
                "world_size": world, "best_epoch": best_epoch, "epochs_run": len(history),
+               "epoch_samples": epoch_samples(len(parts["train"]), cfg.epoch_size),
                "duration_s": round(duration, 1), "history": history, "skipped": [p for p, _ in data.failed],
                "n": {k: len(parts[k]) for k in ("train", "val", "test")}, **(extra_train or {})},
     )

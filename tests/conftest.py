@@ -52,7 +52,7 @@ def tiny_model(tiny_data, tmp_path_factory) -> Path:
     # no augmentation: 3 epochs at 64 px learn the most this way; the recipe's ramp is tested on its own.
     # One test-time view: tests that need views use tiny_model_tta.
     train(TrainConfig(data=str(tiny_data), out=str(out), arch="mobilenet_v3_large", epochs=3, img_size=TINY_IMG,
-                      batch_size=16, seed=0, progress=False, workers=1, aug=AugConfig.none(), tta=1))
+                      batch_size=16, seed=0, progress=False, workers=1, aug=AugConfig.none(), tta=1, epoch_size=0))
     return out
 
 

@@ -22,12 +22,19 @@ def masked_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def one_pass_epochs(monkeypatch):
+    """The recipe with one pass an epoch: the tiny sets here would otherwise be repeated to 4096 samples."""
+    train_model = X.train_model
+    monkeypatch.setattr(X, "train_model", lambda *a, **kw: train_model(*a, **{"epoch_size": 0, **kw}))
+
+
 def _table_rows(md: str) -> list[list[str]]:
     lines = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("|---")]
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
 
 
-def test_rgb_vs_gray(masked_data, tmp_path):
+def test_rgb_vs_gray(masked_data, tmp_path, one_pass_epochs):
     res = X.run_rgb_vs_gray(masked_data, tmp_path, arch="mobilenet_v3_small", n_cam=3, **FAST)
     for f in ("report.md", "results.json", "cams.png"):
         assert (tmp_path / f).is_file()
@@ -38,7 +45,7 @@ def test_rgb_vs_gray(masked_data, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["experiment"] == "rgb-vs-gray"
 
 
-def test_archs_sorted_by_metric_priority_with_robustness_size_and_latency(masked_data, tmp_path):
+def test_archs_sorted_by_metric_priority_with_robustness_size_and_latency(masked_data, tmp_path, one_pass_epochs):
     res = X.run_archs(masked_data, tmp_path, archs=ARCHS, perturb_names="rotate90,noise8", latency_iters=2,
                       arch_epochs={"resnet18": 2}, **FAST)
     rows = res["rows"]
@@ -55,7 +62,7 @@ def test_archs_sorted_by_metric_priority_with_robustness_size_and_latency(masked
     assert sorted(r["arch"] for r in partial) == sorted(ARCHS) and all(r["cpu"]["p50_ms"] > 0 for r in partial)
 
 
-def test_cam_localization_pointing_game(masked_data, tmp_path):
+def test_cam_localization_pointing_game(masked_data, tmp_path, one_pass_epochs):
     res = X.run_cam_localization(masked_data, tmp_path, archs=ARCHS, **FAST)
     methods = ("gradcam", "gradcam++", "eigencam")
     assert [(r["arch"], r["method"]) for r in res["rows"]] == [(a, m) for a in ARCHS for m in methods]
@@ -118,6 +125,18 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
     res = X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
     assert weights.stat().st_mtime_ns == before and json.loads(card_path.read_text())["tta"] == 8  # recalibrated
     assert res["rows"][0]["test_fpr"] == json.loads(card_path.read_text())["metrics"]["test"]["fpr"]
+    card = json.loads(card_path.read_text())
+    n_train = card["train"]["n"]["train"]
+    del card["train"]["config"]["epoch_size"]           # a model from before --epoch-size (one pass an epoch) ...
+    card["train"]["n"]["train"] = 5000                  # ... on a set larger than an epoch: the same training
+    card_path.write_text(json.dumps(card))
+    X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
+    assert weights.stat().st_mtime_ns == before
+    card["train"]["n"]["train"] = n_train               # ... on a small set: the recipe now repeats it, train again
+    card_path.write_text(json.dumps(card))
+    X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
+    assert weights.stat().st_mtime_ns != before
+    assert json.loads(card_path.read_text())["train"]["epoch_samples"] == 4096
 
 
 def test_sizes_and_caps():

@@ -12,7 +12,7 @@ from defectcls.train import TrainConfig, stratified_folds, train
 def folds_model(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("folds") / "ens"
     summary = train(TrainConfig(data=str(tiny_data), out=str(out), arch="mobilenet_v3_small", epochs=1, img_size=32,
-                                batch_size=16, folds=2, progress=False, workers=1, disk_cache=False))
+                                batch_size=16, folds=2, progress=False, workers=1, disk_cache=False, epoch_size=0))
     return out, summary
 
 

@@ -289,7 +289,8 @@ def test_review_export_closes_the_retraining_loop(tiny_data, tmp_path, monkeypat
     assert main(["review", "export", "--out", str(out_csv), "--review-dir", str(q.root)]) == 0
     model_dir = tmp_path / "retrained"
     assert main(["train", "--data", str(tiny_data), "--out", str(model_dir), "--extra-labels", str(out_csv),
-                 "--epochs", "1", "--img-size", "32", "--batch-size", "64", "--arch", "mobilenet_v3_small", "--no-aug",
+                 "--epochs", "1", "--epoch-size", "0", "--img-size", "32", "--batch-size", "64",
+                 "--arch", "mobilenet_v3_small", "--no-aug",
                  "--no-cache", "--workers", "1", "--json"]) == 0
     split = json.loads((model_dir / "split.json").read_text())
     seen = {Path(p).name: y for part in ("train", "val", "test") for p, y in split[part]}

@@ -13,7 +13,7 @@ from defectcls.train import TrainConfig, train
 
 def _tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data=str(data), out=str(out), arch="mobilenet_v3_small", epochs=1, img_size=32, batch_size=16,
-                progress=False, workers=1, disk_cache=False)
+                progress=False, workers=1, disk_cache=False, epoch_size=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -101,10 +101,13 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_data):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "defectcls", "train", "--data", str(tiny_data), "--out", str(out),
                         "--arch", "mobilenet_v3_small", "--epochs", "2", "--img-size", "32", "--batch-size", "8",
-                        "--device", "cpu", "--json"], capture_output=True, text=True, env=env, timeout=600)
+                        "--epoch-size", "128", "--device", "cpu", "--json"], capture_output=True, text=True, env=env,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     card = json.loads((out / "card.json").read_text())
     assert card["train"]["world_size"] == 2 and len(card["train"]["history"]) == 2
+    # 128 samples an epoch over 2 ranks of 8: the small training part repeated, 8 steps on each rank
+    assert card["train"]["epoch_samples"] == 128 and [h["steps"] for h in card["train"]["history"]] == [8, 8]
     summary = json.loads(r.stdout)   # --json: stdout is the one result object, progress went to stderr
     assert summary["out"] == str(out)
     assert "epoch 2/2" in r.stderr
@@ -160,3 +163,26 @@ def test_ema_weights_are_what_is_validated_and_saved(tmp_path, tiny_data):
     assert diff > 1e-6
     with pytest.raises(DefectclsError, match="--ema"):
         train(_tiny_cfg(tiny_data, tmp_path / "x", ema=1.0))
+
+
+@pytest.mark.parametrize("balance", ["loss", "sampler"])
+def test_small_training_set_is_repeated_up_to_the_epoch_size(tiny_data, tmp_path, balance):
+    """A few photos get the steps of a full-size set: an epoch draws EPOCH_SIZE samples, not one pass."""
+    from defectcls.train import epoch_samples
+
+    assert epoch_samples(37, 4096) == 4096 and epoch_samples(5000, 4096) == 5000 and epoch_samples(37, 0) == 37
+    one_pass = train(_tiny_cfg(tiny_data, tmp_path / "one", balance=balance))
+    card = json.loads((Path(one_pass["out"]) / "card.json").read_text())
+    n_train = card["train"]["n"]["train"]
+    assert card["train"]["epoch_samples"] == n_train and card["train"]["history"][0]["steps"] == -(-n_train // 16)
+    train(_tiny_cfg(tiny_data, tmp_path / "rep", balance=balance, epochs=2, epoch_size=3 * n_train + 5))
+    card = json.loads((tmp_path / "rep" / "card.json").read_text())
+    assert card["train"]["epoch_samples"] == 3 * n_train + 5
+    assert [h["steps"] for h in card["train"]["history"]] == [-(-(3 * n_train + 5) // 16)] * 2
+
+
+def test_negative_epoch_size_is_a_clear_error(tiny_data, tmp_path):
+    from defectcls.errors import DefectclsError
+
+    with pytest.raises(DefectclsError, match="--epoch-size"):
+        train(_tiny_cfg(tiny_data, tmp_path / "m", epoch_size=-1))
