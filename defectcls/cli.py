@@ -104,6 +104,9 @@ def _add_train(sub) -> None:
                    help="validate and keep an exponential moving average of the weights (e.g. 0.995); 0: off")
     p.add_argument("--balance", choices=["loss", "sampler", "none"], default=d.balance,
                    help="class imbalance: weighted loss, balanced sampler, or none")
+    p.add_argument("--hard-share", type=float, default=d.hard_share, metavar="F",
+                   help="share of each epoch (after the first) drawn again in proportion to each photo's recent "
+                        "loss, so rare defects the network still misses are seen more often; 0: off")
     p.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (download or torch cache)")
     p.add_argument("--pretrained-file", help="start from a local state dict (safetensors or plain weights file)")
     p.add_argument("--extra-labels", help="reviewed-labels CSV (path,label) that adds or overrides labels")
@@ -120,6 +123,9 @@ def _add_train(sub) -> None:
                    help="image: each photo standardised to zero mean and unit variance inside the network, so "
                         "light and contrast drifts do not move the verdict; none: the dataset's mean/std only "
                         "(default: image, or the --init model's)")
+    p.add_argument("--pool", choices=["avg", "avgmax"], default=None,
+                   help="global pooling before the classifier: avg, or avgmax (mean of average and max pooling, so "
+                        "a defect a few pixels wide is not averaged away) (default: avg, or the --init model's)")
     p.add_argument("--tta", type=int, choices=[1, 4, 8], default=8,
                    help="test-time views the model answers with: 8 = the 4 rotations by 90 degrees and their mirror "
                         "images, logits averaged (fewer missed parts and false alarms, 8x the compute); 1 = the photo "
@@ -139,10 +145,10 @@ def _run_train(a) -> int:
     cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, epoch_size=a.epoch_size, img_size=a.img_size,
                       batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, device=a.device,
                       target_fnr=a.target_fnr, threshold_method=a.threshold_method, patience=a.patience, ema=a.ema,
-                      balance=a.balance, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
+                      balance=a.balance, hard_share=a.hard_share, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
                       folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,
-                      progress=not a.json, aug=AugConfig.preset(a.aug), input_norm=a.input_norm, tta=a.tta)
+                      progress=not a.json, aug=AugConfig.preset(a.aug), input_norm=a.input_norm, pool=a.pool, tta=a.tta)
     if not 0 <= a.bad_degrade <= 1:
         raise DefectclsError("--bad-degrade must be in [0, 1]")
     cfg.aug = replace(cfg.aug, bad_degrade=a.bad_degrade)

@@ -137,12 +137,14 @@ class TrainConfig:
     patience: int = 6
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     balance: str = "loss"             # loss | sampler | none
+    hard_share: float = 0.0           # share of each epoch drawn again by the photos' recent loss (hard examples)
     pretrained: bool = False
     pretrained_file: str | None = None
     extra_labels: str | None = None
     init: str | None = None           # start from this model directory's weights (same arch and colour mode)
     input_norm: str | None = None     # "image" (each image standardised in the network), "none"; None: the
                                       # --init model's, else "image"
+    pool: str | None = None           # global pooling "avg" or "avgmax"; None: the --init model's, else the default
     ema: float = 0.0                  # > 0: validate and keep an exponential moving average of the weights
                                       # with this decay per step (0.995: about the last 200 steps)
     tta: int = 8                      # test-time views the saved model answers with (1, 4, 8): the threshold and

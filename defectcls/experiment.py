@@ -40,7 +40,7 @@ METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "thr
 # settings that make two training runs the same run (for --reuse)
 _SAME_RUN = ("data", "arch", "epochs", "img_size", "batch_size", "lr", "weight_decay", "color", "seed", "target_fnr",
              "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug",
-             "input_norm", "ema", "epoch_size")
+             "input_norm", "pool", "ema", "epoch_size", "hard_share")
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -88,6 +88,8 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
         have = {k: v for k, v in (card.train or {}).get("config", {}).items() if k in _SAME_RUN}
         have["data"] = os.path.realpath(have.get("data", ""))
         have["input_norm"] = card.input_norm
+        have["pool"] = card.pool
+        have.setdefault("hard_share", 0.0)   # models trained before the option
         have.setdefault("ema", 0.0)   # models trained before the option
         have.setdefault("epoch_size", 0)   # before it, an epoch was one pass
         n_train = (card.train or {}).get("n", {}).get("train", 0)

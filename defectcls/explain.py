@@ -248,11 +248,12 @@ def _mlp_supported(mlp: tuple | None) -> bool:
 def make_cam_graph(model: nn.Module, arch: str, target: int = CAM_TARGET, views: int = 1) -> nn.Module | None:
     """A module whose forward returns (logits, raw Grad-CAM maps) with no autograd, for ONNX export.
 
-    Works where the tail is global average pooling + an MLP of Linear / ReLU / Hardswish /
-    Dropout layers (MobileNetV2/V3, ResNets): the gradient of the TARGET logit with respect
-    to the pooled features is written out by the chain rule, and the Grad-CAM channel weights
-    are that gradient divided by h*w. VIEWS test-time views are merged as in ``gradcam_torch``.
-    None for other architectures.
+    Works where the tail is global pooling + an MLP of Linear / ReLU / Hardswish / Dropout
+    layers (MobileNetV2/V3, ResNets): the gradient of the TARGET logit with respect to the
+    pooled features is written out by the chain rule, and the Grad-CAM channel weights are that
+    gradient divided by h*w. That holds for average pooling and for ``models.AvgMaxPool2d`` alike:
+    the max half sends half the gradient to one cell, whose spatial mean is again half of it / h*w.
+    VIEWS test-time views are merged as in ``gradcam_torch``. None for other architectures.
     """
     from torch import nn
 
@@ -266,11 +267,12 @@ def make_cam_graph(model: nn.Module, arch: str, target: int = CAM_TARGET, views:
         def __init__(self):
             super().__init__()
             self.body = split.body
+            self.pool = getattr(model, "avgpool", None) or nn.AdaptiveAvgPool2d(1)   # the network's own pooling
             self.mlp = nn.ModuleList(split.mlp)
 
         def forward(self, x):
             a = self.body(dihedral_views(x, views))
-            h = a.mean(dim=(2, 3))
+            h = self.pool(a).flatten(1)
             slopes = []
             for layer in self.mlp:
                 # the activation's slope is taken before the layer runs: torchvision's are in-place

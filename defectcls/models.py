@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -158,6 +159,32 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 INPUT_NORMS = ("image", "none")
+POOLS = ("avg", "avgmax")   # global pooling before the classifier
+
+
+class AvgMaxPool2d(nn.Module):
+    """Global pooling as the mean of average and max pooling (timm's "avgmax").
+
+    Average pooling alone dilutes a defect a few pixels wide over the whole feature map (one cell
+    of 36 at 192 px): a pin mark on a part that is otherwise perfect hardly moves the pooled
+    features. The max half keeps the strongest local response, so one small spot can decide.
+    Shape (N, C, 1, 1) like ``nn.AdaptiveAvgPool2d(1)``; no weights.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1))
+
+
+def _set_pool(model: nn.Module, arch: str, pool: str) -> None:
+    if pool == "avg":
+        return
+    if isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d):
+        model.avgpool = AvgMaxPool2d()
+    elif arch.startswith("squeezenet") and isinstance(model.classifier[3], nn.AdaptiveAvgPool2d):
+        model.classifier[3] = AvgMaxPool2d()
+    else:
+        raise ModelLoadError(f"--pool {pool} is not available for {arch} (its global pooling is not a module); "
+                             f"use --pool avg")
 
 
 class StandardizedInputConv2d(nn.Conv2d):
@@ -185,13 +212,16 @@ def _standardize_stem(model: nn.Module, spec: ArchSpec) -> None:
 
 
 def build_model(arch: str, in_chans: int = 1, num_classes: int = 2, pretrained: bool = False,
-                pretrained_file: str | None = None, input_norm: str = "none") -> nn.Module:
+                pretrained_file: str | None = None, input_norm: str = "none", pool: str = "avg") -> nn.Module:
     """A torchvision classifier with an IN_CHANS stem and NUM_CLASSES outputs.
 
-    INPUT_NORM "image" standardises each image inside the network (``StandardizedInputConv2d``).
+    INPUT_NORM "image" standardises each image inside the network (``StandardizedInputConv2d``);
+    POOL "avgmax" pools the last feature map by average and max (``AvgMaxPool2d``).
     """
     if input_norm not in INPUT_NORMS:
         raise ModelLoadError(f"unknown input normalisation {input_norm!r}; choose one of: {', '.join(INPUT_NORMS)}")
+    if pool not in POOLS:
+        raise ModelLoadError(f"unknown pooling {pool!r}; choose one of: {', '.join(POOLS)}")
     spec = arch_spec(arch)
     if pretrained or pretrained_file:
         model = torchvision.models.get_model(arch, weights=None)
@@ -215,6 +245,7 @@ def build_model(arch: str, in_chans: int = 1, num_classes: int = 2, pretrained: 
         model.classifier[2] = nn.Identity()
     if input_norm == "image":
         _standardize_stem(model, spec)
+    _set_pool(model, arch, pool)
     return model
 
 
@@ -421,6 +452,7 @@ class ModelCard:
     members: list[str] = field(default_factory=list)  # ensembles: member directories, relative to this one
     input_norm: str = "none"  # "image": each image standardised inside the network (cards before it: none)
     tta: int = 1              # test-time views averaged per image (1, 4 or 8; ``DihedralTTA``; cards before it: 1)
+    pool: str = "avg"         # global pooling before the classifier ("avg", "avgmax"; cards before it: avg)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -534,11 +566,13 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
         raise ModelLoadError(f"{model_dir}: no {WEIGHTS_FILE}")
     if card.arch == ENSEMBLE_ARCH:
         archs = member_archs(model_dir, card)
-        model = Ensemble([build_model(a, card.in_chans, len(card.labels), input_norm=card.input_norm)
+        model = Ensemble([build_model(a, card.in_chans, len(card.labels), input_norm=card.input_norm,
+                                      pool=card.pool)
                           for a in archs], archs)
         what = f"an ensemble of {', '.join(archs)}"
     else:
-        model = build_model(card.arch, card.in_chans, len(card.labels), input_norm=card.input_norm)
+        model = build_model(card.arch, card.in_chans, len(card.labels), input_norm=card.input_norm,
+                            pool=card.pool)
         what = card.arch
     sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_file(wpath).items()}
     try:

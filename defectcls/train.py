@@ -21,7 +21,7 @@ from .augment import augment
 from .config import TrainConfig, resolve_device, seed_everything
 from .errors import DefectclsError
 from .evaluate import choose_threshold, compute_metrics, fit_temperature, fpr_at_fnr, prob_bad_from_logits
-from .models import INPUT_NORMS, TTA_VIEWS, ModelCard, build_model, read_card, save_model_dir, with_tta
+from .models import INPUT_NORMS, POOLS, TTA_VIEWS, ModelCard, build_model, read_card, save_model_dir, with_tta
 
 SPLIT_FILE = "split.json"
 
@@ -58,18 +58,24 @@ def predict_logits(model: nn.Module, images_u8: np.ndarray, mean: torch.Tensor, 
 
 
 def resolve_input_norm(cfg: TrainConfig) -> TrainConfig:
-    """CFG with ``input_norm`` set: as asked, else the --init model's (fine-tuning keeps its input), else "image";
-    its ``tta`` checked."""
-    norm = cfg.input_norm or (read_card(cfg.init).input_norm if cfg.init else "image")
+    """CFG with ``input_norm`` and ``pool`` set: as asked, else the --init model's (fine-tuning keeps its
+    network), else the defaults ("image", "avg"); its other options checked."""
+    init_card = read_card(cfg.init) if cfg.init else None
+    norm = cfg.input_norm or (init_card.input_norm if init_card else "image")
     if norm not in INPUT_NORMS:
         raise DefectclsError(f"--input-norm must be one of {', '.join(INPUT_NORMS)}, got {norm!r}")
+    pool = cfg.pool or (init_card.pool if init_card else "avg")
+    if pool not in POOLS:
+        raise DefectclsError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if not 0.0 <= cfg.ema < 1.0:
         raise DefectclsError(f"--ema must be a decay in [0, 1) (0: off), got {cfg.ema}")
     if cfg.epoch_size < 0:
         raise DefectclsError(f"--epoch-size must be >= 0 (0: one pass over the training set), got {cfg.epoch_size}")
+    if not 0 <= cfg.hard_share < 1:
+        raise DefectclsError(f"--hard-share must be in [0, 1) (0: off), got {cfg.hard_share}")
     if cfg.tta not in TTA_VIEWS:
         raise DefectclsError(f"--tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {cfg.tta!r}")
-    return replace(cfg, input_norm=norm)
+    return replace(cfg, input_norm=norm, pool=pool)
 
 
 def init_weights(model: nn.Module, model_dir: str, arch: str, in_chans: int) -> None:
@@ -120,6 +126,46 @@ def epoch_samples(n_train: int, epoch_size: int) -> int:
     that of a full-size set when a user trains on a few hundred photos.
     """
     return max(n_train, epoch_size)
+
+
+def epoch_order(y: np.ndarray, n_epoch: int, balance: str, gen: torch.Generator, hard_share: float = 0.0,
+                sample_loss: np.ndarray | None = None) -> torch.Tensor:
+    """Indices of the training photos one epoch visits, in order.
+
+    BALANCE "sampler" draws both classes equally often, otherwise each photo is visited once per
+    pass. With HARD_SHARE > 0 and the previous epochs' SAMPLE_LOSS, that share of the epoch is drawn
+    again in proportion to each photo's recent loss (capped at 1), so the rare defects the network
+    still misses (a 1-3 px pin mark among thousands of obvious blotches) are seen many times more
+    often than once an epoch, instead of being outvoted.
+    """
+    n_hard = 0
+    if hard_share > 0 and sample_loss is not None and np.isfinite(sample_loss).any():
+        n_hard = int(round(min(hard_share, 1.0) * n_epoch))
+    n_base = n_epoch - n_hard
+    if balance == "sampler":
+        n_bad, n_good = int((y == 1).sum()), int((y == 0).sum())
+        w = np.where(y == 1, 0.5 / max(n_bad, 1), 0.5 / max(n_good, 1))
+        order = torch.multinomial(torch.tensor(w), n_base, replacement=True, generator=gen) if n_base else \
+            torch.zeros(0, dtype=torch.long)
+    else:
+        passes = math.ceil(n_base / len(y)) if n_base else 0
+        order = torch.cat([torch.randperm(len(y), generator=gen) for _ in range(passes)] or
+                          [torch.zeros(0, dtype=torch.long)])[:n_base]
+    if n_hard:
+        seen = np.where(np.isfinite(sample_loss), sample_loss, np.nanmean(sample_loss))
+        w = torch.tensor(np.clip(seen, 1e-6, 1.0))
+        hard = torch.multinomial(w, n_hard, replacement=True, generator=gen)
+        order = torch.cat([order, hard])[torch.randperm(n_epoch, generator=gen)]
+    return order
+
+
+def _merge_sample_loss(sample_loss: np.ndarray) -> np.ndarray:
+    """Each rank saw its own share of the photos: combine their running losses (mean where several saw one)."""
+    seen = np.isfinite(sample_loss)
+    t = torch.tensor(np.stack([np.where(seen, sample_loss, 0.0), seen.astype(np.float64)]))
+    torch.distributed.all_reduce(t)
+    total, count = t.numpy()
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _selection_score(y: np.ndarray, prob: np.ndarray, loss: float, target_fnr: float) -> tuple[float, float]:
@@ -186,7 +232,7 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     epoch (on rank 0), that epoch, history."""
     c = x_train.shape[1]
     model = build_model(cfg.arch, in_chans=c, num_classes=2, pretrained=cfg.pretrained,
-                        pretrained_file=cfg.pretrained_file, input_norm=cfg.input_norm)
+                        pretrained_file=cfg.pretrained_file, input_norm=cfg.input_norm, pool=cfg.pool)
     if cfg.init:
         init_weights(model, cfg.init, cfg.arch, c)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -214,15 +260,11 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     scored = ema.module if ema is not None else model   # the weights validated, selected and saved
     best_score, best_state, best_epoch, history = (math.inf, math.inf, math.inf), None, -1, []
     stale = 0
+    sample_loss = np.full(len(y_train), np.nan)   # running loss of each training photo (hard-example sampling)
     for epoch in range(cfg.epochs):
         model.train()
         perm_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        if cfg.balance == "sampler":
-            w = np.where(y_train == 1, 0.5 / n_bad, 0.5 / n_good)
-            order = torch.multinomial(torch.tensor(w), n_epoch, replacement=True, generator=perm_gen)
-        else:
-            passes = math.ceil(n_epoch / len(y_train))
-            order = torch.cat([torch.randperm(len(y_train), generator=perm_gen) for _ in range(passes)])[:n_epoch]
+        order = epoch_order(y_train, n_epoch, cfg.balance, perm_gen, cfg.hard_share, sample_loss if epoch else None)
         order = order[rank::world]
         bar = range(0, len(order), cfg.batch_size)
         if cfg.progress and rank == 0:
@@ -239,7 +281,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
             xb = augment(xb, cfg.aug.at_strength(cfg.aug.strength((epoch * steps_per_epoch + step) / total_steps)), gen,
                          labels=yb)
             xb = ((xb - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(net(xb), yb, weight=class_w)
+            per_sample = F.cross_entropy(net(xb), yb, reduction="none")
+            loss = (per_sample * class_w[yb]).sum() / class_w[yb].sum() if class_w is not None else per_sample.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -248,8 +291,13 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
             if sched.last_epoch + 1 < sched.total_steps:
                 sched.step()
             losses.append(loss.item())
+            seen = per_sample.detach().cpu().double().numpy()
+            prev = sample_loss[idx]
+            sample_loss[idx] = np.where(np.isnan(prev), seen, 0.5 * (prev + seen))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if distributed and cfg.hard_share > 0:   # every rank draws the next epoch from the same losses
+            sample_loss = _merge_sample_loss(sample_loss)
         stop = torch.zeros(1)
         if rank == 0:
             recompute_bn_stats(scored, x_train, mean_t, std_t, device, seed=cfg.seed + epoch)
@@ -316,7 +364,8 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, tta=cfg.tta, threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
+        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, threshold=thr, temperature=temperature,
+        threshold_policy=policy, metrics=metrics,
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()),
                "data_fingerprint": fingerprint, "seed": cfg.seed, "device": str(device),
                "world_size": world, "best_epoch": best_epoch, "epochs_run": len(history),
@@ -460,7 +509,8 @@ def train_folds(cfg: TrainConfig) -> dict:
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=ENSEMBLE_ARCH, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, tta=cfg.tta, threshold=thr, temperature=temperature, threshold_policy=policy, metrics=metrics,
+        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, threshold=thr, temperature=temperature,
+        threshold_policy=policy, metrics=metrics,
         members=[r["dir"] for r in member_rows],
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()), "data_fingerprint": fingerprint,
                "seed": cfg.seed, "device": str(device), "world_size": 1, "folds": cfg.folds,

@@ -158,3 +158,21 @@ def test_cam_agreement_scores_only_the_selected_parts():
     same = _cam_agreement(a, a.copy(), 56, where)
     assert same["cam_bad_peak_agreement"] == 1.0 and same["cam_bad_mean_abs_diff_max"] < 1e-6
     assert _cam_agreement(a, b, 56, np.zeros(4, bool)) == {}
+
+
+def test_export_of_an_avgmax_pooled_model_matches_torch(tiny_data, tmp_path):
+    """The max half of --pool avgmax exports as a global max pool: fp32 ONNX gives torch's scores and maps."""
+    from defectcls.export import export_onnx
+    from defectcls.train import TrainConfig, train
+
+    d = tmp_path / "avgmax"
+    train(TrainConfig(data=str(tiny_data), out=str(d), arch="mobilenet_v3_large", epochs=1, img_size=64,
+                      batch_size=16, progress=False, workers=1, disk_cache=False, epoch_size=0, pool="avgmax", tta=1))
+    rep = export_onnx(d, n_check=16)
+    assert rep["ok"] and rep["parity"]["fp32"]["max_prob_diff"] <= 1e-4
+    img = sorted((tiny_data / "bad").glob("*.png"))[0]
+    edge, ref = EdgePredictor(d / "model.onnx"), Predictor(d, device="cpu", backend="torch")
+    r, p = edge.predict(img), ref.predict(img)
+    assert r["label"] == p.label and abs(r["prob_bad"] - p.prob_bad) <= 1e-4
+    _, cam, _ = edge.explain(img)   # the exported Grad-CAM graph pools as the network does
+    assert cam.max() > 0 and np.abs(cam - explain(ref, img).cam).max() <= 1e-4

@@ -8,7 +8,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from defectcls import models as M
-from defectcls.errors import ModelLoadError
+from defectcls.errors import DefectclsError, ModelLoadError
 from defectcls.inference import Predictor
 
 
@@ -232,3 +232,53 @@ def test_squeezenet_head_can_output_negative_logits():
         m.classifier[1].bias.fill_(-1.0)              # a head pushed below zero still answers
         out = m(torch.rand(4, 1, 96, 96))
     assert (out < 0).any() and out.std() > 0
+
+
+def test_avgmax_pool_keeps_a_small_spot_that_average_pooling_dilutes():
+    x = torch.zeros(2, 3, 12, 12)
+    x[0, 1, 5, 7] = 4.0                       # one hot cell of 144: a pin mark's response
+    pooled = M.AvgMaxPool2d()(x)
+    assert pooled.shape == (2, 3, 1, 1)
+    torch.testing.assert_close(pooled, 0.5 * (x.mean((2, 3), keepdim=True) + x.amax((2, 3), keepdim=True)))
+    assert float(pooled[0, 1]) > 60 * float(torch.nn.AdaptiveAvgPool2d(1)(x)[0, 1])
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "resnet18", "squeezenet1_1"])
+def test_avgmax_pool_swaps_the_pooling_only(arch):
+    torch.manual_seed(0)
+    avg = M.build_model(arch, pool="avg").eval()
+    avgmax = M.build_model(arch, pool="avgmax").eval()
+    assert list(avgmax.state_dict()) == list(avg.state_dict())   # no weights of its own: same file layout
+    assert sum(isinstance(m, M.AvgMaxPool2d) for m in avgmax.modules()) == 1
+    assert not any(isinstance(m, M.AvgMaxPool2d) for m in avg.modules())
+    avgmax.load_state_dict(avg.state_dict())
+    with torch.no_grad():
+        x = torch.rand(2, 1, 64, 64)
+        # untrained logits can be ~1e-11: compare relative to their size
+        assert avgmax(x).shape == (2, 2) and not torch.allclose(avgmax(x), avg(x), rtol=1e-3, atol=0)
+
+
+def test_unknown_or_unsupported_pool_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="unknown pooling"):
+        M.build_model("resnet18", pool="max")
+    with pytest.raises(ModelLoadError, match="--pool avgmax is not available for mobilenet_v2"):
+        M.build_model("mobilenet_v2", pool="avgmax")
+
+
+def test_pool_is_recorded_on_the_card_rebuilt_on_load_and_inherited(tmp_path, tiny_data, tiny_model):
+    from defectcls.train import TrainConfig, resolve_input_norm, train
+
+    assert M.read_card(tiny_model).pool == "avg"                 # the default; cards before the field load as avg
+    d = json.loads((tiny_model / M.CARD_FILE).read_text())
+    d.pop("pool")
+    assert M.ModelCard.from_dict(d).pool == "avg"
+    out = tmp_path / "m"
+    train(TrainConfig(data=str(tiny_data), out=str(out), arch="mobilenet_v3_small", epochs=1, img_size=32,
+                      batch_size=16, progress=False, workers=1, disk_cache=False, epoch_size=0, pool="avgmax", tta=1))
+    assert M.read_card(out).pool == "avgmax"
+    model, _ = M.load_model_dir(out)
+    assert isinstance(model.avgpool, M.AvgMaxPool2d)
+    assert resolve_input_norm(TrainConfig(data="d", out="o", init=str(out))).pool == "avgmax"   # fine-tuning keeps it
+    assert resolve_input_norm(TrainConfig(data="d", out="o", init=str(out), pool="avg")).pool == "avg"
+    with pytest.raises(DefectclsError, match="--pool"):
+        resolve_input_norm(TrainConfig(data="d", out="o", pool="max"))

@@ -101,7 +101,8 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_data):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "defectcls", "train", "--data", str(tiny_data), "--out", str(out),
                         "--arch", "mobilenet_v3_small", "--epochs", "2", "--img-size", "32", "--batch-size", "8",
-                        "--epoch-size", "128", "--device", "cpu", "--json"], capture_output=True, text=True, env=env,
+                        "--epoch-size", "128", "--hard-share", "0.3",
+                        "--device", "cpu", "--json"], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     card = json.loads((out / "card.json").read_text())
@@ -186,3 +187,47 @@ def test_negative_epoch_size_is_a_clear_error(tiny_data, tmp_path):
 
     with pytest.raises(DefectclsError, match="--epoch-size"):
         train(_tiny_cfg(tiny_data, tmp_path / "m", epoch_size=-1))
+
+
+def test_epoch_order_without_hard_share_is_one_reshuffled_pass_or_a_balanced_draw():
+    import numpy as np
+    import torch
+
+    from defectcls.train import epoch_order
+
+    y = np.array([0] * 30 + [1] * 10)
+    order = epoch_order(y, 40, "loss", torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(40))
+    order = epoch_order(y, 95, "loss", torch.Generator().manual_seed(0))   # repeated up to the epoch size
+    assert len(order) == 95 and np.bincount(order.numpy(), minlength=40).min() == 2
+    order = epoch_order(y, 4000, "sampler", torch.Generator().manual_seed(0))
+    assert abs(float((y[order.numpy()] == 1).mean()) - 0.5) < 0.05
+    # no losses yet (first epoch): the hard share draws nothing extra
+    same = epoch_order(y, 40, "loss", torch.Generator().manual_seed(3), hard_share=0.5, sample_loss=None)
+    assert torch.equal(same, epoch_order(y, 40, "loss", torch.Generator().manual_seed(3)))
+
+
+def test_hard_share_revisits_the_photos_the_network_still_gets_wrong():
+    import numpy as np
+    import torch
+
+    from defectcls.train import epoch_order
+
+    y = np.array([0] * 500 + [1] * 500)
+    loss = np.full(1000, 0.01)
+    loss[[600, 601]] = 3.0       # two bad photos still missed (capped at 1 in the draw)
+    loss[10] = np.nan            # not seen yet: counts as an average photo
+    order = epoch_order(y, 1000, "loss", torch.Generator().manual_seed(0), hard_share=0.25, sample_loss=loss)
+    counts = np.bincount(order.numpy(), minlength=1000)
+    assert len(order) == 1000
+    # 250 hard draws, two of weight 1 against 998 of 0.01: about 21 each, against about 1 for the rest
+    assert counts[600] > 10 and counts[601] > 10
+    assert np.median(counts[np.r_[0:600, 602:1000]]) == 1
+    assert (counts[:500] > 0).mean() > 0.7   # the uniform part still covers the set
+
+
+def test_hard_share_out_of_range_is_a_clear_error(tiny_data, tmp_path):
+    from defectcls.errors import DefectclsError
+
+    with pytest.raises(DefectclsError, match="--hard-share"):
+        train(_tiny_cfg(tiny_data, tmp_path / "m", hard_share=1.5))
