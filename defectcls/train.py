@@ -291,9 +291,10 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
             if sched.last_epoch + 1 < sched.total_steps:
                 sched.step()
             losses.append(loss.item())
-            seen = per_sample.detach().cpu().double().numpy()
-            prev = sample_loss[idx]
-            sample_loss[idx] = np.where(np.isnan(prev), seen, 0.5 * (prev + seen))
+            if cfg.hard_share > 0:   # only hard-example sampling reads them: no device->host copy otherwise
+                seen = per_sample.detach().cpu().double().numpy()
+                prev = sample_loss[idx]
+                sample_loss[idx] = np.where(np.isnan(prev), seen, 0.5 * (prev + seen))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if distributed and cfg.hard_share > 0:   # every rank draws the next epoch from the same losses
