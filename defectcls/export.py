@@ -38,7 +38,9 @@ from .inference import ONNX_FILE, ONNX_INT8_FILE, Predictor
 from .models import load_model_dir, model_cam_offset, weights_sha256, with_tta
 
 DEFAULT_OPSET = 17
-FP32_TOL = 1e-4          # max |P(bad) difference| between torch and the fp32 graph
+FP32_TOL = 1e-3          # max |P(bad) difference| between torch and the fp32 graph (and every verdict equal):
+                         # float32 in another runtime moves logits by ~1e-4 of their size; a calibrated
+                         # temperature below 1 turns that into a few 1e-4 in P(bad) near 0.5
 INT8_AGREEMENT = 0.99    # share of verdicts the int8 graph must share with fp32
 
 
@@ -218,7 +220,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
 
     Parity runs on N_CHECK synthetic parts (half bad; ``synth``, seeds from SEED) and is reported;
     with CHECK a failure raises DefectclsError (a failing int8 file is not kept). fp32: max
-    |P(bad) difference| to torch <= 1e-4. int8: calibrated on N_CALIB other synthetic parts (64 were
+    |P(bad) difference| to torch <= 1e-3 and every verdict the same. int8: calibrated on N_CALIB other synthetic parts (64 were
     too few for the shipped model: 98.5% agreement against 99.5% with 256, docs/benchmarks-speed.md);
     quantisation schemes are tried in order (``INT8_METHODS``: static QDQ with per-channel weights and
     min-max calibration, the same with percentile calibration, only the convolutions quantised)
@@ -260,11 +262,12 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
                 "max_logit_diff": float(np.abs(ref_logits - l32).max()),
                 "cam_max_diff": _cam_diff(ref_cam, c32, card.img_size),
                 "verdict_agreement": float(np.mean(v_ref == v32)), "tolerance": FP32_TOL}
-        fp32["ok"] = fp32["max_prob_diff"] <= FP32_TOL
+        fp32["ok"] = fp32["max_prob_diff"] <= FP32_TOL and fp32["verdict_agreement"] == 1.0
         report["parity"] = {"fp32": fp32}
         if check and not fp32["ok"]:
             raise DefectclsError(f"ONNX fp32 export disagrees with torch: max |P(bad) diff| "
-                                 f"{fp32['max_prob_diff']:.2e} > {FP32_TOL:.0e}; nothing written")
+                                 f"{fp32['max_prob_diff']:.2e} (allowed {FP32_TOL:.0e}), verdicts agree on "
+                                 f"{fp32['verdict_agreement']:.1%}; nothing written")
         os.replace(tmp_fp32, fp32_path)
         report["files"]["fp32"] = {"path": str(fp32_path), "size_mb": _mb(fp32_path)}
         if int8:

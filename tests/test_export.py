@@ -176,3 +176,38 @@ def test_export_of_an_avgmax_pooled_model_matches_torch(tiny_data, tmp_path):
     assert r["label"] == p.label and abs(r["prob_bad"] - p.prob_bad) <= 1e-4
     _, cam, _ = edge.explain(img)   # the exported Grad-CAM graph pools as the network does
     assert cam.max() > 0 and np.abs(cam - explain(ref, img).cam).max() <= 1e-4
+
+
+@pytest.mark.parametrize("how", ["probability", "verdict"])
+def test_export_refuses_a_graph_that_moves_a_score_or_flips_a_verdict(tiny_model, tmp_path, monkeypatch, how):
+    import defectcls.export as E
+    from defectcls.errors import DefectclsError
+    from defectcls.evaluate import prob_bad_from_logits
+    from defectcls.models import read_card
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    card = read_card(d)
+    ref, _ = E._torch_reference(d, E.synthetic_inputs(card, 6, 12345, None)[0])   # export_onnx's check set
+    p0 = float(prob_bad_from_logits(ref, card.temperature)[0])
+    raw = json.loads((d / "card.json").read_text())
+    if how == "probability":             # P(bad) of part 0 moves by ~0.1, beyond the tolerance; no verdict changes
+        raw["threshold"], shift = 0.999, 0.5
+    else:                                # P(bad) of part 0 moves by 5e-5, within the tolerance, across the threshold
+        raw["threshold"], shift = p0 + 1e-5, 5e-5 * card.temperature / (p0 * (1 - p0))
+    (d / "card.json").write_text(json.dumps(raw))
+    real = E._run
+
+    def nudged(session, x):
+        logits, cam = real(session, x)
+        logits = logits.copy()
+        logits[0, -1] += shift
+        return logits, cam
+
+    monkeypatch.setattr(E, "_run", nudged)
+    with pytest.raises(DefectclsError, match="disagrees") as err:
+        E.export_onnx(d, n_check=6)
+    assert ("verdicts agree on 83.3%" in str(err.value)) == (how == "verdict")
+    assert not (d / "model.onnx").exists() and not list(d.glob(".export*"))
+    rep = E.export_onnx(d, n_check=6, check=False)           # reported, not raised, without the check
+    assert not rep["ok"] and rep["parity"]["fp32"]["verdict_agreement"] == (5 / 6 if how == "verdict" else 1.0)
