@@ -137,7 +137,8 @@ class TrainConfig:
     patience: int = 6
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     balance: str = "loss"             # loss | sampler | none
-    hard_share: float = 0.0           # share of each epoch drawn again by the photos' recent loss (hard examples)
+    hard_share: float = 0.25          # share of each epoch (after the first) drawn again by the photos' recent
+                                      # loss (hard examples); 0: off
     pretrained: bool = False
     pretrained_file: str | None = None
     extra_labels: str | None = None
