@@ -377,9 +377,10 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
             raise DefectclsError(f"--models: {m} is not a model directory (no card.json)")
     out, t0 = _start(data, out)
     rows, shown = [], []
-    todo = [(read_card(m).arch, m) for m in given] if given else \
-        [(arch, out / "models" / arch) for arch in archs]
-    for arch, mdir in todo:
+    # who: how plots and tables name a model (given models may share an architecture)
+    todo = [(read_card(m).arch, m, str(m)) for m in given] if given else \
+        [(arch, out / "models" / arch, arch) for arch in archs]
+    for arch, mdir, who in todo:
         if not given:
             train_model(data, mdir, seed=seed, epochs=epochs, img_size=img_size, progress=progress, reuse=reuse,
                         arch=arch)
@@ -407,11 +408,12 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
                     st["detected"] += 1
                     st["hits_detected"] += hit
                 if j < n_show:
-                    shown.append({"arch": arch, "method": method, "j": j, "mask": mask, "hit": hit,
+                    shown.append({"who": who, "method": method, "j": j, "mask": mask, "hit": hit,
                                   "overlay": overlay(ex.image, ex.cam, size=max(size, SHOW_SIZE)), "name": Path(s.path).name})
         for method in methods:
             st = stats[method]
-            rows.append({"arch": arch, "model": str(mdir), "method": method, "split": used, "n": len(bad), "hits": st["hits"],
+            rows.append({"arch": arch, "model": str(mdir), "who": who, "method": method, "split": used, "n": len(bad),
+                         "hits": st["hits"],
                          "rate": st["hits"] / len(bad), "detected": st["detected"],
                          "rate_detected": st["hits_detected"] / st["detected"] if st["detected"] else None,
                          "chance": float(np.mean(chance)), "cam_offset": offsets[method]})
@@ -419,22 +421,22 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
     ax.bar(range(len(rows)), [r["rate"] for r in rows])
     ax.plot(range(len(rows)), [r["chance"] for r in rows], "k_", markersize=20, label="chance (dilated mask area)")
-    ax.set_xticks(range(len(rows)), [f"{r['arch']}\n{r['method']}" for r in rows], fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{r['who']}\n{r['method']}" for r in rows], fontsize=7)
     ax.set(ylim=(0, 1), ylabel="share of heat-map peaks inside the defect", title="pointing game")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "pointing.png", dpi=90)
     plt.close(fig)
-    keys = sorted({(d["arch"], d["j"]) for d in shown})
+    keys = list(dict.fromkeys((d["who"], d["j"]) for d in shown))
     fig, axes = plt.subplots(len(keys), len(methods), figsize=(3 * len(methods), 3 * len(keys)), squeeze=False)
     for d in shown:
-        ax = axes[keys.index((d["arch"], d["j"])), methods.index(d["method"])]
+        ax = axes[keys.index((d["who"], d["j"])), methods.index(d["method"])]
         ax.imshow(d["overlay"])
         h, w = d["overlay"].shape[:2]
         if h == w:
             big = np.asarray(Image.fromarray(d["mask"].astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST))
             ax.contour(big > 127, levels=[0.5], colors="white", linewidths=0.8)
-        ax.set_title(f"{d['arch']} {d['method']}: {'hit' if d['hit'] else 'miss'}\n{d['name']}", fontsize=7)
+        ax.set_title(f"{d['who']} {d['method']}: {'hit' if d['hit'] else 'miss'}\n{d['name']}", fontsize=7)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out / "samples.png", dpi=90)
@@ -450,8 +452,10 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
             f"with a defect mask; a hit is a heat-map maximum (at the model's input size) inside the mask dilated "
             f"by {dilate:.0%} of the side. 'chance' is the mean dilated mask area (a random point's hit rate); "
             "'among detected' counts only parts the model called bad.", "",
-            md_table(["arch", "method", "bad parts", "hits", "pointing rate", "among detected", "detected", "chance"],
-                     [[r["arch"], r["method"], r["n"], r["hits"], r["rate"], r["rate_detected"], r["detected"], r["chance"]]
+            md_table((["model"] if given else []) +
+                     ["arch", "method", "bad parts", "hits", "pointing rate", "among detected", "detected", "chance"],
+                     [([r["model"]] if given else []) +
+                      [r["arch"], r["method"], r["n"], r["hits"], r["rate"], r["rate_detected"], r["detected"], r["chance"]]
                       for r in rows]),
             "", "![pointing game](pointing.png)", "", "![samples: heat-maps with the defect outline](samples.png)"]
     res["files"] = _write_report(out, "CAM localisation (pointing game)", res, body, command) + \

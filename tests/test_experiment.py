@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -75,12 +76,18 @@ def test_cam_localization_pointing_game(masked_data, tmp_path, one_pass_epochs):
 
 
 def test_cam_localization_scores_given_models_without_training(masked_data, tiny_model, tmp_path):
-    res = X.run_cam_localization(masked_data, tmp_path, models=[tiny_model], methods=["gradcam"])
+    twin = tmp_path / "twin"                       # a second model of the same architecture
+    shutil.copytree(tiny_model, twin)
+    out = tmp_path / "r"
+    res = X.run_cam_localization(masked_data, out, models=[tiny_model, twin], methods=["gradcam"])
     n_bad = len(list((masked_data / "bad").glob("*.png")))
-    assert [(r["arch"], r["method"], r["split"], r["n"]) for r in res["rows"]] == \
-        [("mobilenet_v3_large", "gradcam", "all", n_bad)]       # not its training data: every bad part
-    assert res["models"] == [str(tiny_model)] and not (tmp_path / "models").exists()
-    assert str(tiny_model) in (tmp_path / "report.md").read_text()
+    assert [(r["model"], r["arch"], r["method"], r["split"], r["n"]) for r in res["rows"]] == \
+        [(str(m), "mobilenet_v3_large", "gradcam", "all", n_bad) for m in (tiny_model, twin)]   # every bad part
+    assert res["rows"][0]["hits"] == res["rows"][1]["hits"]          # same weights, same heat-maps
+    assert res["models"] == [str(tiny_model), str(twin)] and not (out / "models").exists()
+    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| model | arch |")      # the table tells the two models apart
+    assert [line.split(" | ")[0].lstrip("| ") for line in table[1:]] == [str(tiny_model), str(twin)]
     with pytest.raises(DefectclsError, match="not a model directory"):
         X.run_cam_localization(masked_data, tmp_path / "y", models=[tmp_path])
 
