@@ -74,14 +74,14 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
     (``scoring.recalibrate``: the views are not part of training).
     """
     from .models import read_card
-    from .train import TrainConfig, epoch_samples, resolve_input_norm, train
+    from .train import TrainConfig, epoch_samples, resolve_config, train
 
     cfg = TrainConfig(data=str(data), out=str(out), seed=seed, progress=progress, **overrides)
     if epochs:
         cfg.epochs = epochs
     if img_size:
         cfg.img_size = img_size
-    want = {k: v for k, v in _norm(resolve_input_norm(cfg).to_dict()).items() if k in _SAME_RUN}
+    want = {k: v for k, v in _norm(resolve_config(cfg).to_dict()).items() if k in _SAME_RUN}
     want["data"] = os.path.realpath(want["data"])
     if reuse and (Path(out) / "card.json").is_file():
         card = read_card(out)

@@ -57,7 +57,7 @@ def predict_logits(model: nn.Module, images_u8: np.ndarray, mean: torch.Tensor, 
     return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
 
 
-def resolve_input_norm(cfg: TrainConfig) -> TrainConfig:
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """CFG with ``input_norm`` and ``pool`` set: as asked, else the --init model's (fine-tuning keeps its
     network), else the defaults ("image", "avg"); its other options checked."""
     init_card = read_card(cfg.init) if cfg.init else None
@@ -140,7 +140,7 @@ def epoch_order(y: np.ndarray, n_epoch: int, balance: str, gen: torch.Generator,
     """
     n_hard = 0
     if hard_share > 0 and sample_loss is not None and np.isfinite(sample_loss).any():
-        n_hard = int(round(min(hard_share, 1.0) * n_epoch))
+        n_hard = int(round(hard_share * n_epoch))   # hard_share < 1: checked by resolve_config
     n_base = n_epoch - n_hard
     if balance == "sampler":
         n_bad, n_good = int((y == 1).sum()), int((y == 0).sum())
@@ -228,7 +228,7 @@ def _norm_stats(cfg: TrainConfig, x: np.ndarray) -> tuple[list[float], list[floa
 def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
          mean_t: torch.Tensor, std_t: torch.Tensor, device: torch.device, gen: torch.Generator, what: str,
          rank: int = 0, world: int = 1, distributed: bool = False) -> tuple[nn.Module, int, list[dict]]:
-    """Train one network (CFG resolved by resolve_input_norm); returns it with the weights of its best validation
+    """Train one network (CFG resolved by resolve_config); returns it with the weights of its best validation
     epoch (on rank 0), that epoch, history."""
     c = x_train.shape[1]
     model = build_model(cfg.arch, in_chans=c, num_classes=2, pretrained=cfg.pretrained,
@@ -391,7 +391,7 @@ def train(cfg: TrainConfig) -> dict:
     With ``cfg.folds`` > 1 this is K-fold cross-validation (``train_folds``).
     """
     rank, world, distributed = _dist_info()
-    cfg = resolve_input_norm(cfg)
+    cfg = resolve_config(cfg)
     if cfg.folds > 1:
         if distributed:
             raise DefectclsError("--folds trains its folds one after another in one process: start it without torchrun")
@@ -460,7 +460,7 @@ def train_folds(cfg: TrainConfig) -> dict:
     """
     from .models import ENSEMBLE_ARCH, Ensemble
 
-    cfg = resolve_input_norm(cfg)
+    cfg = resolve_config(cfg)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)

@@ -138,7 +138,7 @@ def test_image_input_norm_ignores_light_and_contrast_and_keeps_the_state_dict(ar
 
 
 def test_input_norm_is_recorded_on_the_card_and_inherited_by_fine_tuning(tmp_path, tiny_model):
-    from defectcls.train import TrainConfig, resolve_input_norm
+    from defectcls.train import TrainConfig, resolve_config
 
     card = M.read_card(tiny_model)
     assert card.input_norm == "image"                             # the default recipe
@@ -152,9 +152,9 @@ def test_input_norm_is_recorded_on_the_card_and_inherited_by_fine_tuning(tmp_pat
     d.pop("input_norm")
     (legacy / M.CARD_FILE).write_text(json.dumps(d))
     assert M.read_card(legacy).input_norm == "none"
-    assert resolve_input_norm(TrainConfig(data="d", out="o", init=str(legacy))).input_norm == "none"
-    assert resolve_input_norm(TrainConfig(data="d", out="o", init=str(legacy), input_norm="image")).input_norm == "image"
-    assert resolve_input_norm(TrainConfig(data="d", out="o")).input_norm == "image"
+    assert resolve_config(TrainConfig(data="d", out="o", init=str(legacy))).input_norm == "none"
+    assert resolve_config(TrainConfig(data="d", out="o", init=str(legacy), input_norm="image")).input_norm == "image"
+    assert resolve_config(TrainConfig(data="d", out="o")).input_norm == "image"
 
 
 def test_dihedral_views_are_exact_and_merge_back_upright():
@@ -266,7 +266,7 @@ def test_unknown_or_unsupported_pool_is_a_clear_error():
 
 
 def test_pool_is_recorded_on_the_card_rebuilt_on_load_and_inherited(tmp_path, tiny_data, tiny_model):
-    from defectcls.train import TrainConfig, resolve_input_norm, train
+    from defectcls.train import TrainConfig, resolve_config, train
 
     assert M.read_card(tiny_model).pool == "avg"                 # the default; cards before the field load as avg
     d = json.loads((tiny_model / M.CARD_FILE).read_text())
@@ -278,7 +278,7 @@ def test_pool_is_recorded_on_the_card_rebuilt_on_load_and_inherited(tmp_path, ti
     assert M.read_card(out).pool == "avgmax"
     model, _ = M.load_model_dir(out)
     assert isinstance(model.avgpool, M.AvgMaxPool2d)
-    assert resolve_input_norm(TrainConfig(data="d", out="o", init=str(out))).pool == "avgmax"   # fine-tuning keeps it
-    assert resolve_input_norm(TrainConfig(data="d", out="o", init=str(out), pool="avg")).pool == "avg"
+    assert resolve_config(TrainConfig(data="d", out="o", init=str(out))).pool == "avgmax"   # fine-tuning keeps it
+    assert resolve_config(TrainConfig(data="d", out="o", init=str(out), pool="avg")).pool == "avg"
     with pytest.raises(DefectclsError, match="--pool"):
-        resolve_input_norm(TrainConfig(data="d", out="o", pool="max"))
+        resolve_config(TrainConfig(data="d", out="o", pool="max"))
