@@ -412,8 +412,7 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
                                   "overlay": overlay(ex.image, ex.cam, size=max(size, SHOW_SIZE)), "name": Path(s.path).name})
         for method in methods:
             st = stats[method]
-            rows.append({"arch": arch, "model": str(mdir), "who": who, "method": method, "split": used, "n": len(bad),
-                         "hits": st["hits"],
+            rows.append({"arch": arch, "model": str(mdir), "method": method, "split": used, "n": len(bad), "hits": st["hits"],
                          "rate": st["hits"] / len(bad), "detected": st["detected"],
                          "rate_detected": st["hits_detected"] / st["detected"] if st["detected"] else None,
                          "chance": float(np.mean(chance)), "cam_offset": offsets[method]})
@@ -421,7 +420,7 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
     ax.bar(range(len(rows)), [r["rate"] for r in rows])
     ax.plot(range(len(rows)), [r["chance"] for r in rows], "k_", markersize=20, label="chance (dilated mask area)")
-    ax.set_xticks(range(len(rows)), [f"{r['who']}\n{r['method']}" for r in rows], fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{r['model'] if given else r['arch']}\n{r['method']}" for r in rows], fontsize=7)
     ax.set(ylim=(0, 1), ylabel="share of heat-map peaks inside the defect", title="pointing game")
     ax.legend(fontsize=8)
     fig.tight_layout()
