@@ -170,7 +170,7 @@ def _display(img: np.ndarray, side: int = DISPLAY_SIDE) -> np.ndarray:
 
 def _heatmap(ex) -> np.ndarray:
     """The heat-map over the image, at most DISPLAY_SIDE pixels on its longer side."""
-    return overlay(ex.image, ex.cam, size=min(DISPLAY_SIDE, max(ex.image.shape[:2])))
+    return overlay(ex.image, ex.cam, size=min(DISPLAY_SIDE, max(ex.image.shape[:2])), box=ex.box)
 
 
 def _ms(v) -> float | None:
@@ -250,7 +250,7 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
         with _user_errors(name, "full-resolution heat-map"):
             raw = _read_upload(path)
             ex = registry.explain(model_name, raw, method or "gradcam")
-            full = overlay(ex.image, ex.cam)          # no size: the photo's own
+            full = overlay(ex.image, ex.cam, box=ex.box)          # no size: the photo's own
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem)[:60] or "part"
         tag = re.sub(r"[^A-Za-z0-9]+", "", method or "gradcam")
         out = _fullres_dir() / f"{stem}_{tag}_{ex.prediction.label}_{hashlib.sha256(raw).hexdigest()[:12]}.png"

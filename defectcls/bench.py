@@ -206,7 +206,7 @@ def _fast_request(pred, png: bytes, display: int) -> tuple[object, bytes, dict]:
 
     ex = explain(pred, png)
     t0 = time.perf_counter()
-    ov = overlay(ex.image, ex.cam, size=display)
+    ov = overlay(ex.image, ex.cam, size=display, box=ex.box)
     t1 = time.perf_counter()
     jpg = encode_jpeg(ov)
     t2 = time.perf_counter()

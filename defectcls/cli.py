@@ -126,6 +126,10 @@ def _add_train(sub) -> None:
     p.add_argument("--pool", choices=["avg", "avgmax"], default=None,
                    help="global pooling before the classifier: avg, or avgmax (mean of average and max pooling, so "
                         "a defect a few pixels wide is not averaged away) (default: avg, or the --init model's)")
+    p.add_argument("--frame", choices=["full", "part"], default=None,
+                   help="part: each photo cropped to a square centred on the part and scaled to the training photos' "
+                        "median part size, so camera distance and off-centre parts do not move the verdict; full: "
+                        "the whole photo (default: full, or the --init model's)")
     p.add_argument("--tta", type=int, choices=[1, 4, 8], default=8,
                    help="test-time views the model answers with: 8 = the 4 rotations by 90 degrees and their mirror "
                         "images, logits averaged (fewer missed parts and false alarms, 8x the compute); 1 = the photo "
@@ -148,7 +152,8 @@ def _run_train(a) -> int:
                       balance=a.balance, hard_share=a.hard_share, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
                       folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,
-                      progress=not a.json, aug=AugConfig.preset(a.aug), input_norm=a.input_norm, pool=a.pool, tta=a.tta)
+                      progress=not a.json, aug=AugConfig.preset(a.aug), input_norm=a.input_norm, pool=a.pool, tta=a.tta,
+                      frame=a.frame)
     if not 0 <= a.bad_degrade <= 1:
         raise DefectclsError("--bad-degrade must be in [0, 1]")
     cfg.aug = replace(cfg.aug, bad_degrade=a.bad_degrade)
@@ -283,7 +288,8 @@ def _run_predict(a) -> int:
                 ex = explain(pred, path, a.cam_method)
                 r, cam, img = ex.prediction, ex.cam, ex.image
                 cam_path = Path(a.cam_dir) / f"{_safe_stem(path)}_{r.label}.jpg"
-                Image.fromarray(overlay(img, cam, size=min(512, max(img.shape[:2])))).save(cam_path, quality=90)
+                ov = overlay(img, cam, size=min(512, max(img.shape[:2])), box=ex.box)
+                Image.fromarray(ov).save(cam_path, quality=90)
             else:
                 r = pred.predict(path)
         except ImageLoadError as exc:

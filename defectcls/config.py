@@ -146,6 +146,9 @@ class TrainConfig:
     input_norm: str | None = None     # "image" (each image standardised in the network), "none"; None: the
                                       # --init model's, else "image"
     pool: str | None = None           # global pooling "avg" or "avgmax"; None: the --init model's, else the default
+    frame: str | None = None          # "part": each photo cropped to a square centred on the part, scaled so the
+                                      # part has the training photos' median size; "full": the whole photo;
+                                      # None: the --init model's, else "full"
     ema: float = 0.0                  # > 0: validate and keep an exponential moving average of the weights
                                       # with this decay per step (0.995: about the last 200 steps)
     tta: int = 8                      # test-time views the saved model answers with (1, 4, 8): the threshold and

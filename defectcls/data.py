@@ -1,8 +1,8 @@
 """Image loading, the one preprocessing path, folder scanning, splits, cache and batch augmentation.
 
 Inference, training, evaluation, the app, bench and export all go through
-``load_image`` -> ``fit_square`` -> ``normalize``; training keeps the output of
-``fit_square`` in memory (decoded once) and layers augmentation on top.
+``load_image`` -> ``fit_frame`` (``fit_square``, on the part's square when the card frames
+on it) -> ``normalize``; training keeps the output of ``fit_frame`` in memory (decoded once) and layers augmentation on top.
 """
 
 from __future__ import annotations
@@ -164,6 +164,130 @@ def fit_square(arr: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+# ---------------------------------------------------------------- framing on the part
+
+FRAMES = ("full", "part")
+FRAME_GRID = 128          # the part is found on a copy about this many pixels wide
+
+
+def _otsu(q: np.ndarray) -> int:
+    """Otsu's threshold of integer values 0..255: the split with the largest between-class variance."""
+    p = np.bincount(q.ravel(), minlength=256).astype(np.float64)
+    p /= p.sum()
+    w = np.cumsum(p)
+    mu = np.cumsum(p * np.arange(256))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu[-1] * w - mu) ** 2 / (w * (1.0 - w))
+    return int(np.nanargmax(between)) if np.isfinite(between).any() else 127
+
+
+def part_circle(arr: np.ndarray) -> tuple[float, float, float] | None:
+    """Centre (x, y) and radius, in pixels of ARR, of the round part; None where no part stands out.
+
+    On a copy about ``FRAME_GRID`` pixels wide: Otsu's threshold on the logarithm of the
+    brightness splits the photo in two; the side the border ring mostly falls on is the
+    background. The largest connected region of the other side, holes filled, is the part
+    (on the casting photos, the dark inner disc; on the emblems, the whole disc); the
+    radius is that of a disc of its area. In the log domain a change of gain or gamma
+    moves the threshold with the pixels, so light drift does not move the frame (measured
+    in docs/benchmarks.md: under brightness, contrast, gamma, blur, JPEG and noise the
+    radius moves < 1% and the centre < 1 px at 300 px).
+    """
+    from scipy import ndimage as ndi
+
+    g = arr.astype(np.float32) if arr.ndim == 2 else arr[..., :3].astype(np.float32).mean(axis=2)
+    h, w = g.shape
+    k = max(1, min(h, w) // FRAME_GRID)
+    small = g[: h // k * k, : w // k * k].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
+    log = np.log(small + 4.0)
+    lo, hi = float(log.min()), float(log.max())
+    if hi - lo < 1e-3:
+        return None
+    q = np.rint((log - lo) / (hi - lo) * 255.0).astype(np.int64)
+    fg = q > _otsu(q)
+    b = max(1, round(0.03 * min(fg.shape)))
+    ring = np.concatenate([fg[:b].ravel(), fg[-b:].ravel(), fg[b:-b, :b].ravel(), fg[b:-b, -b:].ravel()])
+    if ring.mean() > 0.5:
+        fg = ~fg
+    rr = max(1, round(0.025 * min(fg.shape)))   # opening: thin dark lines (a rim's shadow) do not join up
+    yy, xx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
+    fg = ndi.binary_opening(fg, structure=xx * xx + yy * yy <= rr * rr)
+    lab, n = ndi.label(fg)
+    if n == 0:
+        return None
+    part = ndi.binary_fill_holes(lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
+    area = int(part.sum())
+    if not 0.005 <= area / part.size <= 0.9:
+        return None
+    ys, xs = np.nonzero(part)
+    return (float(xs.mean()) + 0.5) * k, (float(ys.mean()) + 0.5) * k, math.sqrt(area / math.pi) * k
+
+
+def frame_box(arr: np.ndarray, frame_ref: float | None) -> tuple[int, int, int] | None:
+    """The square (x0, y0, side) of ARR the model sees: centred on the part, its side such that the
+    part's radius is FRAME_REF of it (the training photos' median). None: the whole photo
+    (FRAME_REF None, or no part found, or a part under a quarter or over four times the usual size)."""
+    if not frame_ref:
+        return None
+    c = part_circle(arr)
+    if c is None:
+        return None
+    cx, cy, r = c
+    side = r / frame_ref
+    full = max(arr.shape[:2])
+    if not 0.25 * full <= side <= 4.0 * full:
+        return None
+    s = max(MIN_SIDE, int(round(side)))
+    return int(round(cx - s / 2.0)), int(round(cy - s / 2.0)), s
+
+
+def crop_square(arr: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
+    """The square BOX of ARR; where it reaches past the photo, the photo's border median fills it."""
+    x0, y0, s = box
+    h, w = arr.shape[:2]
+    if x0 >= 0 and y0 >= 0 and x0 + s <= w and y0 + s <= h:
+        return arr[y0:y0 + s, x0:x0 + s]
+    r = max(1, round(min(h, w) * 0.02))
+    ring = np.concatenate([arr[:r].reshape(-1, *arr.shape[2:]), arr[-r:].reshape(-1, *arr.shape[2:]),
+                           arr[:, :r].reshape(-1, *arr.shape[2:]), arr[:, -r:].reshape(-1, *arr.shape[2:])])
+    out = np.empty((s, s, *arr.shape[2:]), np.uint8)
+    out[...] = np.median(ring, axis=0).round().astype(np.uint8)
+    xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + s, w), min(y0 + s, h)
+    if xa < xb and ya < yb:
+        out[ya - y0:yb - y0, xa - x0:xb - x0] = arr[ya:yb, xa:xb]
+    return out
+
+
+def frame_view(arr: np.ndarray, frame_ref: float | None) -> np.ndarray:
+    """What the model sees of ARR before resizing: the part's square (framing on), else ARR itself."""
+    box = frame_box(arr, frame_ref)
+    return arr if box is None else crop_square(arr, box)
+
+
+def fit_frame(arr: np.ndarray, size: int, frame_ref: float | None = None) -> np.ndarray:
+    """``fit_square`` of the part's square (``frame_view``); with FRAME_REF None, of the whole photo."""
+    return fit_square(frame_view(arr, frame_ref), size)
+
+
+def estimate_frame_ref(paths: Sequence[str], color: str = "gray", n: int = 256, seed: int = 0) -> float:
+    """The median part radius / photo side over up to N seeded photos of PATHS (unlabelled geometry only)."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(paths), size=min(n, len(paths)), replace=False) if paths else []
+    ratios = []
+    for i in pick:
+        try:
+            arr = load_image(paths[int(i)], color)
+        except ImageLoadError:
+            continue
+        c = part_circle(arr)
+        if c is not None:
+            ratios.append(c[2] / max(arr.shape[:2]))
+    if len(ratios) < max(1, len(pick) // 2):
+        raise DefectclsError(f"--frame part: no round part stands out from the background in {len(pick) - len(ratios)} "
+                             f"of {len(pick)} sampled photos; train with --frame full")
+    return round(float(np.median(ratios)), 5)
+
+
 def normalize(arr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 HxW or HxWxC (or a batch NxCxHxW) -> float32 CxHxW, (x/255 - mean) / std."""
     x = arr.astype(np.float32) / 255.0
@@ -178,11 +302,11 @@ def normalize(arr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
 
 
 def preprocess(src: str | os.PathLike | bytes | np.ndarray, img_size: int, color: str,
-               mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+               mean: Sequence[float], std: Sequence[float], frame_ref: float | None = None) -> np.ndarray:
     """The one preprocessing path: file/bytes/array -> float32 CxHxW ready for the model."""
     arr = src if isinstance(src, np.ndarray) else load_image(src, color)
     arr = as_color(arr, color)
-    return normalize(fit_square(arr, img_size), mean, std)
+    return normalize(fit_frame(arr, img_size, frame_ref), mean, std)
 
 
 @dataclass(frozen=True)
@@ -196,13 +320,19 @@ class Preprocessing:
     img_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    frame_ref: float | None = None   # framing on the part (``fit_frame``); None: the whole photo
 
     @classmethod
     def from_card(cls, card) -> Preprocessing:
         """From a ``ModelCard`` or the card dict an exported ONNX file carries."""
-        get = card.get if isinstance(card, dict) else (lambda k: getattr(card, k))
+        get = card.get if isinstance(card, dict) else (lambda k: getattr(card, k, None))
+        ref = get("frame_ref")
         return cls(str(get("color")), int(get("img_size")), tuple(float(v) for v in get("mean")),
-                   tuple(float(v) for v in get("std")))
+                   tuple(float(v) for v in get("std")), float(ref) if ref else None)
+
+    def box(self, arr: np.ndarray) -> tuple[int, int, int] | None:
+        """The square (x0, y0, side) of the decoded photo the model sees; None: the whole photo."""
+        return frame_box(arr, self.frame_ref)
 
     def load(self, src: str | os.PathLike | bytes | np.ndarray, fast_png: bool = True) -> np.ndarray:
         """Decode to uint8 in the model's colour mode (arrays are converted, not copied when possible)."""
@@ -212,7 +342,7 @@ class Preprocessing:
 
     def preprocess(self, src: str | os.PathLike | bytes | np.ndarray) -> np.ndarray:
         """File/bytes/array -> float32 CxHxW; the same function training and export use."""
-        return preprocess(self.load(src), self.img_size, self.color, self.mean, self.std)
+        return preprocess(self.load(src), self.img_size, self.color, self.mean, self.std, self.frame_ref)
 
 
 def as_color(arr: np.ndarray, color: str) -> np.ndarray:
@@ -315,18 +445,18 @@ def fingerprint(samples: Sequence[Sample]) -> str:
 
 # ---------------------------------------------------------------- decode cache
 
-def _decode_one(args: tuple[str, int, str]) -> tuple[np.ndarray | None, str | None]:
-    path, size, color = args
+def _decode_one(args: tuple[str, int, str, float | None]) -> tuple[np.ndarray | None, str | None]:
+    path, size, color, frame_ref = args
     try:
-        arr = fit_square(load_image(path, color), size)
+        arr = fit_frame(load_image(path, color), size, frame_ref)
     except ImageLoadError as exc:
         return None, str(exc)
     return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None
 
 
-def cache_path(samples: Sequence[Sample], size: int, color: str) -> Path:
+def cache_path(samples: Sequence[Sample], size: int, color: str, frame_ref: float | None = None) -> Path:
     root = Path(os.environ.get("DEFECTCLS_CACHE_DIR") or Path.home() / ".cache" / "defectcls")
-    h = hashlib.sha256(f"{size}|{color}|".encode())
+    h = hashlib.sha256((f"{size}|{color}|" + (f"frame{frame_ref!r}|" if frame_ref else "")).encode())
     for s in samples:
         try:
             st = os.stat(s.path)
@@ -337,13 +467,14 @@ def cache_path(samples: Sequence[Sample], size: int, color: str) -> Path:
 
 
 def decode_all(samples: Sequence[Sample], size: int, color: str = "gray", workers: int | None = None,
-               use_disk_cache: bool = True, progress: bool = False) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Decode every sample once to uint8 NxCxSxS at working size.
+               use_disk_cache: bool = True, progress: bool = False,
+               frame_ref: float | None = None) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """Decode every sample once to uint8 NxCxSxS at working size (framed on the part with FRAME_REF).
 
     Returns (array of the readable ones, their indices into samples, [(path, reason)] of unreadable ones).
     A disk cache keyed by paths, sizes and mtimes makes re-runs skip decoding.
     """
-    cpath = cache_path(samples, size, color) if use_disk_cache else None
+    cpath = cache_path(samples, size, color, frame_ref) if use_disk_cache else None
     if cpath is not None and cpath.exists():
         try:
             with np.load(cpath, allow_pickle=False) as z:
@@ -352,7 +483,7 @@ def decode_all(samples: Sequence[Sample], size: int, color: str = "gray", worker
         except (OSError, ValueError, KeyError):
             pass
     workers = workers or min(4, os.cpu_count() or 1)
-    jobs = [(s.path, size, color) for s in samples]
+    jobs = [(s.path, size, color, frame_ref) for s in samples]
     if workers > 1 and len(jobs) > 32:
         with ProcessPoolExecutor(workers) as pool:
             results = list(_progress(pool.map(_decode_one, jobs, chunksize=16), len(jobs), progress))

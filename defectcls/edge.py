@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.cam_dir:
                 row, cam, img = ep.explain(path)
                 row["cam"] = str(Path(a.cam_dir) / f"{Path(path).stem}_{row['label']}.jpg")
-                Path(row["cam"]).write_bytes(encode_jpeg(overlay(img, cam, size=a.cam_size)))
+                Path(row["cam"]).write_bytes(encode_jpeg(overlay(img, cam, size=a.cam_size, box=ep.prep.box(img))))
             else:
                 row = ep.predict(path)
         except DefectclsError as exc:

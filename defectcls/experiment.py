@@ -224,7 +224,7 @@ def run_rgb_vs_gray(data: str | os.PathLike, out: str | os.PathLike, arch: str =
         row = {"path": s.path, "label": D.LABELS[s.label]}
         for col, color in enumerate(("rgb", "gray"), start=1):
             ex = explain(preds[color], s.path, "gradcam")
-            axes[r, col].imshow(overlay(ex.image, ex.cam, size=256))
+            axes[r, col].imshow(overlay(ex.image, ex.cam, size=256, box=ex.box))
             axes[r, col].set_title(f"{color}: P(bad) {ex.prediction.prob_bad:.3f} -> {ex.prediction.label}", fontsize=8)
             row[color] = {"prob_bad": ex.prediction.prob_bad, "label": ex.prediction.label}
         cams.append(row)
@@ -335,11 +335,13 @@ def pointing_hit(cam: np.ndarray, mask: np.ndarray) -> bool:
     return bool(mask[np.unravel_index(int(np.argmax(cam)), cam.shape)])
 
 
-def mask_at(mask_path: str | os.PathLike, size: int, dilate: float) -> np.ndarray:
-    """A defect mask at the model's input size (the image's own fit_square), dilated by DILATE x size pixels."""
+def mask_at(mask_path: str | os.PathLike, size: int, dilate: float, box: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A defect mask at the model's input size, dilated by DILATE x size pixels: the image's own fit_square,
+    or, for a model that frames on the part, its square BOX of the image (``Preprocessing.box``)."""
     from scipy.ndimage import binary_dilation
 
-    m = D.fit_square(D.load_image(mask_path, "gray"), size) > 0
+    m = D.load_image(mask_path, "gray")
+    m = D.fit_square(m if box is None else D.crop_square(m, box), size) > 0
     r = max(1, round(dilate * size))
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     return binary_dilation(m, structure=(xx ** 2 + yy ** 2) <= r * r)
@@ -396,7 +398,7 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
         chance = []
         for j, (s, mpath) in enumerate(bad):
             img = pred.load(s.path)
-            mask = mask_at(mpath, size, dilate)
+            mask = mask_at(mpath, size, dilate, pred.prep.box(img))
             chance.append(float(mask.mean()))
             for method in methods:
                 ex = explain(pred, img, method)
@@ -407,9 +409,10 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
                 if ex.prediction.label == "bad":
                     st["detected"] += 1
                     st["hits_detected"] += hit
-                if j < n_show:
+                if j < n_show:   # drawn over the square the model saw, where the mask outline is
+                    seen = ex.image if ex.box is None else D.crop_square(ex.image, ex.box)
                     shown.append({"who": who, "method": method, "j": j, "mask": mask, "hit": hit,
-                                  "overlay": overlay(ex.image, ex.cam, size=max(size, SHOW_SIZE)), "name": Path(s.path).name})
+                                  "overlay": overlay(seen, ex.cam, size=max(size, SHOW_SIZE)), "name": Path(s.path).name})
         for method in methods:
             st = stats[method]
             rows.append({"arch": arch, "model": str(mdir), "method": method, "split": used, "n": len(bad), "hits": st["hits"],

@@ -98,12 +98,15 @@ def _jet_lut() -> np.ndarray:
 _JET = _jet_lut()
 
 
-def overlay(img: np.ndarray, cam: np.ndarray, size: int | None = None, alpha: float = 0.45) -> np.ndarray:
+def overlay(img: np.ndarray, cam: np.ndarray, size: int | None = None, alpha: float = 0.45,
+            box: tuple[int, int, int] | None = None) -> np.ndarray:
     """RGB uint8 overlay of a heat-map on the (gray or RGB) image.
 
     SIZE is the longer side of the result (default: the image's own size, the full-resolution
-    overlay); the aspect ratio is kept. The map covers the model's square input, so for a
-    non-square image only the part of it over the image (``fit_square`` pads) is drawn.
+    overlay); the aspect ratio is kept. The map covers the model's square input: BOX
+    ``(x0, y0, side)`` in image pixels, the part's square of a model that frames on the part
+    (``Preprocessing.box``); None, the centred square ``fit_square`` pads a non-square image to.
+    Only the part of that square over the image is drawn; image outside it gets no heat.
     """
     h, w = img.shape[:2]
     side = max(h, w)
@@ -118,10 +121,19 @@ def overlay(img: np.ndarray, cam: np.ndarray, size: int | None = None, alpha: fl
             base = base.resize((out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
     base = base.convert("RGB")
     s_h, s_w = cam.shape[-2:]
-    top, left = (side - h) // 2, (side - w) // 2
-    box = (left * s_w / side, top * s_h / side, (left + w) * s_w / side, (top + h) * s_h / side)
-    heat = Image.fromarray(np.round(np.clip(cam, 0, 1) * 255).astype(np.uint8))
-    heat = heat.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
+    x0, y0, bs = box if box is not None else (-((side - w) // 2), -((side - h) // 2), side)
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + bs, w), min(y0 + bs, h)   # image pixels under the map
+    ox0, oy0 = round(ix0 * out_w / w), round(iy0 * out_h / h)
+    ox1, oy1 = round(ix1 * out_w / w), round(iy1 * out_h / h)
+    heat = Image.new("L", (out_w, out_h), 0)
+    if ox1 > ox0 and oy1 > oy0:
+        src = ((ix0 - x0) * s_w / bs, (iy0 - y0) * s_h / bs, (ix1 - x0) * s_w / bs, (iy1 - y0) * s_h / bs)
+        part = Image.fromarray(np.round(np.clip(cam, 0, 1) * 255).astype(np.uint8))
+        part = part.resize((ox1 - ox0, oy1 - oy0), Image.Resampling.BILINEAR, box=src)
+        if (ox0, oy0, ox1, oy1) == (0, 0, out_w, out_h):
+            heat = part
+        else:
+            heat.paste(part, (ox0, oy0))
     colored = Image.frombytes("P", heat.size, heat.tobytes())   # colour table applied in C
     colored.putpalette(_JET.tobytes())
     return np.asarray(Image.blend(base, colored.convert("RGB"), float(alpha)))
@@ -343,6 +355,7 @@ class Explanation:
     image: np.ndarray        # the decoded uint8 image (model colour mode, original size)
     timings_ms: dict = field(default_factory=dict)
     cam_offset: tuple[float, float] = (0.0, 0.0)   # where the map was drawn (``models.cam_offset``)
+    box: tuple[int, int, int] | None = None         # the image square the map covers (``overlay``'s BOX)
 
 
 def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> Explanation:
@@ -371,4 +384,6 @@ def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> 
     ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "model_cam": (t3 - t2) * 1e3,
           "cam_scale": (t4 - t3) * 1e3}
     pred = predictor.verdict(p, (t4 - t1) * 1e3, {"preprocess": ms["preprocess"], "model": ms["model_cam"]})
-    return Explanation(pred, cam, img, {k: round(v, 3) for k, v in ms.items()}, offset)
+    prep = getattr(predictor, "prep", None)
+    box = prep.box(img) if prep is not None else None
+    return Explanation(pred, cam, img, {k: round(v, 3) for k, v in ms.items()}, offset, box)

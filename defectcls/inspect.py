@@ -724,7 +724,8 @@ class _Run:
         t1 = time.perf_counter()
         side = self.overlay_size           # small photos are scaled up too, so that the caption stays legible
         if cam is not None:
-            rgb = overlay(d.image, cam, size=side)
+            prep = getattr(self.p, "prep", None)
+            rgb = overlay(d.image, cam, size=side, box=prep.box(d.image) if prep is not None else None)
         else:
             rgb = np.asarray(Image.fromarray(D.fit_square(d.image, side)).convert("RGB"))
         total = dur_ms + (t1 - t0) * 1e3

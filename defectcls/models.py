@@ -453,6 +453,8 @@ class ModelCard:
     input_norm: str = "none"  # "image": each image standardised inside the network (cards before it: none)
     tta: int = 1              # test-time views averaged per image (1, 4 or 8; ``DihedralTTA``; cards before it: 1)
     pool: str = "avg"         # global pooling before the classifier ("avg", "avgmax"; cards before it: avg)
+    frame_ref: float | None = None  # framing on the part: its radius / the side of the square the model sees
+                                    # (``data.fit_frame``); None: the whole photo (cards before it)
 
     def to_dict(self) -> dict:
         return asdict(self)

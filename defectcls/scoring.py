@@ -39,7 +39,8 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
     """Metrics of MODEL_DIR on DATA_ROOT at the card's threshold (or THRESHOLD)."""
     pred = predictor or Predictor(model_dir)
     samples, used = select_split(model_dir, data_root, D.scan_folder(data_root), split)
-    images, ok, failed = D.decode_all(samples, pred.card.img_size, pred.card.color, use_disk_cache=False)
+    images, ok, failed = D.decode_all(samples, pred.card.img_size, pred.card.color, use_disk_cache=False,
+                                      frame_ref=pred.prep.frame_ref)
     if not ok:
         raise DefectclsError(f"no readable images in {data_root}")
     y = np.array([samples[i].label for i in ok])

@@ -75,7 +75,13 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise DefectclsError(f"--hard-share must be in [0, 1) (0: off), got {cfg.hard_share}")
     if cfg.tta not in TTA_VIEWS:
         raise DefectclsError(f"--tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {cfg.tta!r}")
-    return replace(cfg, input_norm=norm, pool=pool)
+    frame = cfg.frame or ("part" if init_card and init_card.frame_ref else "full")
+    if frame not in D.FRAMES:
+        raise DefectclsError(f"--frame must be one of {', '.join(D.FRAMES)}, got {frame!r}")
+    if init_card is not None and (frame == "part") != bool(init_card.frame_ref):
+        raise DefectclsError(f"--frame {frame} differs from the --init model's ({'part' if init_card.frame_ref else 'full'}): "
+                             "a network keeps the framing it learned")
+    return replace(cfg, input_norm=norm, pool=pool, frame=frame)
 
 
 def init_weights(model: nn.Module, model_dir: str, arch: str, in_chans: int) -> None:
@@ -192,6 +198,7 @@ class _Data:
     images: np.ndarray
     failed: list[tuple[str, str]]
     parts: dict[str, list[int]]
+    frame_ref: float | None = None   # framing on the part (``data.fit_frame``); None: the whole photo
 
 
 def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _Data:
@@ -200,10 +207,15 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
     if cfg.extra_labels:
         samples, overridden, added = D.merge_labels(samples, D.read_label_csv(cfg.extra_labels))
         _log(f"extra labels {cfg.extra_labels}: {overridden} overridden, {added} added", rank)
+    frame_ref = None
+    if cfg.frame == "part":   # the --init model's, else the median part size of up to 256 seeded photos
+        init_ref = read_card(cfg.init).frame_ref if cfg.init else None
+        frame_ref = init_ref or D.estimate_frame_ref([s.path for s in samples], cfg.color, seed=cfg.seed)
+        _log(f"framing on the part: radius {frame_ref:.4f} of the side", rank)
     if distributed and rank != 0:
         torch.distributed.barrier()  # let rank 0 decode and fill the disk cache first
     images, ok, failed = D.decode_all(samples, cfg.img_size, cfg.color, cfg.workers, cfg.disk_cache,
-                                      progress=cfg.progress and rank == 0)
+                                      progress=cfg.progress and rank == 0, frame_ref=frame_ref)
     if distributed and rank == 0:
         torch.distributed.barrier()
     for _path, reason in failed:
@@ -213,7 +225,7 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
     if len(np.unique(labels)) < 2:
         raise DefectclsError("training needs readable images of both classes (good/ and bad/)")
     parts = D.stratified_split(labels.tolist(), tuple(cfg.split), cfg.seed)
-    return _Data(root, samples, labels, images, failed, parts)
+    return _Data(root, samples, labels, images, failed, parts, frame_ref)
 
 
 def _norm_stats(cfg: TrainConfig, x: np.ndarray) -> tuple[list[float], list[float]]:
@@ -365,7 +377,8 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, threshold=thr, temperature=temperature,
+        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref, threshold=thr,
+        temperature=temperature,
         threshold_policy=policy, metrics=metrics,
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()),
                "data_fingerprint": fingerprint, "seed": cfg.seed, "device": str(device),
@@ -510,7 +523,8 @@ def train_folds(cfg: TrainConfig) -> dict:
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=ENSEMBLE_ARCH, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, threshold=thr, temperature=temperature,
+        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref, threshold=thr,
+        temperature=temperature,
         threshold_policy=policy, metrics=metrics,
         members=[r["dir"] for r in member_rows],
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()), "data_fingerprint": fingerprint,

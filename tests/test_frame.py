@@ -1,0 +1,127 @@
+"""Framing on the part (--frame part): finding the part, cropping, and one path from training to overlays."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from defectcls import data as D
+from defectcls import perturb as P
+from defectcls.errors import DefectclsError
+from defectcls.explain import explain, overlay
+from defectcls.inference import Predictor
+from defectcls.train import TrainConfig, to_input, train
+
+
+def _disc(side=300, cx=150.0, cy=150.0, r=70.0, fg=200, bg=20, hole=0.0, noise=3.0, seed=0) -> np.ndarray:
+    """A part: a disc (with an optional bore of HOLE x r) on a plain background, with sensor noise."""
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    d = np.hypot(xx + 0.5 - cx, yy + 0.5 - cy)
+    img = np.where((d <= r) & (d >= hole * r), fg, bg).astype(np.float32)
+    img += np.random.default_rng(seed).normal(0, noise, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fg,bg,hole", [(200, 20, 0.0), (40, 170, 0.35)])   # emblem on black; dark ring on light
+def test_part_circle_finds_centre_and_size(fg, bg, hole):
+    img = _disc(cx=170.0, cy=130.0, r=60.0, fg=fg, bg=bg, hole=hole)
+    cx, cy, r = D.part_circle(img)
+    assert cx == pytest.approx(170.0, abs=2.5) and cy == pytest.approx(130.0, abs=2.5)
+    assert r == pytest.approx(60.0, rel=0.04)      # the bore is filled: the disc's own radius
+
+
+def test_part_circle_on_the_synthetic_emblems():
+    from defectcls.synth import BASE_RADIUS_FRAC, image_seed, render_part
+
+    for i in range(6):
+        img, _, meta = render_part(image_seed(555, "bad" if i % 2 else "good", i), bool(i % 2), size=256)
+        cx, cy, r = D.part_circle(np.asarray(img.convert("L")))
+        assert cx == pytest.approx(128 + meta["offset"][0], abs=1.5) and cy == pytest.approx(128 + meta["offset"][1], abs=1.5)
+        assert r / (meta["scale"] * BASE_RADIUS_FRAC * 256) == pytest.approx(1.0, abs=0.05)
+
+
+def test_part_circle_ignores_light_drift_and_follows_pose():
+    img = _disc(fg=40, bg=170, hole=0.35, r=72.0)
+    cx0, cy0, r0 = D.part_circle(img)
+    for changed in (P.gamma(img, 1.4), P.gamma(img, 0.7), P.brightness(img, 1.25), P.contrast(img, 0.7),
+                    P.blur(img, 1.5)):
+        cx, cy, r = D.part_circle(changed)
+        assert abs(cx - cx0) < 1.0 and abs(cy - cy0) < 1.0 and r == pytest.approx(r0, rel=0.02)
+    cx, cy, r = D.part_circle(P.affine(img, scale=0.9, shift=(0.05, 0.0)))
+    assert r == pytest.approx(0.9 * r0, rel=0.02) and cx == pytest.approx(150 + 0.9 * (cx0 - 150) + 15, abs=1.5)
+
+
+def test_no_part_means_the_whole_photo():
+    flat = np.full((64, 64), 128, np.uint8)
+    assert D.part_circle(flat) is None and D.frame_box(flat, 0.25) is None
+    np.testing.assert_array_equal(D.fit_frame(flat, 32, 0.25), D.fit_square(flat, 32))
+    img = _disc()
+    assert D.frame_box(img, None) is None
+    np.testing.assert_array_equal(D.fit_frame(img, 64, None), D.fit_square(img, 64))
+    with pytest.raises(DefectclsError, match="no round part"):
+        D.estimate_frame_ref([], "gray")
+
+
+def test_framing_undoes_camera_distance_and_offset():
+    img = _disc(r=70.0, hole=0.35, fg=40, bg=170)
+    ref = D.part_circle(img)[2] / 300
+    moved = P.affine(img, scale=0.88, shift=(0.06, -0.04))
+    a, b = D.fit_frame(img, 96, ref).astype(int), D.fit_frame(moved, 96, ref).astype(int)
+    assert np.abs(a - b).mean() < 6                                     # the same picture again
+    assert np.abs(a - D.fit_square(moved, 96).astype(int)).mean() > 3 * np.abs(a - b).mean()
+
+
+def test_crop_square_fills_outside_with_the_border_median():
+    img = np.full((40, 50), 90, np.uint8)
+    img[10:30, 10:40] = 200
+    np.testing.assert_array_equal(D.crop_square(img, (10, 5, 20)), img[5:25, 10:30])
+    out = D.crop_square(img, (-10, -10, 30))
+    assert out.shape == (30, 30) and (out[:10] == 90).all() and (out[:, :10] == 90).all()
+    np.testing.assert_array_equal(out[10:, 10:], img[:20, :20])
+    rgb = np.repeat(img[..., None], 3, axis=2)
+    assert D.crop_square(rgb, (30, 30, 40)).shape == (40, 40, 3)
+
+
+def test_overlay_puts_the_heat_inside_the_box():
+    img = np.zeros((100, 100), np.uint8)
+    cam = np.ones((32, 32), np.float32)
+    out = overlay(img, cam, alpha=1.0, box=(50, 50, 40)).astype(int)
+    inside, outside = out[55:85, 55:85], out[:45, :45]
+    assert inside[..., 0].mean() > 100 and outside[..., 0].mean() < 10    # hot (red) in the box, cold elsewhere
+    # no box: the whole photo, as before
+    assert overlay(img, cam, alpha=1.0)[..., 0].mean() > 100
+
+
+@pytest.fixture(scope="module")
+def framed_model(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("framed") / "m"
+    from defectcls.config import AugConfig
+
+    train(TrainConfig(data=str(tiny_data), out=str(out), epochs=1, img_size=48, batch_size=16, progress=False,
+                      workers=1, aug=AugConfig.none(), tta=1, epoch_size=0, frame="part", disk_cache=False))
+    return out
+
+
+def test_framed_training_caches_what_inference_sees(framed_model, tiny_data, tmp_path):
+    card = json.loads((framed_model / "card.json").read_text())
+    assert 0.2 < card["frame_ref"] < 0.6 and card["train"]["config"]["frame"] == "part"
+    pred = Predictor(framed_model, device="cpu", backend="torch")
+    assert pred.prep.frame_ref == card["frame_ref"]
+    samples = D.scan_folder(tiny_data)[:6]
+    images, _, _ = D.decode_all(samples, 48, "gray", workers=1, use_disk_cache=False, frame_ref=card["frame_ref"])
+    mean, std = torch.tensor(card["mean"]).view(1, -1, 1, 1), torch.tensor(card["std"]).view(1, -1, 1, 1)
+    train_side = to_input(torch.from_numpy(images), mean, std).numpy()
+    np.testing.assert_allclose(train_side, np.stack([pred.preprocess(s.path) for s in samples]), atol=1e-6)
+    # the frame differs from the whole photo (the synthetic parts sit off-centre at random sizes)
+    whole, _, _ = D.decode_all(samples, 48, "gray", workers=1, use_disk_cache=False)
+    assert not np.array_equal(whole, images)
+    # the heat-map is drawn over the square the model saw
+    ex = explain(pred, samples[0].path)
+    assert ex.box == pred.prep.box(pred.load(samples[0].path)) and ex.box is not None
+    # a warm start keeps the framing; asking for the other one is refused
+    with pytest.raises(DefectclsError, match="differs from the --init model"):
+        train(TrainConfig(data=str(tiny_data), out=str(tmp_path / "x"), init=str(framed_model), frame="full",
+                          epochs=1, img_size=48, progress=False))
