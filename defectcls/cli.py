@@ -182,8 +182,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--perturb", action="store_true",
                    help="score clean and under each perturbation (light, blur, JPEG, noise, pose); "
                         "with --report-dir writes perturb.md and perturb.json")
-    p.add_argument("--perturb-names", help="comma-separated perturbations (implies --perturb; default: all; "
-                                           "'list' prints the names)")
+    p.add_argument("--perturb-names", help="comma-separated perturbations or groups (implies --perturb; default: "
+                                           "'line', the line's drifts; 'stronger': past them; 'all'; 'list' prints "
+                                           "the names)")
     p.add_argument("--perturb-seed", type=int, default=0, help="seed of the random perturbations (noise, angles)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_evaluate)

@@ -2,7 +2,7 @@
 
 - ``rgb-vs-gray``: the same recipe on RGB and on grayscale input; metrics and Grad-CAM side by side.
 - ``archs``: several architectures under the same recipe: FNR, FPR, AUROC, robustness (worst
-  FNR/FPR over ``perturb.PERTURBATIONS``), size on disk, CPU (and CUDA) latency; sorted by the
+  FNR/FPR over ``perturb.LINE``), size on disk, CPU (and CUDA) latency; sorted by the
   metric priority FNR, then FPR, then latency, then size.
 - ``cam-localization``: on synthetic bad parts with defect masks, how often the heat-map peak
   falls inside the (slightly dilated) defect (pointing game), per architecture and CAM method.

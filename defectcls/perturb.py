@@ -165,15 +165,38 @@ def _registry() -> dict[str, Perturbation]:
     return P
 
 
-PERTURBATIONS: dict[str, Perturbation] = _registry()
+def _stronger() -> dict[str, Perturbation]:
+    """Past the line's usual drift: a bad day's magnitudes, to see where a model breaks (opt-in group)."""
+    return {
+        "brightness-40%": lambda im, _r: brightness(im, 0.6),
+        "brightness+40%": lambda im, _r: brightness(im, 1.4),
+        "contrast-45%": lambda im, _r: contrast(im, 0.55),
+        "gamma0.55": lambda im, _r: gamma(im, 0.55),
+        "gamma1.7": lambda im, _r: gamma(im, 1.7),
+        "blur2": lambda im, _r: blur(im, 2.0),
+        "jpeg20": lambda im, _r: jpeg(im, 20),
+        "noise12": lambda im, r: noise(im, 12, r),
+        "scale0.85": lambda im, _r: affine(im, scale=0.85),
+        "scale1.15": lambda im, _r: affine(im, scale=1.15),
+        "shift_xy+7%": lambda im, _r: affine(im, shift=(0.07, 0.07)),
+        "rot+scale0.88+shift5%": lambda im, r: _any_angle(im, r, scale=0.88, shift=(0.05, -0.03)),
+    }
+
+
+LINE: dict[str, Perturbation] = _registry()          # the default set: the drifts a line sees
+STRONGER: dict[str, Perturbation] = _stronger()      # ``--perturb-names stronger``
+PERTURBATIONS: dict[str, Perturbation] = {**LINE, **STRONGER}
+GROUPS = {"line": list(LINE), "stronger": list(STRONGER), "all": list(PERTURBATIONS)}
 
 
 def resolve_names(names: Sequence[str] | str | None) -> list[str]:
-    """Perturbation names to run: all when NAMES is None; a comma-separated string or a list otherwise."""
+    """Perturbation names to run: the line's set when NAMES is None; a comma-separated string or a list
+    otherwise, where a group name (``line``, ``stronger``, ``all``) stands for its members."""
     if names is None:
-        return list(PERTURBATIONS)
+        return list(LINE)
     if isinstance(names, str):
         names = [n for n in (s.strip() for s in names.split(",")) if n]
+    names = [m for n in names for m in GROUPS.get(n, [n])]
     unknown = [n for n in names if n not in PERTURBATIONS]
     if unknown:
         raise DefectclsError(f"unknown perturbation(s) {', '.join(unknown)}; choose from: {', '.join(PERTURBATIONS)}")

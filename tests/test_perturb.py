@@ -46,6 +46,11 @@ def test_registry_covers_the_issue_magnitudes():
         assert need in names
     assert all("," not in n for n in names)          # --perturb-names is comma-separated
     assert P.resolve_names("noise8, rotate90,noise8") == ["noise8", "rotate90"]
+    # the default is the line's set; the stronger group is asked for by name, alone or with others
+    assert P.resolve_names(None) == list(P.LINE) and "blur2" not in P.LINE
+    assert P.resolve_names("stronger") == list(P.STRONGER) and "brightness+40%" in P.STRONGER
+    assert P.resolve_names("noise8,stronger")[:2] == ["noise8", "brightness-40%"]
+    assert P.resolve_names("all") == list(P.PERTURBATIONS)
     with pytest.raises(DefectclsError, match="unknown perturbation"):
         P.resolve_names(["noise8", "fog"])
 
@@ -165,7 +170,7 @@ def test_evaluate_perturbed_has_a_row_per_perturbation_and_clean_equals_plain_ev
     from defectcls.scoring import evaluate_model
 
     res = P.evaluate_perturbed(tiny_model, tiny_data)
-    assert [r["name"] for r in res["rows"]] == ["clean", *P.PERTURBATIONS]
+    assert [r["name"] for r in res["rows"]] == ["clean", *P.LINE]
     assert res["split"] == "test" and res["n"] > 0
     for r in res["rows"]:
         assert set(P.ROW_KEYS) <= set(r) and r["n_bad"] + r["n_good"] == res["n"]
