@@ -119,6 +119,9 @@ def _add_train(sub) -> None:
     p.add_argument("--aug", choices=["full", "light", "none"], default="full",
                    help="training augmentation: full (pose, light, blur, JPEG, noise), light (pose, mild light), none")
     p.add_argument("--no-aug", action="store_const", const="none", dest="aug", help="same as --aug none")
+    p.add_argument("--aug-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="change single augmentation ranges of the preset (fields of AugConfig), e.g. brightness=0.3 "
+                        "gamma=0.45 (the ranges before 2026-11-28)")
     p.add_argument("--input-norm", choices=["image", "none"], default=None,
                    help="image: each photo standardised to zero mean and unit variance inside the network, so "
                         "light and contrast drifts do not move the verdict; none: the dataset's mean/std only "
@@ -143,6 +146,24 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+def _aug_overrides(pairs: list[str]) -> dict:
+    """--aug-set KEY=VALUE ... -> {field: value} of AugConfig, each value of its field's type."""
+    from dataclasses import fields
+
+    types = {f.name: type(getattr(AugConfig(), f.name)) for f in fields(AugConfig)}
+    out = {}
+    for pair in pairs:
+        key, sep, val = pair.partition("=")
+        if not sep or key not in types or key == "bad_degrade":
+            raise DefectclsError(f"--aug-set {pair!r}: expected KEY=VALUE with KEY one of "
+                                 f"{', '.join(k for k in types if k != 'bad_degrade')} (--bad-degrade has its own flag)")
+        try:
+            out[key] = (val.lower() in ("1", "true", "yes")) if types[key] is bool else types[key](val)
+        except ValueError as exc:
+            raise DefectclsError(f"--aug-set {pair!r}: {val!r} is not a {types[key].__name__}") from exc
+    return out
+
+
 def _run_train(a) -> int:
     from .train import TrainConfig, train
 
@@ -156,7 +177,7 @@ def _run_train(a) -> int:
                       frame=a.frame)
     if not 0 <= a.bad_degrade <= 1:
         raise DefectclsError("--bad-degrade must be in [0, 1]")
-    cfg.aug = replace(cfg.aug, bad_degrade=a.bad_degrade)
+    cfg.aug = replace(cfg.aug, bad_degrade=a.bad_degrade, **_aug_overrides(a.aug_set))
     from .models import arch_spec
 
     arch_spec(cfg.arch)

@@ -121,3 +121,21 @@ def test_default_model_is_found_from_any_folder(tmp_path, monkeypatch, default_m
     assert Path(resolve()).resolve() == (tmp_path / "models" / default_model_dir.name).resolve()   # ./models first
     monkeypatch.setenv("DEFECTCLS_MODELS_DIR", str(tmp_path / "elsewhere"))
     assert resolve() == str(tmp_path / "elsewhere" / default_model_dir.name)                  # the setting wins
+
+
+def test_aug_set_changes_single_ranges_and_refuses_unknown_ones(tmp_path, tiny_data, capsys):
+    from defectcls.cli import _aug_overrides
+    from defectcls.errors import DefectclsError
+
+    assert _aug_overrides(["brightness=0.3", "gamma=0.45", "rotate=false", "jpeg_quality=40"]) == \
+        {"brightness": 0.3, "gamma": 0.45, "rotate": False, "jpeg_quality": 40}
+    for bad in (["fog=1"], ["brightness"], ["brightness=lots"], ["bad_degrade=1"]):
+        with pytest.raises(DefectclsError, match="--aug-set"):
+            _aug_overrides(bad)
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "1", "--img-size", "32",
+                 "--epoch-size", "0", "--tta", "1", "--aug-set", "brightness=0.3", "gamma=0.45", "--json"]) == 0
+    aug = json.loads((out / "card.json").read_text())["train"]["config"]["aug"]
+    assert aug["brightness"] == 0.3 and aug["gamma"] == 0.45 and aug["contrast"] == 0.35
+    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--aug-set", "fog=1"]) == 2
+    assert "--aug-set 'fog=1'" in capsys.readouterr().err
