@@ -241,17 +241,25 @@ def frame_box(arr: np.ndarray, frame_ref: float | None) -> tuple[int, int, int] 
     return int(round(cx - s / 2.0)), int(round(cy - s / 2.0)), s
 
 
+def border_median(img: np.ndarray, frac: float = 0.02) -> np.ndarray:
+    """Per-channel median of the image's border ring FRAC of the side wide (float, shape (C,)): its background."""
+    h, w = img.shape[:2]
+    r = max(1, round(min(h, w) * frac))
+    c = 1 if img.ndim == 2 else img.shape[2]
+    ring = np.concatenate([img[:r].reshape(-1, c), img[-r:].reshape(-1, c),
+                           img[r:-r, :r].reshape(-1, c), img[r:-r, -r:].reshape(-1, c)])
+    return np.median(ring, axis=0)
+
+
 def crop_square(arr: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
     """The square BOX of ARR; where it reaches past the photo, the photo's border median fills it."""
     x0, y0, s = box
     h, w = arr.shape[:2]
     if x0 >= 0 and y0 >= 0 and x0 + s <= w and y0 + s <= h:
         return arr[y0:y0 + s, x0:x0 + s]
-    r = max(1, round(min(h, w) * 0.02))
-    ring = np.concatenate([arr[:r].reshape(-1, *arr.shape[2:]), arr[-r:].reshape(-1, *arr.shape[2:]),
-                           arr[:, :r].reshape(-1, *arr.shape[2:]), arr[:, -r:].reshape(-1, *arr.shape[2:])])
     out = np.empty((s, s, *arr.shape[2:]), np.uint8)
-    out[...] = np.median(ring, axis=0).round().astype(np.uint8)
+    fill = border_median(arr).round().astype(np.uint8)
+    out[...] = fill[0] if arr.ndim == 2 else fill
     xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + s, w), min(y0 + s, h)
     if xa < xb and ya < yb:
         out[ya - y0:yb - y0, xa - x0:xb - x0] = arr[ya:yb, xa:xb]

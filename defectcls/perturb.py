@@ -45,12 +45,7 @@ def _u8(x: np.ndarray) -> np.ndarray:
 
 def background(img: np.ndarray) -> np.ndarray:
     """Per-channel median of the image's border ring (float, shape (C,)): the fill for uncovered pixels."""
-    h, w = img.shape[:2]
-    r = max(1, round(min(h, w) * BORDER_FRAC))
-    c = 1 if img.ndim == 2 else img.shape[2]
-    ring = np.concatenate([img[:r].reshape(-1, c), img[-r:].reshape(-1, c),
-                           img[r:-r, :r].reshape(-1, c), img[r:-r, -r:].reshape(-1, c)])
-    return np.median(ring, axis=0)
+    return D.border_median(img, BORDER_FRAC)
 
 
 def brightness(img: np.ndarray, gain: float) -> np.ndarray:
