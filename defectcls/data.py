@@ -1,8 +1,9 @@
 """Image loading, the one preprocessing path, folder scanning, splits, cache and batch augmentation.
 
 Inference, training, evaluation, the app, bench and export all go through
-``load_image`` -> ``fit_frame`` (``fit_square``, on the part's square when the card frames
-on it) -> ``normalize``; training keeps the output of ``fit_frame`` in memory (decoded once) and layers augmentation on top.
+``load_image`` -> ``fit_frame`` (``fit_square``, of the part's square when the card frames
+on it) -> ``normalize``; training keeps the output of ``fit_frame`` in memory (decoded
+once) and layers augmentation on top.
 """
 
 from __future__ import annotations
@@ -266,15 +267,14 @@ def crop_square(arr: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-def frame_view(arr: np.ndarray, frame_ref: float | None) -> np.ndarray:
-    """What the model sees of ARR before resizing: the part's square (framing on), else ARR itself."""
-    box = frame_box(arr, frame_ref)
-    return arr if box is None else crop_square(arr, box)
+def fit_box(arr: np.ndarray, size: int, box: tuple[int, int, int] | None) -> np.ndarray:
+    """``fit_square`` of ARR's square BOX (``frame_box``); with BOX None, of the whole photo."""
+    return fit_square(arr if box is None else crop_square(arr, box), size)
 
 
 def fit_frame(arr: np.ndarray, size: int, frame_ref: float | None = None) -> np.ndarray:
-    """``fit_square`` of the part's square (``frame_view``); with FRAME_REF None, of the whole photo."""
-    return fit_square(frame_view(arr, frame_ref), size)
+    """``fit_square`` of the part's square; with FRAME_REF None, of the whole photo."""
+    return fit_box(arr, size, frame_box(arr, frame_ref))
 
 
 def estimate_frame_ref(paths: Sequence[str], color: str = "gray", n: int = 256, seed: int = 0) -> float:
@@ -341,6 +341,12 @@ class Preprocessing:
     def box(self, arr: np.ndarray) -> tuple[int, int, int] | None:
         """The square (x0, y0, side) of the decoded photo the model sees; None: the whole photo."""
         return frame_box(arr, self.frame_ref)
+
+    def preprocess_boxed(self, arr: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int] | None]:
+        """``preprocess`` of a decoded photo and the square it used (``box``), the part found once."""
+        arr = as_color(arr, self.color)
+        box = self.box(arr)
+        return normalize(fit_box(arr, self.img_size, box), self.mean, self.std), box
 
     def load(self, src: str | os.PathLike | bytes | np.ndarray, fast_png: bool = True) -> np.ndarray:
         """Decode to uint8 in the model's colour mode (arrays are converted, not copied when possible)."""

@@ -367,7 +367,9 @@ def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> 
     t0 = time.perf_counter()
     img = predictor.load(src)
     t1 = time.perf_counter()
-    x = predictor.preprocess(img)[None]
+    prep = getattr(predictor, "prep", None)
+    x, box = prep.preprocess_boxed(img) if prep is not None else (predictor.preprocess(img), None)
+    x = x[None]
     t2 = time.perf_counter()
     if method == "gradcam" and predictor.has_fast_cam:
         logits, raw = predictor.forward_cam(x, CAM_TARGET)
@@ -384,6 +386,4 @@ def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> 
     ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "model_cam": (t3 - t2) * 1e3,
           "cam_scale": (t4 - t3) * 1e3}
     pred = predictor.verdict(p, (t4 - t1) * 1e3, {"preprocess": ms["preprocess"], "model": ms["model_cam"]})
-    prep = getattr(predictor, "prep", None)
-    box = prep.box(img) if prep is not None else None
     return Explanation(pred, cam, img, {k: round(v, 3) for k, v in ms.items()}, offset, box)
