@@ -356,7 +356,7 @@ class Preprocessing:
 
     def preprocess(self, src: str | os.PathLike | bytes | np.ndarray) -> np.ndarray:
         """File/bytes/array -> float32 CxHxW; the same function training and export use."""
-        return preprocess(self.load(src), self.img_size, self.color, self.mean, self.std, self.frame_ref)
+        return self.preprocess_boxed(self.load(src))[0]
 
 
 def as_color(arr: np.ndarray, color: str) -> np.ndarray:
