@@ -90,10 +90,11 @@ def photometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
     """Random gain, contrast, gamma, blur and sensor noise, per image.
 
-    With LABELS, blur reaches bad parts (label 1) at ``cfg.bad_degrade`` of its strength: a
-    blurred pin-sized defect is gone, and a part still labelled bad with nothing left to see
-    teaches the network to call clean surfaces bad. Noise stays the same for both classes: it
-    hides no defect a camera would keep, and when only good parts got the strongest noise the
+    With LABELS, blur reaches bad parts (label 1) at ``cfg.bad_degrade`` of its strength (default
+    0.75): a blurred pin-sized defect is spared, but every training photo blurred past that share
+    is a good part, and the network can learn "blurred means good" (at 0.5, 16 of 564 bad real
+    photos missed under blur 1.5 when trained on 1350 photos; at 0.75 and 1, 5). Noise reaches
+    both classes alike for the same reason: when only good parts got the strongest noise the
     network learned "noisy means good" (7% of bad photos missed at sigma 8 of 255).
     """
     n = x.shape[0]
@@ -151,7 +152,7 @@ def jpeg(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, labels: torch.Tens
 def augment(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Full training augmentation of a float [0,1] batch: pose, then light and sensor, then compression.
 
-    LABELS (0 good, 1 bad) let blur and JPEG spare the bad parts' defects (``cfg.bad_degrade``).
+    LABELS (0 good, 1 bad) let blur and JPEG spare the bad parts' defects (``cfg.bad_degrade`` below 1).
     """
     x = photometric(geometric(x, cfg, g), cfg, g, labels)
     return jpeg(x, cfg, g, labels) if cfg.jpeg_p else x

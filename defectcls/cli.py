@@ -138,8 +138,9 @@ def _add_train(sub) -> None:
                         "images, logits averaged (fewer missed parts and false alarms, 8x the compute); 1 = the photo "
                         "alone (fastest); threshold and temperature are chosen with the same views")
     p.add_argument("--bad-degrade", type=float, default=AugConfig.bad_degrade, metavar="F",
-                   help="blur and JPEG strength on bad parts, as a share of the good parts': spares the "
-                        "smallest defects, whose bad label would otherwise sit on a part with nothing left to see")
+                   help="blur and JPEG strength on bad parts, as a share of the good parts' (1: alike): lower "
+                        "spares the smallest defects, but the more strongly blurred photos are then all good parts "
+                        "and the network learns that blur means good")
     p.add_argument("--no-cache", action="store_true", help="do not keep decoded images on disk")
     p.add_argument("--workers", type=int, default=None, help="decode processes")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object (no progress bars)")
