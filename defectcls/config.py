@@ -66,9 +66,8 @@ class AugConfig:
                                  # which resizing 300 -> 192 px averages down to about 5/255)
     jpeg_p: float = 0.25         # share of the batch re-encoded as JPEG
     jpeg_quality: int = 25       # lowest JPEG quality (uniform up to 95)  (perturb: 30)
-    bad_degrade: float = 0.75    # blur sigma and JPEG quality loss on bad parts, as a share of the above: spares
-                                 # pin-sized defects; at 0.5 strong blur was seen on good parts only and the network
-                                 # learned "blurred means good"; at 1 blurred good parts were rejected more often
+    bad_degrade: float = 0.75    # blur sigma and JPEG quality loss on bad parts, as a share of the above
+                                 # (why 0.75: augment.photometric)
     ramp_start: float = 0.3      # share of training with pose augmentation only (learns the defects first)
     ramp: float = 0.6            # share of training after which light/sensor/zoom augmentation is at full strength
 
