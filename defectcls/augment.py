@@ -90,8 +90,8 @@ def photometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
     """Random gain, contrast, gamma, blur and sensor noise, per image.
 
-    With LABELS, blur reaches bad parts (label 1) at ``cfg.bad_degrade`` of its strength (default
-    0.75): a blurred pin-sized defect is spared, but every training photo blurred past that share
+    With LABELS, blur reaches bad parts (label 1) at ``cfg.bad_degrade`` of its strength: a
+    blurred pin-sized defect is spared, but every training photo blurred past that share
     is a good part, and the network can learn "blurred means good" (at 0.5, 16 of 564 bad real
     photos missed under blur 1.5 when trained on 1350 photos; at 0.75 and 1, 5). Noise reaches
     both classes alike for the same reason: when only good parts got the strongest noise the
