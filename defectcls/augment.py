@@ -9,9 +9,10 @@ The ranges span the drifts that ``defectcls.perturb`` scores a model under, in t
 units and with a margin: a gain for brightness, a factor around the image mean for
 contrast, ``x ** g`` for gamma, blur sigma in pixels of a 300 px image (scaled to the
 working size), JPEG quality, zoom and shift around the centre. Geometric changes fill
-uncovered pixels with the image's own background (the median of its border, or with
-probability ``fill_border_p`` the nearest border pixel), never with black: the real
-photos have a light background.
+uncovered pixels with the image's own background (the median of its border), or, at the
+shares ``fill_border_p``, ``fill_reflect_p`` and ``fill_const_p``, with the nearest border
+pixel, the photo's mirror image, or a constant (black, white or grey): the network should
+judge the part, not how a tool filled the corners of a turned photo.
 """
 
 from __future__ import annotations
@@ -58,10 +59,29 @@ def geometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tens
     bg = border_median(x)
     # sampling is linear: zero padding of (x - bg), plus bg, fills uncovered pixels with bg
     out = F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
+    border = torch.zeros(n, dtype=torch.bool, device=dev)
     if cfg.fill_border_p:
-        idx = (_uniform(n, 0, 1, g, dev) < cfg.fill_border_p).nonzero().flatten()
+        border = _uniform(n, 0, 1, g, dev) < cfg.fill_border_p
+        idx = border.nonzero().flatten()
         if len(idx):
             out[idx] = F.grid_sample(x[idx], grid[idx], mode="bilinear", padding_mode="border", align_corners=False)
+    if cfg.fill_reflect_p or cfg.fill_const_p:
+        # the rest of the batch: mirror image or a constant, as absolute shares of the batch
+        rest = max(1e-9, 1.0 - cfg.fill_border_p)
+        u = _uniform(n, 0, 1, g, dev)
+        reflect = ~border & (u < cfg.fill_reflect_p / rest)
+        const = ~border & ~reflect & (u < (cfg.fill_reflect_p + cfg.fill_const_p) / rest)
+        idx = reflect.nonzero().flatten()
+        if len(idx):
+            out[idx] = F.grid_sample(x[idx], grid[idx], mode="bilinear", padding_mode="reflection",
+                                     align_corners=False)
+        idx = const.nonzero().flatten()
+        if len(idx):
+            kind = _uniform(len(idx), 0, 3, g, dev).floor()
+            c = torch.where(kind == 0, 0.0, torch.where(kind == 1, 1.0, _uniform(len(idx), 0, 1, g, dev)))
+            c = c.view(-1, 1, 1, 1).to(x.dtype)
+            out[idx] = F.grid_sample(x[idx] - c, grid[idx], mode="bilinear", padding_mode="zeros",
+                                     align_corners=False) + c
     return out
 
 

@@ -57,6 +57,9 @@ class AugConfig:
     scale: float = 0.15          # zoom in [1-scale, 1+scale]           (perturb: scale0.9, scale1.1)
     shift: float = 0.06          # translation, fraction of the side     (perturb: +-5%)
     fill_border_p: float = 0.3   # share of the batch filled with the nearest border pixel instead of the border median
+    fill_reflect_p: float = 0.0  # share filled with the photo's mirror image across its edge
+    fill_const_p: float = 0.0    # share filled with a constant: black, white or a random grey, a third each
+                                 # (perturb group ``fills``: the same poses with those fills)
     brightness: float = 0.45     # gain in [1-b, 1+b], clipped at white  (perturb: +-25%, stronger: +-40%)
     contrast: float = 0.35       # contrast factor in [1-c, 1+c]         (perturb: -30%, +25%)
     gamma: float = 0.7           # gamma log-uniform in [1/(1+g), 1+g]   (perturb: 0.7, 1.4; stronger: 0.55, 1.7)

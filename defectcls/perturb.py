@@ -12,7 +12,8 @@ the image mean, gamma the exponent of ``(x/255)**g``, blur a Gaussian sigma in p
 noise a Gaussian sigma in 8-bit levels, rotation degrees counter-clockwise, scale the
 apparent size of the part (0.9: 10% smaller, around the centre), shift a fraction of the
 side. Geometric changes fill uncovered pixels with the image's own background: the median
-of its border pixels (the real photos have a light background, synthetic ones a dark one).
+of its border pixels (the real photos have a light background, synthetic ones a dark one);
+the ``fills`` group repeats three pose changes with black, white, mirrored and edge fills.
 """
 
 from __future__ import annotations
@@ -90,16 +91,31 @@ def noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray
     return _u8(img.astype(np.float32) + rng.normal(0.0, sigma, img.shape).astype(np.float32))
 
 
-def affine(img: np.ndarray, angle: float = 0.0, scale: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+FILLS = ("background", "black", "white", "reflect", "edge")
+
+
+def affine(img: np.ndarray, angle: float = 0.0, scale: float = 1.0, shift: tuple[float, float] = (0.0, 0.0),
+           fill: str = "background") -> np.ndarray:
     """Rotate by ANGLE degrees (counter-clockwise) and zoom by SCALE around the centre, then move by SHIFT.
 
     SHIFT is (dx, dy) in fractions of the width and height (positive: right, down). The
-    canvas keeps its size; uncovered pixels get the image's background (``background``).
-    Bilinear; a quarter turn of a square image is exact (equals ``np.rot90``).
+    canvas keeps its size; uncovered pixels get FILL: the image's background (``background``,
+    the default), ``black``, ``white``, the photo mirrored across its edge (``reflect``) or its
+    nearest edge pixel (``edge``), the choices image tools make. Bilinear; a quarter turn of a
+    square image is exact (equals ``np.rot90``).
     """
+    if fill not in FILLS:
+        raise DefectclsError(f"unknown fill {fill!r}; choose from: {', '.join(FILLS)}")
     h, w = img.shape[:2]
-    bg = background(img)
-    fill = int(round(float(bg[0]))) if img.ndim == 2 else tuple(int(round(float(v))) for v in bg)
+    bg = {"black": np.zeros(1), "white": np.full(1, 255.0)}.get(fill)
+    bg = background(img) if bg is None else bg
+    fill_color = int(round(float(bg[0]))) if img.ndim == 2 else tuple(int(round(float(bg[min(i, len(bg) - 1)])))
+                                                                      for i in range(img.shape[2]))
+    pad = max(h, w) // 2 if fill in ("reflect", "edge") else 0
+    src = img
+    if pad:
+        src = np.pad(img, ((pad, pad), (pad, pad)) + ((0, 0),) * (img.ndim - 2),
+                     mode="reflect" if fill == "reflect" else "edge")
     cx, cy = w / 2.0, h / 2.0
     tx, ty = shift[0] * w, shift[1] * h
     a = -math.radians(angle)
@@ -107,8 +123,10 @@ def affine(img: np.ndarray, angle: float = 0.0, scale: float = 1.0, shift: tuple
     # output -> input: in = M (out - c - t) + c, the matrix Pillow's own rotate() builds, divided by the zoom
     m = [cos, sin, 0.0, -sin, cos, 0.0]
     m[2] = m[0] * (-cx - tx) + m[1] * (-cy - ty) + cx
-    m[5] = m[3] * (-cx - tx) + m[4] * (-cy - ty) + cy
-    out = Image.fromarray(img).transform((w, h), Image.Transform.AFFINE, m, Image.Resampling.BILINEAR, fillcolor=fill)
+    m[5] = m[3] * (-cx - tx) + m[4] * (-cy - ty) + cy + pad
+    m[2] += pad
+    out = Image.fromarray(src).transform((w, h), Image.Transform.AFFINE, m, Image.Resampling.BILINEAR,
+                                         fillcolor=fill_color)
     return np.asarray(out)
 
 
@@ -178,15 +196,28 @@ def _stronger() -> dict[str, Perturbation]:
     }
 
 
+def _fills() -> dict[str, Perturbation]:
+    """The line's pose changes with the fills other tools use for the uncovered corners (opt-in group):
+    a model should judge the part, not the corners."""
+    P: dict[str, Perturbation] = {}
+    for fill in FILLS[1:]:
+        P[f"rotate37_{fill}"] = lambda im, _r, f=fill: affine(im, angle=37, fill=f)
+        P[f"scale0.9_{fill}"] = lambda im, _r, f=fill: affine(im, scale=0.9, fill=f)
+        P[f"rotate_any+scale0.92+shift_x-3%_{fill}"] = \
+            lambda im, r, f=fill: _any_angle(im, r, scale=0.92, shift=(-0.03, 0.0), fill=f)
+    return P
+
+
 LINE: dict[str, Perturbation] = _registry()          # the default set: the drifts a line sees
 STRONGER: dict[str, Perturbation] = _stronger()      # ``--perturb-names stronger``
-PERTURBATIONS: dict[str, Perturbation] = {**LINE, **STRONGER}
-GROUPS = {"line": list(LINE), "stronger": list(STRONGER), "all": list(PERTURBATIONS)}
+FILLED: dict[str, Perturbation] = _fills()           # ``--perturb-names fills``
+PERTURBATIONS: dict[str, Perturbation] = {**LINE, **STRONGER, **FILLED}
+GROUPS = {"line": list(LINE), "stronger": list(STRONGER), "fills": list(FILLED), "all": list(PERTURBATIONS)}
 
 
 def resolve_names(names: Sequence[str] | str | None) -> list[str]:
     """Perturbation names to run: the line's set when NAMES is None; a comma-separated string or a list
-    otherwise, where a group name (``line``, ``stronger``, ``all``) stands for its members."""
+    otherwise, where a group name (``line``, ``stronger``, ``fills``, ``all``) stands for its members."""
     if names is None:
         return list(LINE)
     if isinstance(names, str):

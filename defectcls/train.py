@@ -73,6 +73,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise DefectclsError(f"--epoch-size must be >= 0 (0: one pass over the training set), got {cfg.epoch_size}")
     if not 0 <= cfg.hard_share < 1:
         raise DefectclsError(f"--hard-share must be in [0, 1) (0: off), got {cfg.hard_share}")
+    fills = (cfg.aug.fill_border_p, cfg.aug.fill_reflect_p, cfg.aug.fill_const_p)
+    if min(fills) < 0 or sum(fills) > 1:
+        raise DefectclsError("the fill shares fill_border_p, fill_reflect_p and fill_const_p must be >= 0 and "
+                             f"sum to at most 1, got {', '.join(f'{f:g}' for f in fills)}")
     if cfg.tta not in TTA_VIEWS:
         raise DefectclsError(f"--tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {cfg.tta!r}")
     frame = cfg.frame or ("part" if init_card and init_card.frame_ref else "full")

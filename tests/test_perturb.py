@@ -125,6 +125,59 @@ def test_scale_and_shift_move_the_part_and_pad_with_the_background():
     assert cy(_disc_mask(up)) - cy(_disc_mask(img)) == pytest.approx(-10, abs=0.6)
 
 
+@pytest.mark.parametrize("rgb", [False, True])
+def test_affine_fills_the_uncovered_strip_as_asked(rgb):
+    img = np.random.default_rng(0).integers(0, 256, (60, 80, 3) if rgb else (60, 80), dtype=np.uint8)
+    k = 4                                                     # 5% of the 80 px width
+    assert (P.affine(img, shift=(0.05, 0.0), fill="black")[:, :k] == 0).all()
+    assert (P.affine(img, shift=(0.05, 0.0), fill="white")[:, :k] == 255).all()
+    mirrored = P.affine(img, shift=(0.05, 0.0), fill="reflect")
+    assert np.array_equal(mirrored[:, :k], img[:, k:0:-1]) and np.array_equal(mirrored[:, k:], img[:, :-k])
+    assert np.array_equal(P.affine(img, shift=(0.05, 0.0), fill="edge")[:, :k], np.repeat(img[:, :1], k, axis=1))
+    assert np.array_equal(P.affine(img, shift=(0.05, 0.0)), P.affine(img, shift=(0.05, 0.0), fill="background"))
+    with pytest.raises(DefectclsError, match="unknown fill"):
+        P.affine(img, angle=10, fill="noise")
+
+
+def test_the_fills_group_repeats_pose_changes_with_other_fills():
+    names = P.resolve_names("fills")
+    assert names == list(P.FILLED) and len(names) == 3 * 4 and not set(names) & set(P.LINE)
+    assert set(names) <= set(P.resolve_names("all"))
+    img = _part(off=(9, -5))
+    black, white = P.apply("rotate37_black", img, _rng()), P.apply("rotate37_white", img, _rng())
+    assert black[0, 0] == 0 and white[0, 0] == 255
+    # the part itself is turned the same whatever fills the corners
+    inside = _disc_mask(P.apply("rotate37", img, _rng()))
+    assert np.array_equal(black[inside], white[inside])
+
+
+def _corner_fills(cfg: AugConfig, n: int = 1200) -> torch.Tensor:
+    x = torch.full((n, 1, 32, 32), 0.5)                     # a flat photo: only the fill can change a corner
+    return geometric(x, cfg, torch.Generator().manual_seed(0))[:, 0, 0, 0]
+
+
+def test_geometric_augmentation_fills_at_the_asked_shares():
+    turn = dict(rotate=True, flip=False, scale=0.0, shift=0.0)
+    assert torch.allclose(_corner_fills(AugConfig(**turn, fill_border_p=0.0)), torch.tensor(0.5))
+    const = _corner_fills(AugConfig(**turn, fill_border_p=0.0, fill_const_p=1.0))
+    # black, white and a random grey, a third each (a corner a turn leaves covered keeps the photo's 0.5)
+    for share in ((const == 0).float().mean(), (const == 1).float().mean()):
+        assert 0.25 < float(share) < 0.42
+    grey = const[(const > 0) & (const < 1) & ((const - 0.5).abs() > 1e-3)]
+    assert len(grey) > 200 and float(grey.std()) > 0.2
+    mixed = _corner_fills(AugConfig(**turn, fill_border_p=0.2, fill_reflect_p=0.2, fill_const_p=0.3))
+    changed = float(((mixed - 0.5).abs() > 1e-3).float().mean())
+    assert 0.24 < changed < 0.36                            # the constant share (0.3), less the few covered corners
+
+
+def test_fill_shares_beyond_one_are_refused(tiny_data, tmp_path):
+    from defectcls.cli import main
+
+    rc = main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "m"), "--epochs", "1",
+               "--aug-set", "fill_reflect_p=0.6", "fill_const_p=0.6"])
+    assert rc == 2 and not (tmp_path / "m").exists()
+
+
 def test_training_augmentation_spans_the_perturbations():
     """The recipe's augmentation covers every single perturbation's magnitude, in the same units."""
     a = AugConfig()
