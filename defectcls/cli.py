@@ -122,9 +122,11 @@ def _add_train(sub) -> None:
     p.add_argument("--aug-set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="change single augmentation ranges of the preset (fields of AugConfig), e.g. brightness=0.3 "
                         "gamma=0.45 (the ranges before 2026-11-28)")
-    p.add_argument("--input-norm", choices=["image", "none"], default=None,
+    p.add_argument("--input-norm", choices=["image", "centre", "none"], default=None,
                    help="image: each photo standardised to zero mean and unit variance inside the network, so "
-                        "light and contrast drifts do not move the verdict; none: the dataset's mean/std only "
+                        "light and contrast drifts do not move the verdict; centre: the same with the mean and "
+                        "variance of the central disc, where the part is, so filled corners do not move it either; "
+                        "none: the dataset's mean/std only "
                         "(default: image, or the --init model's)")
     p.add_argument("--pool", choices=["avg", "avgmax"], default=None,
                    help="global pooling before the classifier: avg, or avgmax (mean of average and max pooling, so "
@@ -205,8 +207,9 @@ def _add_evaluate(sub) -> None:
                    help="score clean and under each perturbation (light, blur, JPEG, noise, pose); "
                         "with --report-dir writes perturb.md and perturb.json")
     p.add_argument("--perturb-names", help="comma-separated perturbations or groups (implies --perturb; default: "
-                                           "'line', the line's drifts; 'stronger': past them; 'all'; 'list' prints "
-                                           "the names)")
+                                           "'line', the line's drifts; 'stronger': past them; 'fills': turns and "
+                                           "zooms with black, white, mirrored or edge corners; 'all'; 'list' "
+                                           "prints the names)")
     p.add_argument("--perturb-seed", type=int, default=0, help="seed of the random perturbations (noise, angles)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_evaluate)

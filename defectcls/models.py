@@ -158,7 +158,7 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-INPUT_NORMS = ("image", "none")
+INPUT_NORMS = ("image", "centre", "none")
 POOLS = ("avg", "avgmax")   # global pooling before the classifier
 
 
@@ -203,10 +203,33 @@ class StandardizedInputConv2d(nn.Conv2d):
         return super().forward(d * torch.rsqrt(d.mul(d).mean(dim=(1, 2, 3), keepdim=True) + self.eps))
 
 
-def _standardize_stem(model: nn.Module, spec: ArchSpec) -> None:
+class CentreStandardizedInputConv2d(StandardizedInputConv2d):
+    """As ``StandardizedInputConv2d``, with mean and variance taken over the central disc only.
+
+    The disc (radius ``radius`` of the side) holds the part; what a tool puts in the corners of
+    a turned, shrunk or shifted photo (black, white, a mirror image) does not move the
+    standardisation of the part itself.
+    """
+
+    radius = 0.4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        yy = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5 - h / 2) / min(h, w)
+        xx = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5 - w / 2) / min(h, w)
+        disc = ((yy[:, None] ** 2 + xx[None, :] ** 2) <= self.radius ** 2).to(x.dtype)
+        wgt = disc / disc.sum()
+        mean = (x * wgt).sum(dim=(2, 3), keepdim=True).mean(dim=1, keepdim=True)
+        d = x - mean
+        var = (d.mul(d) * wgt).sum(dim=(2, 3), keepdim=True).mean(dim=1, keepdim=True)
+        return nn.Conv2d.forward(self, d * torch.rsqrt(var + self.eps))
+
+
+def _standardize_stem(model: nn.Module, spec: ArchSpec, centre: bool = False) -> None:
     parent, attr, conv = _stem_conv(model, spec)
-    new = StandardizedInputConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                                  conv.dilation, conv.groups, conv.bias is not None)
+    cls = CentreStandardizedInputConv2d if centre else StandardizedInputConv2d
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+              conv.dilation, conv.groups, conv.bias is not None)
     new.load_state_dict(conv.state_dict())
     _set(parent, attr, new)
 
@@ -215,7 +238,8 @@ def build_model(arch: str, in_chans: int = 1, num_classes: int = 2, pretrained: 
                 pretrained_file: str | None = None, input_norm: str = "none", pool: str = "avg") -> nn.Module:
     """A torchvision classifier with an IN_CHANS stem and NUM_CLASSES outputs.
 
-    INPUT_NORM "image" standardises each image inside the network (``StandardizedInputConv2d``);
+    INPUT_NORM "image" standardises each image inside the network (``StandardizedInputConv2d``), "centre"
+    with the statistics of its central disc (``CentreStandardizedInputConv2d``);
     POOL "avgmax" pools the last feature map by average and max (``AvgMaxPool2d``).
     """
     if input_norm not in INPUT_NORMS:
@@ -243,8 +267,8 @@ def build_model(arch: str, in_chans: int = 1, num_classes: int = 2, pretrained: 
         # at a constant 0.6931 loss, AUROC 0.5). Without the ReLU the head is linear, as in the other
         # architectures; it has no weights, so saved state dicts load unchanged.
         model.classifier[2] = nn.Identity()
-    if input_norm == "image":
-        _standardize_stem(model, spec)
+    if input_norm in ("image", "centre"):
+        _standardize_stem(model, spec, centre=input_norm == "centre")
     _set_pool(model, arch, pool)
     return model
 

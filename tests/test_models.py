@@ -137,6 +137,28 @@ def test_image_input_norm_ignores_light_and_contrast_and_keeps_the_state_dict(ar
         M.build_model(arch, input_norm="per-pixel")
 
 
+def test_centre_input_norm_ignores_the_corners_and_light_drift():
+    torch.manual_seed(0)
+    image = M.build_model("mobilenet_v3_large", input_norm="image").eval()
+    centre = M.build_model("mobilenet_v3_large", input_norm="centre").eval()
+    assert list(centre.state_dict()) == list(image.state_dict())
+    centre.load_state_dict(image.state_dict())
+    stem = lambda net: M._stem_conv(net, M.arch_spec("mobilenet_v3_large"))[2]  # noqa: E731
+    assert isinstance(stem(centre), M.CentreStandardizedInputConv2d)
+    x = torch.rand(3, 1, 64, 64) * 0.5 + 0.25
+    filled = x.clone()
+    filled[..., :6, :] = 0.0                                     # black and white strips where a turn leaves corners
+    filled[..., :, -6:] = 1.0
+    with torch.no_grad():
+        core = slice(10, -10)                                    # away from the strips and the stem's reach
+        a, b = stem(centre)(x), stem(centre)(filled)
+        torch.testing.assert_close(a[..., 5:27, 5:27], b[..., 5:27, 5:27])
+        moved = (stem(image)(x) - stem(image)(filled))[..., core, core].abs().max()
+        assert float(moved) > 0.1                                # the whole-image statistics move with the strips
+        drift = (centre(x) - centre(1.3 * x - 0.2)).abs().max() / centre(x).abs().max()
+    assert float(drift) < 1e-3
+
+
 def test_input_norm_is_recorded_on_the_card_and_inherited_by_fine_tuning(tmp_path, tiny_model):
     from defectcls.train import TrainConfig, resolve_config
 
