@@ -107,10 +107,9 @@ def affine(img: np.ndarray, angle: float = 0.0, scale: float = 1.0, shift: tuple
     if fill not in FILLS:
         raise DefectclsError(f"unknown fill {fill!r}; choose from: {', '.join(FILLS)}")
     h, w = img.shape[:2]
-    bg = {"black": np.zeros(1), "white": np.full(1, 255.0)}.get(fill)
-    bg = background(img) if bg is None else bg
-    fill_color = int(round(float(bg[0]))) if img.ndim == 2 else tuple(int(round(float(bg[min(i, len(bg) - 1)])))
-                                                                      for i in range(img.shape[2]))
+    const = {"black": 0.0, "white": 255.0}.get(fill)
+    bg = background(img) if const is None else np.full(1 if img.ndim == 2 else img.shape[2], const)
+    fill_color = int(round(float(bg[0]))) if img.ndim == 2 else tuple(int(round(float(v))) for v in bg)
     pad = max(h, w) // 2 if fill in ("reflect", "edge") else 0
     src = img
     if pad:
@@ -123,8 +122,8 @@ def affine(img: np.ndarray, angle: float = 0.0, scale: float = 1.0, shift: tuple
     # output -> input: in = M (out - c - t) + c, the matrix Pillow's own rotate() builds, divided by the zoom
     m = [cos, sin, 0.0, -sin, cos, 0.0]
     m[2] = m[0] * (-cx - tx) + m[1] * (-cy - ty) + cx
-    m[5] = m[3] * (-cx - tx) + m[4] * (-cy - ty) + cy + pad
-    m[2] += pad
+    m[5] = m[3] * (-cx - tx) + m[4] * (-cy - ty) + cy
+    m[2], m[5] = m[2] + pad, m[5] + pad     # the padded source starts PAD pixels earlier on both axes
     out = Image.fromarray(src).transform((w, h), Image.Transform.AFFINE, m, Image.Resampling.BILINEAR,
                                          fillcolor=fill_color)
     return np.asarray(out)
