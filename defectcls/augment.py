@@ -56,32 +56,30 @@ def geometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tens
     theta = torch.stack([torch.stack([cos * fx, -sin, tx], 1), torch.stack([sin * fx, cos, ty], 1)], 1)
     theta[:, :, 1] *= fy[:, None]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    bg = border_median(x)
-    # sampling is linear: zero padding of (x - bg), plus bg, fills uncovered pixels with bg
-    out = F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
+    # each image's fill: a constant (its border median, or black/white/grey at fill_const_p), its edge pixel
+    # repeated (fill_border_p) or its mirror image (fill_reflect_p); the draws keep this order
     border = torch.zeros(n, dtype=torch.bool, device=dev)
+    reflect = torch.zeros(n, dtype=torch.bool, device=dev)
+    c = border_median(x)
     if cfg.fill_border_p:
         border = _uniform(n, 0, 1, g, dev) < cfg.fill_border_p
-        idx = border.nonzero().flatten()
-        if len(idx):
-            out[idx] = F.grid_sample(x[idx], grid[idx], mode="bilinear", padding_mode="border", align_corners=False)
     if cfg.fill_reflect_p or cfg.fill_const_p:
         # the rest of the batch: mirror image or a constant, as absolute shares of the batch
         rest = max(1e-9, 1.0 - cfg.fill_border_p)
         u = _uniform(n, 0, 1, g, dev)
         reflect = ~border & (u < cfg.fill_reflect_p / rest)
-        const = ~border & ~reflect & (u < (cfg.fill_reflect_p + cfg.fill_const_p) / rest)
-        idx = reflect.nonzero().flatten()
-        if len(idx):
-            out[idx] = F.grid_sample(x[idx], grid[idx], mode="bilinear", padding_mode="reflection",
-                                     align_corners=False)
-        idx = const.nonzero().flatten()
+        idx = (~border & ~reflect & (u < (cfg.fill_reflect_p + cfg.fill_const_p) / rest)).nonzero().flatten()
         if len(idx):
             kind = _uniform(len(idx), 0, 3, g, dev).floor()
-            c = torch.where(kind == 0, 0.0, torch.where(kind == 1, 1.0, _uniform(len(idx), 0, 1, g, dev)))
-            c = c.view(-1, 1, 1, 1).to(x.dtype)
-            out[idx] = F.grid_sample(x[idx] - c, grid[idx], mode="bilinear", padding_mode="zeros",
-                                     align_corners=False) + c
+            const = torch.where(kind == 0, 0.0, torch.where(kind == 1, 1.0, _uniform(len(idx), 0, 1, g, dev)))
+            c[idx] = const.view(-1, 1, 1, 1).to(c.dtype)
+    # sampling is linear: zero padding of (x - c), plus c, fills uncovered pixels with c; one pass over the
+    # batch is cheaper than gathering the constant-filled images apart, so the others are sampled again
+    out = F.grid_sample(x - c, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + c
+    for mask, mode in ((border, "border"), (reflect, "reflection")):
+        idx = mask.nonzero().flatten()
+        if len(idx):
+            out[idx] = F.grid_sample(x[idx], grid[idx], mode="bilinear", padding_mode=mode, align_corners=False)
     return out
 
 
