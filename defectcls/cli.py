@@ -122,11 +122,10 @@ def _add_train(sub) -> None:
     p.add_argument("--aug-set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="change single augmentation ranges of the preset (fields of AugConfig), e.g. brightness=0.3 "
                         "gamma=0.45 (the ranges before 2026-11-28)")
-    p.add_argument("--input-norm", choices=["image", "centre", "disc", "none"], default=None,
+    p.add_argument("--input-norm", choices=["image", "centre", "none"], default=None,
                    help="image: each photo standardised to zero mean and unit variance inside the network, so "
                         "light and contrast drifts do not move the verdict; centre: the same with the mean and "
-                        "variance of the central disc, where the part is, so filled corners do not move it either; disc: as "
-                        "centre, and the network sees nothing outside that disc; "
+                        "variance of the central disc, where the part is, so filled corners do not move it either; "
                         "none: the dataset's mean/std only "
                         "(default: image, or the --init model's)")
     p.add_argument("--pool", choices=["avg", "avgmax"], default=None,

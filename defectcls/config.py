@@ -146,8 +146,7 @@ class TrainConfig:
     pretrained_file: str | None = None
     extra_labels: str | None = None
     init: str | None = None           # start from this model directory's weights (same arch and colour mode)
-    input_norm: str | None = None     # "image" (each image standardised in the network), "centre", "disc"
-                                      # (statistics of the central disc; disc: blank outside it), "none"; None: the
+    input_norm: str | None = None     # "image" (each image standardised in the network), "none"; None: the
                                       # --init model's, else "image"
     pool: str | None = None           # global pooling "avg" or "avgmax"; None: the --init model's, else the default
     frame: str | None = None          # "part": each photo cropped to a square centred on the part, scaled so the

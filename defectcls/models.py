@@ -158,7 +158,7 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-INPUT_NORMS = ("image", "centre", "disc", "none")
+INPUT_NORMS = ("image", "centre", "none")
 POOLS = ("avg", "avgmax")   # global pooling before the classifier
 
 
@@ -212,7 +212,6 @@ class CentreStandardizedInputConv2d(StandardizedInputConv2d):
     """
 
     radius = 0.4
-    blank_outside = False   # DiscInputConv2d: the standardised input is 0 outside the disc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -223,29 +222,14 @@ class CentreStandardizedInputConv2d(StandardizedInputConv2d):
         mean = (x * wgt).sum(dim=(2, 3), keepdim=True).mean(dim=1, keepdim=True)
         d = x - mean
         var = (d.mul(d) * wgt).sum(dim=(2, 3), keepdim=True).mean(dim=1, keepdim=True)
-        z = d * torch.rsqrt(var + self.eps)
-        return nn.Conv2d.forward(self, z * disc if self.blank_outside else z)
+        return nn.Conv2d.forward(self, d * torch.rsqrt(var + self.eps))
 
 
-class DiscInputConv2d(CentreStandardizedInputConv2d):
-    """As ``CentreStandardizedInputConv2d``, and everything outside the central disc set to 0 (its mean).
-
-    The network sees only the disc that holds the part: a turned, shrunk or shifted photo whose
-    corners a tool filled with black, white, a mirror image or noise gives the same input as long as
-    the fill stays outside the disc (a turn fills beyond 0.5 of the side, zooming out by 10% beyond
-    0.45; the part itself reaches about 0.3 on the casting photos).
-    """
-
-    blank_outside = True
-
-
-STEMS = {"image": StandardizedInputConv2d, "centre": CentreStandardizedInputConv2d, "disc": DiscInputConv2d}
-
-
-def _standardize_stem(model: nn.Module, spec: ArchSpec, input_norm: str) -> None:
+def _standardize_stem(model: nn.Module, spec: ArchSpec, centre: bool = False) -> None:
     parent, attr, conv = _stem_conv(model, spec)
-    new = STEMS[input_norm](conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                            conv.dilation, conv.groups, conv.bias is not None)
+    cls = CentreStandardizedInputConv2d if centre else StandardizedInputConv2d
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+              conv.dilation, conv.groups, conv.bias is not None)
     new.load_state_dict(conv.state_dict())
     _set(parent, attr, new)
 
@@ -255,8 +239,7 @@ def build_model(arch: str, in_chans: int = 1, num_classes: int = 2, pretrained: 
     """A torchvision classifier with an IN_CHANS stem and NUM_CLASSES outputs.
 
     INPUT_NORM "image" standardises each image inside the network (``StandardizedInputConv2d``), "centre"
-    with the statistics of its central disc (``CentreStandardizedInputConv2d``), "disc" the same with
-    everything outside that disc blanked (``DiscInputConv2d``);
+    with the statistics of its central disc (``CentreStandardizedInputConv2d``);
     POOL "avgmax" pools the last feature map by average and max (``AvgMaxPool2d``).
     """
     if input_norm not in INPUT_NORMS:
@@ -284,8 +267,8 @@ def build_model(arch: str, in_chans: int = 1, num_classes: int = 2, pretrained: 
         # at a constant 0.6931 loss, AUROC 0.5). Without the ReLU the head is linear, as in the other
         # architectures; it has no weights, so saved state dicts load unchanged.
         model.classifier[2] = nn.Identity()
-    if input_norm in STEMS:
-        _standardize_stem(model, spec, input_norm)
+    if input_norm in ("image", "centre"):
+        _standardize_stem(model, spec, centre=input_norm == "centre")
     _set_pool(model, arch, pool)
     return model
 
@@ -491,8 +474,7 @@ class ModelCard:
     versions: dict = field(default_factory=library_versions)
     storage_dtype: str = "float32"
     members: list[str] = field(default_factory=list)  # ensembles: member directories, relative to this one
-    input_norm: str = "none"  # "image": each image standardised inside the network; "centre", "disc": by its central
-                              # disc (``STEMS``); cards before it: none
+    input_norm: str = "none"  # "image": each image standardised inside the network (cards before it: none)
     tta: int = 1              # test-time views averaged per image (1, 4 or 8; ``DihedralTTA``; cards before it: 1)
     pool: str = "avg"         # global pooling before the classifier ("avg", "avgmax"; cards before it: avg)
     frame_ref: float | None = None  # framing on the part: its radius / the side of the square the model sees

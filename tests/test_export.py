@@ -178,22 +178,6 @@ def test_export_of_an_avgmax_pooled_model_matches_torch(tiny_data, tmp_path):
     assert cam.max() > 0 and np.abs(cam - explain(ref, img).cam).max() <= 1e-4
 
 
-def test_export_of_a_disc_normalised_model_matches_torch(tiny_data, tmp_path):
-    """--input-norm disc (the disc's statistics, blank outside it) exports to ONNX with torch's scores."""
-    from defectcls.export import export_onnx
-    from defectcls.train import TrainConfig, train
-
-    d = tmp_path / "disc"
-    train(TrainConfig(data=str(tiny_data), out=str(d), arch="mobilenet_v3_large", epochs=1, img_size=64,
-                      batch_size=16, progress=False, workers=1, disk_cache=False, epoch_size=0, input_norm="disc",
-                      tta=1))
-    rep = export_onnx(d, n_check=16)
-    assert rep["ok"] and rep["parity"]["fp32"]["max_prob_diff"] <= 1e-4
-    img = sorted((tiny_data / "bad").glob("*.png"))[0]
-    r, p = EdgePredictor(d / "model.onnx").predict(img), Predictor(d, device="cpu", backend="torch").predict(img)
-    assert r["label"] == p.label and abs(r["prob_bad"] - p.prob_bad) <= 1e-4
-
-
 @pytest.mark.parametrize("how", ["probability", "verdict"])
 def test_export_refuses_a_graph_that_moves_a_score_or_flips_a_verdict(tiny_model, tmp_path, monkeypatch, how):
     import defectcls.export as E
