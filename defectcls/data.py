@@ -1,8 +1,8 @@
 """Image loading, the one preprocessing path, folder scanning, splits, cache and batch augmentation.
 
 Inference, training, evaluation, the app, bench and export all go through
-``load_image`` -> ``fit_frame`` (``fit_square``, of the part's square when the card frames
-on it) -> ``normalize``; training keeps the output of ``fit_frame`` in memory (decoded
+``load_image`` -> ``fit_frame`` (``restore_fill``, then ``fit_square``, of the part's square when
+the card frames on it) -> ``normalize``; training keeps the output of ``fit_frame`` in memory (decoded
 once) and layers augmentation on top.
 """
 
@@ -252,6 +252,66 @@ def border_median(img: np.ndarray, frac: float = 0.02) -> np.ndarray:
     return np.median(ring, axis=0)
 
 
+FILL_TOL = 6           # a tool's black (0) or white (255) fill, give or take resampling and rounding
+FILL_MIN_FRAC = 0.001  # the smallest filled area that counts, of the photo
+FILL_GAP = 40          # a fill at least this far (0-255) from the training photos' background is not background
+
+
+def restore_fill(arr: np.ndarray, background: Sequence[float] | None) -> np.ndarray:
+    """ARR with the corners a tool filled black or white when it turned, shrank or shifted the photo
+    given the photo's own background, as training's own fill (``augment``) gives them.
+
+    A fill is a region of black (every channel <= ``FILL_TOL``) or white (>= 255 - ``FILL_TOL``)
+    that touches the photo's edge and covers at least ``FILL_MIN_FRAC`` of it, of a shade at least
+    ``FILL_GAP`` from BACKGROUND (the training photos' background, ``estimate_background``; a
+    black fill on a part photographed on black is background already). It and a 1-pixel seam (the
+    resampled edge) take the per-channel median of the photo's pixels next to it. BACKGROUND None
+    (cards before it), or no such region: ARR itself, not a copy.
+    """
+    if background is None:
+        return arr
+    from scipy import ndimage as ndi
+
+    bg = np.asarray(background, np.float32)
+    lo, hi = (arr, arr) if arr.ndim == 2 else (arr.max(axis=2), arr.min(axis=2))
+    mask = None
+    for shade, cand in ((0, lo <= FILL_TOL), (255, hi >= 255 - FILL_TOL)):
+        if np.abs(bg - shade).min() < FILL_GAP or not (cand[0].any() or cand[-1].any() or cand[:, 0].any()
+                                                        or cand[:, -1].any()):
+            continue
+        lab, _ = ndi.label(cand)
+        edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        edge = edge[edge > 0]
+        sizes = ndi.sum_labels(np.ones(lab.shape, np.int32), lab, edge)
+        keep = edge[sizes >= FILL_MIN_FRAC * lab.size]
+        if keep.size:
+            m = np.isin(lab, keep)
+            mask = m if mask is None else mask | m
+    if mask is None:
+        return arr
+    mask = ndi.binary_dilation(mask)
+    near = ndi.distance_transform_edt(~mask) <= max(2, round(0.04 * min(arr.shape[:2])))
+    near &= ~mask
+    out = arr.copy()
+    value = np.median(arr[near], axis=0) if near.any() else bg
+    out[mask] = np.round(value).astype(np.uint8) if arr.ndim == 3 else np.uint8(round(float(np.ravel(value)[0])))
+    return out
+
+
+def estimate_background(paths: Sequence[str], color: str = "gray", n: int = 256, seed: int = 0) -> list[float] | None:
+    """The per-channel median of the border medians of up to N seeded photos of PATHS (0-255): what
+    ``restore_fill`` tells a tool's fill from. None when none of them decodes."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(paths), size=min(n, len(paths)), replace=False) if len(paths) else []
+    meds = []
+    for i in pick:
+        try:
+            meds.append(border_median(load_image(paths[int(i)], color)))
+        except ImageLoadError:
+            continue
+    return [round(float(v), 1) for v in np.median(meds, axis=0)] if meds else None
+
+
 def crop_square(arr: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
     """The square BOX of ARR; where it reaches past the photo, the photo's border median fills it."""
     x0, y0, s = box
@@ -272,8 +332,10 @@ def fit_box(arr: np.ndarray, size: int, box: tuple[int, int, int] | None) -> np.
     return fit_square(arr if box is None else crop_square(arr, box), size)
 
 
-def fit_frame(arr: np.ndarray, size: int, frame_ref: float | None = None) -> np.ndarray:
-    """``fit_square`` of the part's square; with FRAME_REF None, of the whole photo."""
+def fit_frame(arr: np.ndarray, size: int, frame_ref: float | None = None,
+              background: Sequence[float] | None = None) -> np.ndarray:
+    """``fit_square`` of the part's square (``restore_fill`` first); with FRAME_REF None, of the whole photo."""
+    arr = restore_fill(arr, background)
     return fit_box(arr, size, frame_box(arr, frame_ref))
 
 
@@ -310,11 +372,12 @@ def normalize(arr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
 
 
 def preprocess(src: str | os.PathLike | bytes | np.ndarray, img_size: int, color: str,
-               mean: Sequence[float], std: Sequence[float], frame_ref: float | None = None) -> np.ndarray:
+               mean: Sequence[float], std: Sequence[float], frame_ref: float | None = None,
+               background: Sequence[float] | None = None) -> np.ndarray:
     """The one preprocessing path: file/bytes/array -> float32 CxHxW ready for the model."""
     arr = src if isinstance(src, np.ndarray) else load_image(src, color)
     arr = as_color(arr, color)
-    return normalize(fit_frame(arr, img_size, frame_ref), mean, std)
+    return normalize(fit_frame(arr, img_size, frame_ref, background), mean, std)
 
 
 @dataclass(frozen=True)
@@ -329,23 +392,25 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     frame_ref: float | None = None   # framing on the part (``fit_frame``); None: the whole photo
+    background: tuple[float, ...] | None = None  # the training photos' background (``restore_fill``); None: as is
 
     @classmethod
     def from_card(cls, card) -> Preprocessing:
         """From a ``ModelCard`` or the card dict an exported ONNX file carries."""
         get = card.get if isinstance(card, dict) else (lambda k: getattr(card, k, None))
-        ref = get("frame_ref")
+        ref, bg = get("frame_ref"), get("background")
         return cls(str(get("color")), int(get("img_size")), tuple(float(v) for v in get("mean")),
-                   tuple(float(v) for v in get("std")), float(ref) if ref else None)
+                   tuple(float(v) for v in get("std")), float(ref) if ref else None,
+                   tuple(float(v) for v in bg) if bg else None)
 
     def box(self, arr: np.ndarray) -> tuple[int, int, int] | None:
         """The square (x0, y0, side) of the decoded photo the model sees; None: the whole photo."""
-        return frame_box(arr, self.frame_ref)
+        return frame_box(restore_fill(arr, self.background), self.frame_ref) if self.frame_ref else None
 
     def preprocess_boxed(self, arr: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int] | None]:
         """``preprocess`` of a decoded photo and the square it used (``box``), the part found once."""
-        arr = as_color(arr, self.color)
-        box = self.box(arr)
+        arr = restore_fill(as_color(arr, self.color), self.background)
+        box = frame_box(arr, self.frame_ref)
         return normalize(fit_box(arr, self.img_size, box), self.mean, self.std), box
 
     def load(self, src: str | os.PathLike | bytes | np.ndarray, fast_png: bool = True) -> np.ndarray:
@@ -459,18 +524,21 @@ def fingerprint(samples: Sequence[Sample]) -> str:
 
 # ---------------------------------------------------------------- decode cache
 
-def _decode_one(args: tuple[str, int, str, float | None]) -> tuple[np.ndarray | None, str | None]:
-    path, size, color, frame_ref = args
+def _decode_one(args: tuple[str, int, str, float | None, tuple[float, ...] | None]
+                ) -> tuple[np.ndarray | None, str | None]:
+    path, size, color, frame_ref, background = args
     try:
-        arr = fit_frame(load_image(path, color), size, frame_ref)
+        arr = fit_frame(load_image(path, color), size, frame_ref, background)
     except ImageLoadError as exc:
         return None, str(exc)
     return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None
 
 
-def cache_path(samples: Sequence[Sample], size: int, color: str, frame_ref: float | None = None) -> Path:
+def cache_path(samples: Sequence[Sample], size: int, color: str, frame_ref: float | None = None,
+               background: Sequence[float] | None = None) -> Path:
     root = Path(os.environ.get("DEFECTCLS_CACHE_DIR") or Path.home() / ".cache" / "defectcls")
-    h = hashlib.sha256((f"{size}|{color}|" + (f"frame{frame_ref!r}|" if frame_ref else "")).encode())
+    h = hashlib.sha256((f"{size}|{color}|" + (f"frame{frame_ref!r}|" if frame_ref else "")
+                        + (f"bg{list(background)!r}|" if background else "")).encode())
     for s in samples:
         try:
             st = os.stat(s.path)
@@ -482,13 +550,16 @@ def cache_path(samples: Sequence[Sample], size: int, color: str, frame_ref: floa
 
 def decode_all(samples: Sequence[Sample], size: int, color: str = "gray", workers: int | None = None,
                use_disk_cache: bool = True, progress: bool = False,
-               frame_ref: float | None = None) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Decode every sample once to uint8 NxCxSxS at working size (framed on the part with FRAME_REF).
+               frame_ref: float | None = None, background: Sequence[float] | None = None
+               ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """Decode every sample once to uint8 NxCxSxS at working size (framed on the part with FRAME_REF,
+    tools' fills given BACKGROUND's photo background: ``fit_frame``).
 
     Returns (array of the readable ones, their indices into samples, [(path, reason)] of unreadable ones).
     A disk cache keyed by paths, sizes and mtimes makes re-runs skip decoding.
     """
-    cpath = cache_path(samples, size, color, frame_ref) if use_disk_cache else None
+    bg = tuple(background) if background else None
+    cpath = cache_path(samples, size, color, frame_ref, bg) if use_disk_cache else None
     if cpath is not None and cpath.exists():
         try:
             with np.load(cpath, allow_pickle=False) as z:
@@ -497,7 +568,7 @@ def decode_all(samples: Sequence[Sample], size: int, color: str = "gray", worker
         except (OSError, ValueError, KeyError):
             pass
     workers = workers or min(4, os.cpu_count() or 1)
-    jobs = [(s.path, size, color, frame_ref) for s in samples]
+    jobs = [(s.path, size, color, frame_ref, bg) for s in samples]
     if workers > 1 and len(jobs) > 32:
         with ProcessPoolExecutor(workers) as pool:
             results = list(_progress(pool.map(_decode_one, jobs, chunksize=16), len(jobs), progress))

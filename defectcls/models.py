@@ -479,6 +479,8 @@ class ModelCard:
     pool: str = "avg"         # global pooling before the classifier ("avg", "avgmax"; cards before it: avg)
     frame_ref: float | None = None  # framing on the part: its radius / the side of the square the model sees
                                     # (``data.fit_frame``); None: the whole photo (cards before it)
+    background: list[float] | None = None  # the training photos' background, 0-255 per channel: black or white
+                                           # fills unlike it are a tool's (``data.restore_fill``); None: cards before it
 
     def to_dict(self) -> dict:
         return asdict(self)

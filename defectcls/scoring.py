@@ -40,7 +40,7 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
     pred = predictor or Predictor(model_dir)
     samples, used = select_split(model_dir, data_root, D.scan_folder(data_root), split)
     images, ok, failed = D.decode_all(samples, pred.card.img_size, pred.card.color, use_disk_cache=False,
-                                      frame_ref=pred.prep.frame_ref)
+                                      frame_ref=pred.prep.frame_ref, background=pred.prep.background)
     if not ok:
         raise DefectclsError(f"no readable images in {data_root}")
     y = np.array([samples[i].label for i in ok])

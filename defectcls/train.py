@@ -203,6 +203,7 @@ class _Data:
     failed: list[tuple[str, str]]
     parts: dict[str, list[int]]
     frame_ref: float | None = None   # framing on the part (``data.fit_frame``); None: the whole photo
+    background: list[float] | None = None   # the photos' background (``data.restore_fill``)
 
 
 def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _Data:
@@ -216,10 +217,12 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
         init_ref = read_card(cfg.init).frame_ref if cfg.init else None
         frame_ref = init_ref or D.estimate_frame_ref([s.path for s in samples], cfg.color, seed=cfg.seed)
         _log(f"framing on the part: radius {frame_ref:.4f} of the side", rank)
+    # what tells a tool's black or white fill from the photos' own background, at training and inference alike
+    background = D.estimate_background([s.path for s in samples], cfg.color, seed=cfg.seed)
     if distributed and rank != 0:
         torch.distributed.barrier()  # let rank 0 decode and fill the disk cache first
     images, ok, failed = D.decode_all(samples, cfg.img_size, cfg.color, cfg.workers, cfg.disk_cache,
-                                      progress=cfg.progress and rank == 0, frame_ref=frame_ref)
+                                      progress=cfg.progress and rank == 0, frame_ref=frame_ref, background=background)
     if distributed and rank == 0:
         torch.distributed.barrier()
     for _path, reason in failed:
@@ -229,7 +232,7 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
     if len(np.unique(labels)) < 2:
         raise DefectclsError("training needs readable images of both classes (good/ and bad/)")
     parts = D.stratified_split(labels.tolist(), tuple(cfg.split), cfg.seed)
-    return _Data(root, samples, labels, images, failed, parts, frame_ref)
+    return _Data(root, samples, labels, images, failed, parts, frame_ref, background)
 
 
 def _norm_stats(cfg: TrainConfig, x: np.ndarray) -> tuple[list[float], list[float]]:
@@ -381,7 +384,8 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref, threshold=thr,
+        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref,
+        background=data.background, threshold=thr,
         temperature=temperature,
         threshold_policy=policy, metrics=metrics,
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()),
@@ -527,7 +531,8 @@ def train_folds(cfg: TrainConfig) -> dict:
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=ENSEMBLE_ARCH, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref, threshold=thr,
+        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref,
+        background=data.background, threshold=thr,
         temperature=temperature,
         threshold_policy=policy, metrics=metrics,
         members=[r["dir"] for r in member_rows],

@@ -153,7 +153,8 @@ def test_training_eval_and_inference_preprocessing_are_identical(tiny_model, tin
     pred = Predictor(tiny_model, device="cpu")
     c = pred.card
     samples = D.scan_folder(tiny_data)[:4]
-    images, _, _ = D.decode_all(samples, c.img_size, c.color, workers=1, use_disk_cache=False)
+    assert c.background is not None and len(c.background) == c.in_chans   # training records the photos' background
+    images, _, _ = D.decode_all(samples, c.img_size, c.color, workers=1, use_disk_cache=False, background=c.background)
     mean = torch.tensor(c.mean).view(1, -1, 1, 1)
     std = torch.tensor(c.std).view(1, -1, 1, 1)
     train_side = to_input(torch.from_numpy(images), mean, std).numpy()
@@ -161,6 +162,53 @@ def test_training_eval_and_inference_preprocessing_are_identical(tiny_model, tin
     np.testing.assert_allclose(train_side, infer_side, atol=1e-6)
     from_bytes = pred.preprocess(open(samples[0].path, "rb").read())
     np.testing.assert_array_equal(from_bytes, infer_side[0])
+
+
+def _part_on_grey(size: int = 120, seed: int = 0) -> np.ndarray:
+    """A photo like the casting ones: a dark part with a bright rim on a textured grey (165) background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - size / 2 + 0.5
+    r = np.hypot(yy, xx) / size
+    img = 165 + rng.normal(0, 6, (size, size))
+    img[r < 0.4] = 210
+    img[r < 0.3] = 40
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("pose", [dict(angle=37), dict(scale=0.9), dict(angle=20, scale=0.92, shift=(-0.03, 0))])
+def test_restore_fill_gives_a_tools_corners_the_photos_background(pose):
+    from defectcls.perturb import affine
+
+    img = _part_on_grey()
+    ours = affine(img, **pose).astype(int)                     # training's own fill: the photo's background
+    for fill in ("black", "white"):
+        filled = affine(img, fill=fill, **pose)
+        restored = D.restore_fill(filled, [165.0])
+        assert np.abs(filled.astype(int) - ours).mean() > 10   # the corners as the tool left them
+        assert np.abs(restored.astype(int) - ours).mean() < 1.5
+        rgb = D.restore_fill(np.repeat(filled[..., None], 3, axis=2), [165.0] * 3)
+        assert all(np.array_equal(rgb[..., k], restored) for k in range(3))
+    assert D.restore_fill(filled, None) is filled              # cards before it: the photo as it is
+    assert D.restore_fill(img, [165.0]) is img                 # nothing filled: nothing copied
+    black = affine(img, fill="black", **pose)
+    assert D.restore_fill(black, [5.0]) is black               # black on a part shot on black is background
+
+
+def test_preprocessing_restores_fills_by_the_cards_background(tiny_data):
+    from defectcls.perturb import affine
+
+    img = _part_on_grey()
+    plain = D.Preprocessing("gray", 32, (0.5,), (0.25,))
+    card = {"color": "gray", "img_size": 32, "mean": [0.5], "std": [0.25], "background": [165.0]}
+    prep = D.Preprocessing.from_card(card)
+    assert prep.background == (165.0,)
+    ours, black = affine(img, angle=37), affine(img, angle=37, fill="black")
+    assert np.abs(prep.preprocess(black) - prep.preprocess(ours)).mean() < 0.05
+    assert np.abs(plain.preprocess(black) - plain.preprocess(ours)).mean() > 0.3   # 17% of it black
+    assert np.array_equal(prep.preprocess(img), plain.preprocess(img))
+    bg = D.estimate_background([str(s.path) for s in D.scan_folder(tiny_data)], "gray", n=12)
+    assert len(bg) == 1 and bg[0] < 40                          # the synthetic emblems lie on black
+    assert D.estimate_background([], "gray") is None
 
 
 def test_label_csv_merge(tmp_path, tiny_data):

@@ -55,6 +55,8 @@ def test_onnx_metadata_carries_the_card(exported):
     props = {p.key: p.value for p in onnx.load(str(d / "model.onnx")).metadata_props}
     card = json.loads(props["defectcls.card"])
     assert card["img_size"] == 64 and props["defectcls.model_id"] == rep["model_id"]
+    # the edge runtime preprocesses as the card says, the photos' background (``restore_fill``) included
+    assert card["background"] and EdgePredictor(d / "model.onnx").prep.background == tuple(card["background"])
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx"])
