@@ -415,7 +415,8 @@ def test_decode_mode_choice(pred, monkeypatch):
     from defectcls import data as D
 
     prep = I._prep_of(pred)
-    assert prep == I._Prep(pred.card.color, pred.card.img_size, tuple(pred.card.mean), tuple(pred.card.std))
+    assert prep == I._Prep(pred.card.color, pred.card.img_size, tuple(pred.card.mean), tuple(pred.card.std),
+                           background=tuple(pred.card.background))   # decode processes mend fills as the card says
     assert I._prep_of(object()) is None                    # a predictor with its own preprocessing
     assert I._choose_decode("threads", prep) == "threads"
     monkeypatch.setattr(D, "_spng", None)                  # no libspng: processes would buy nothing
