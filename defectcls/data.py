@@ -282,8 +282,7 @@ def restore_fill(arr: np.ndarray, background: Sequence[float] | None) -> np.ndar
         lab, _ = ndi.label(cand)
         edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
         edge = edge[edge > 0]
-        sizes = ndi.sum_labels(np.ones(lab.shape, np.int32), lab, edge)
-        keep = edge[sizes >= FILL_MIN_FRAC * lab.size]
+        keep = edge[np.bincount(lab.ravel())[edge] >= FILL_MIN_FRAC * lab.size]
         if keep.size:
             m = np.isin(lab, keep)
             mask = m if mask is None else mask | m
@@ -292,9 +291,9 @@ def restore_fill(arr: np.ndarray, background: Sequence[float] | None) -> np.ndar
     mask = ndi.binary_dilation(mask)
     near = ndi.distance_transform_edt(~mask) <= max(2, round(0.04 * min(arr.shape[:2])))
     near &= ~mask
+    fill = np.round(np.atleast_1d(np.median(arr[near], axis=0) if near.any() else bg)).astype(np.uint8)
     out = arr.copy()
-    value = np.median(arr[near], axis=0) if near.any() else bg
-    out[mask] = np.round(value).astype(np.uint8) if arr.ndim == 3 else np.uint8(round(float(np.ravel(value)[0])))
+    out[mask] = fill[0] if arr.ndim == 2 else fill
     return out
 
 
