@@ -261,6 +261,9 @@ def _run_calibrate(a) -> int:
     lines = [f"{a.model}: threshold {old['threshold']:.6g} -> {res['threshold']:.6g} "
              f"({pol['method']}, target FNR {pol['target_fnr']}, guaranteed {pol['guaranteed_fnr']}, "
              f"{pol['n_bad_val']} bad parts in validation)" + ("" if res["written"] else "  [dry run: not written]")]
+    if res["background"] != old["background"]:
+        lines.append(f"  background {res['background']} recorded: black or white corners a tool left get it "
+                     "(data.restore_fill)")
     if res["tta"] != old["tta"]:
         lines.append(f"  test-time views {old['tta']} -> {res['tta']}, temperature {old['temperature']:.4g} -> "
                      f"{res['temperature']:.4g}")

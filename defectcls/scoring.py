@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,9 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     The validation and test parts come from the model's split.json (DATA_ROOT: where its training
     folder is now, default the path it was trained from; the folder must hold the same files).
     TTA sets how many test-time views the model answers with from now on (1, 4 or 8); when it
-    changes, the temperature is fitted anew on validation, else the card's is kept. Threshold,
-    policy, views, temperature and val/test metrics are replaced, atomically.
+    changes, the temperature is fitted anew on validation, else the card's is kept. A card
+    written before ``background`` gets it from its training photos (``data.restore_fill``).
+    Threshold, policy, views, temperature, background and val/test metrics are replaced, atomically.
     """
     from .evaluate import choose_threshold, fit_temperature
     from .models import read_card, write_card
@@ -80,10 +82,15 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     root = Path(data_root or saved["data_root"])
     if not root.is_dir():
         raise DefectclsError(f"training folder {root} not found: pass --data with where it is now")
-    if D.fingerprint(D.scan_folder(root)) != saved.get("data_fingerprint"):
+    folder = D.scan_folder(root)
+    if D.fingerprint(folder) != saved.get("data_fingerprint"):
         raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
     card = read_card(model_dir)
     pred = Predictor(model_dir, backend="torch", tta=tta)
+    background = card.background
+    if background is None:   # a card from before it: the training folder's background, as train estimates it
+        background = D.estimate_background([x.path for x in folder], card.color, seed=int(card.train.get("seed", 0)))
+        pred.prep = replace(pred.prep, background=tuple(background) if background else None)
     metrics, parts = {}, {}
     for name in [n for n in ("val", "test") if saved.get(n)]:
         res = evaluate_model(model_dir, root, split=name, predictor=pred)
@@ -100,11 +107,12 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     for name, (y, p) in probs.items():
         metrics[name] = compute_metrics(y, p, thr)
     before = {"threshold": card.threshold, "threshold_policy": card.threshold_policy, "metrics": card.metrics,
-              "tta": card.tta, "temperature": card.temperature}
+              "tta": card.tta, "temperature": card.temperature, "background": card.background}
     if write:
         card.threshold, card.threshold_policy, card.metrics = thr, policy, metrics
-        card.tta, card.temperature = views, temperature
+        card.tta, card.temperature, card.background = views, temperature, background
         write_card(card, model_dir)
     stale = sorted(p.name for p in model_dir.glob("*.onnx"))
     return {"model": str(model_dir), "written": write, "threshold": thr, "threshold_policy": policy,
-            "tta": views, "temperature": temperature, "metrics": metrics, "before": before, "stale_exports": stale}
+            "tta": views, "temperature": temperature, "background": background, "metrics": metrics, "before": before,
+            "stale_exports": stale}

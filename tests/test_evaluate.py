@@ -107,6 +107,16 @@ def test_calibrate_sets_a_new_threshold_from_the_model_own_validation_part(tiny_
     k = int(0.5 * (len(bad_val) + 1))                                            # conformal: the k-th lowest bad score
     assert card["threshold"] == pytest.approx(bad_val[k - 1], rel=1e-6)
 
+    # a card written before the photos' background was recorded gets it from its training part
+    legacy = json.loads((m / "card.json").read_text())
+    recorded = legacy.pop("background")
+    (m / "card.json").write_text(json.dumps(legacy))
+    assert recalibrate(m, 0.5, data_root=tiny_data, write=False)["background"] == recorded   # what train chose
+    assert "background" not in json.loads((m / "card.json").read_text())                  # dry run: not written
+    assert main(["calibrate", "--model", str(m), "--target-fnr", "0.5"]) == 0
+    assert "background [" in capsys.readouterr().out
+    assert json.loads((m / "card.json").read_text())["background"] == recorded
+
     other = tmp_path / "other"
     shutil.copytree(tiny_data, other)
     sorted((other / "bad").glob("*.png"))[0].unlink()                           # not the folder it was trained on
