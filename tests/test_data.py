@@ -9,6 +9,7 @@ from defectcls.inference import Predictor
 from defectcls.train import to_input
 
 from .badfiles import invalid_files, valid_files
+from .parts import part_photo
 
 EXPECTED_REASON = {
     "empty.png": "empty",
@@ -164,22 +165,11 @@ def test_training_eval_and_inference_preprocessing_are_identical(tiny_model, tin
     np.testing.assert_array_equal(from_bytes, infer_side[0])
 
 
-def _part_on_grey(size: int = 120, seed: int = 0) -> np.ndarray:
-    """A photo like the casting ones: a dark part with a bright rim on a textured grey (165) background."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] - size / 2 + 0.5
-    r = np.hypot(yy, xx) / size
-    img = 165 + rng.normal(0, 6, (size, size))
-    img[r < 0.4] = 210
-    img[r < 0.3] = 40
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
 @pytest.mark.parametrize("pose", [dict(angle=37), dict(scale=0.9), dict(angle=20, scale=0.92, shift=(-0.03, 0))])
 def test_restore_fill_gives_a_tools_corners_the_photos_background(pose):
     from defectcls.perturb import affine
 
-    img = _part_on_grey()
+    img = part_photo(bg=165, part=40, noise=6)               # a grainy background, as photographed
     ours = affine(img, **pose).astype(int)                     # training's own fill: the photo's background
     for fill in ("black", "white"):
         filled = affine(img, fill=fill, **pose)
@@ -197,7 +187,7 @@ def test_restore_fill_gives_a_tools_corners_the_photos_background(pose):
 def test_preprocessing_restores_fills_by_the_cards_background(tiny_data):
     from defectcls.perturb import affine
 
-    img = _part_on_grey()
+    img = part_photo(bg=165, part=40, noise=6)               # a grainy background, as photographed
     plain = D.Preprocessing("gray", 32, (0.5,), (0.25,))
     card = {"color": "gray", "img_size": 32, "mean": [0.5], "std": [0.25], "background": [165.0]}
     prep = D.Preprocessing.from_card(card)

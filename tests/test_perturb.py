@@ -8,16 +8,7 @@ from defectcls import perturb as P
 from defectcls.augment import AugConfig, augment, border_median, geometric
 from defectcls.errors import DefectclsError
 
-
-def _part(side: int = 120, bg: int = 190, part: int = 70, rgb: bool = False, off: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """A dark disc (with a brighter emblem bar) on a light background, like the real photos."""
-    yy, xx = np.mgrid[:side, :side]
-    c = side / 2
-    img = np.full((side, side), bg, np.uint8)
-    disc = (xx - c - off[0]) ** 2 + (yy - c - off[1]) ** 2 < (side * 0.3) ** 2
-    img[disc] = part
-    img[disc & (abs(yy - c - off[1]) < side * 0.05)] = 120
-    return np.repeat(img[..., None], 3, axis=2) if rgb else img
+from .parts import part_photo as _part
 
 
 def _disc_mask(img: np.ndarray, bg: int = 190) -> np.ndarray:
