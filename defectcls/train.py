@@ -118,12 +118,13 @@ def recompute_bn_stats(model: nn.Module, images_u8: np.ndarray, mean: torch.Tens
         bn.momentum = None  # cumulative moving average
     model.train()
     pick = np.random.default_rng(seed).permutation(len(images_u8))[:max_images]
-    for i in range(0, len(pick), batch_size):
-        idx = np.sort(pick[i:i + batch_size])
-        if len(idx) < 2:
-            continue
-        x = to_input(torch.from_numpy(images_u8[idx]).to(device), mean, std)
-        model(x.contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():   # the running statistics update all the same; no graph to record
+        for i in range(0, len(pick), batch_size):
+            idx = np.sort(pick[i:i + batch_size])
+            if len(idx) < 2:
+                continue
+            x = to_input(torch.from_numpy(images_u8[idx]).to(device), mean, std)
+            model(x.contiguous(memory_format=torch.channels_last))
     for bn, m in zip(bns, momenta, strict=True):
         bn.momentum = m
     model.train(was_training)
