@@ -255,6 +255,49 @@ def border_median(img: np.ndarray, frac: float = 0.02) -> np.ndarray:
 FILL_TOL = 6           # a tool's black (0) or white (255) fill, give or take resampling and rounding
 FILL_MIN_FRAC = 0.001  # the smallest filled area that counts, of the photo
 FILL_GAP = 40          # a fill at least this far (0-255) from the training photos' background is not background
+FILL_RING = 3          # px: the band of the photo just outside a fill (past its resampled seam) ...
+FILL_STEP = 16         # ... whose 90th percentile (10th for black) lies at least this far from the fill's shade
+FILL_HULL_MARGIN = 1.0  # px: a fill's pixels lie outside the convex hull of the photo's footprint by at least ...
+FILL_HULL_SHARE = 0.02  # ... all but this share of them
+
+
+def _is_fill(m: np.ndarray, level: np.ndarray, shade: int) -> bool:
+    """Whether region M (of ``level`` near SHADE, touching the edge) is what a turn, shrink or shift leaves.
+
+    Such a region meets the photo in a step and lies outside the photo's footprint, a convex
+    polygon. Light clipped to white by a brighter exposure rises to white gradually (on the casting
+    photos brightened 15-40%: 90th percentile of the band just outside 241-255, against 110-233 for
+    a tool's white fill after a turn or shrink) and dents the footprint where it wraps round the part.
+    """
+    from scipy import ndimage as ndi
+    from scipy.spatial import ConvexHull, QhullError
+
+    pad = FILL_RING + 3   # the work happens in M's bounding box, widened to hold the band outside it
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    y0, x0 = max(rows[0] - pad, 0), max(cols[0] - pad, 0)
+    box = (slice(y0, rows[-1] + pad + 1), slice(x0, cols[-1] + pad + 1))
+    mb = m[box]
+    seam = ndi.binary_dilation(mb)   # the 1-pixel resampled edge
+    # the photo just outside (past a seam of up to 2 px): nearly all of it a step away from the shade
+    ring = ndi.binary_dilation(mb, iterations=FILL_RING + 2) & ~ndi.binary_dilation(seam)
+    if not ring.any():
+        return False
+    near = np.percentile(level[box][ring], 90 if shade else 10)
+    if abs(float(near) - shade) < FILL_STEP:
+        return False
+    # the photo's footprint, less the seam: its outline is where it meets the seam, and the frame
+    h, w = m.shape
+    meet = ndi.binary_dilation(seam) & ~seam
+    frame = np.zeros((h, w), bool)
+    frame[[0, -1], :] = frame[:, [0, -1]] = True
+    frame[box] &= ~seam
+    pts = np.concatenate([np.argwhere(meet) + (y0, x0), np.argwhere(frame)]).astype(np.float64)
+    try:
+        eq = ConvexHull(pts).equations
+    except (QhullError, ValueError):   # the footprint is a line or nothing
+        return False
+    inside = np.all((np.argwhere(mb) + (y0, x0)) @ eq[:, :2].T + eq[:, 2] <= -FILL_HULL_MARGIN, axis=1)
+    return float(inside.mean()) <= FILL_HULL_SHARE
 
 
 def restore_fill(arr: np.ndarray, background: Sequence[float] | None) -> np.ndarray:
@@ -264,8 +307,10 @@ def restore_fill(arr: np.ndarray, background: Sequence[float] | None) -> np.ndar
     A fill is a region of black (every channel <= ``FILL_TOL``) or white (>= 255 - ``FILL_TOL``)
     that touches the photo's edge and covers at least ``FILL_MIN_FRAC`` of it, of a shade at least
     ``FILL_GAP`` from BACKGROUND (the training photos' background, ``estimate_background``; a
-    black fill on a part photographed on black is background already). It and a 1-pixel seam (the
-    resampled edge) take the per-channel median of the photo's pixels next to it. BACKGROUND None
+    black fill on a part photographed on black is background already), that the photo meets in a
+    step and that lies outside the convex hull of the rest of the photo (``_is_fill``: a background
+    clipped to white by a brighter exposure stays as it is). It and a 1-pixel seam (the resampled
+    edge) take the per-channel median of the photo's pixels next to it. BACKGROUND None
     (cards before it), or no such region: ARR itself, not a copy.
     """
     if background is None:
@@ -283,9 +328,11 @@ def restore_fill(arr: np.ndarray, background: Sequence[float] | None) -> np.ndar
         edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
         edge = edge[edge > 0]
         keep = edge[np.bincount(lab.ravel())[edge] >= FILL_MIN_FRAC * lab.size]
-        if keep.size:
-            m = np.isin(lab, keep)
-            mask = m if mask is None else mask | m
+        level = lo if shade == 0 else hi
+        for r in keep:
+            m = lab == r
+            if _is_fill(m, level, shade):
+                mask = m if mask is None else mask | m
     if mask is None:
         return arr
     mask = ndi.binary_dilation(mask)

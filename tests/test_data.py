@@ -184,6 +184,30 @@ def test_restore_fill_gives_a_tools_corners_the_photos_background(pose):
     assert D.restore_fill(black, [5.0]) is black               # black on a part shot on black is background
 
 
+def test_restore_fill_leaves_light_clipped_to_white_by_a_brighter_exposure():
+    from defectcls.perturb import affine, brightness
+
+    # light falling off across the photo, clipped on its bright side: no step onto the white
+    lit = part_photo(bg=165, part=40, noise=3).astype(float) + np.linspace(-40, 70, 120)[None, :]
+    side = brightness(np.clip(lit, 0, 255).astype(np.uint8), 1.2)
+    assert (side[:, -1] == 255).all() and (side == 255).mean() > 0.05
+    assert D.restore_fill(side, [165.0]) is side
+    rgb = np.repeat(side[..., None], 3, axis=2)
+    assert D.restore_fill(rgb, [165.0] * 3) is rgb
+    # white that wraps round the part, with a step onto it: inside the hull of what is left of the photo
+    wrap = part_photo(bg=255, part=40)
+    wrap[:, :12] = 150                                          # unclipped background down one side
+    white = wrap == 255
+    assert D._is_fill(white, wrap, 255) is False
+    assert D.restore_fill(wrap, [165.0]) is wrap
+    # a tool's corners, for contrast: outside the footprint of the turned photo
+    from scipy import ndimage as ndi
+
+    turned = affine(part_photo(bg=165, part=40, noise=6), angle=37, fill="white")
+    lab, _ = ndi.label(turned >= 249)
+    assert D._is_fill(lab == lab[0, 0], turned, 255) is True
+
+
 def test_preprocessing_restores_fills_by_the_cards_background(tiny_data):
     from defectcls.perturb import affine
 
