@@ -320,7 +320,7 @@ def restore_fill(arr: np.ndarray, background: Sequence[float] | None) -> np.ndar
     bg = np.asarray(background, np.float32)
     lo, hi = (arr, arr) if arr.ndim == 2 else (arr.max(axis=2), arr.min(axis=2))
     mask = None
-    for shade, cand in ((0, lo <= FILL_TOL), (255, hi >= 255 - FILL_TOL)):
+    for shade, level, cand in ((0, lo, lo <= FILL_TOL), (255, hi, hi >= 255 - FILL_TOL)):
         if np.abs(bg - shade).min() < FILL_GAP or not (cand[0].any() or cand[-1].any() or cand[:, 0].any()
                                                         or cand[:, -1].any()):
             continue
@@ -328,7 +328,6 @@ def restore_fill(arr: np.ndarray, background: Sequence[float] | None) -> np.ndar
         edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
         edge = edge[edge > 0]
         keep = edge[np.bincount(lab.ravel())[edge] >= FILL_MIN_FRAC * lab.size]
-        level = lo if shade == 0 else hi
         for r in keep:
             m = lab == r
             if _is_fill(m, level, shade):
