@@ -102,8 +102,9 @@ def _add_train(sub) -> None:
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
     p.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
                    help="validate and keep an exponential moving average of the weights (e.g. 0.995); 0: off")
-    p.add_argument("--balance", choices=["loss", "sampler", "none"], default=d.balance,
-                   help="class imbalance: weighted loss, balanced sampler, or none")
+    p.add_argument("--balance", choices=["loss", "sampler", "background", "none"], default=d.balance,
+                   help="class imbalance: weighted loss, balanced sampler, a sampler balanced within each band "
+                        "of background level (so the light behind the part cannot stand in for the class), or none")
     p.add_argument("--hard-share", type=float, default=d.hard_share, metavar="F",
                    help="share of each epoch (after the first) drawn again in proportion to each photo's recent "
                         "loss, so rare defects the network still misses are seen more often; 0: off")

@@ -139,7 +139,7 @@ class TrainConfig:
     threshold_method: str = "conformal"
     patience: int = 6
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    balance: str = "loss"             # loss | sampler | none
+    balance: str = "loss"             # loss | sampler | background | none
     hard_share: float = 0.25          # share of each epoch (after the first) drawn again by the photos' recent
                                       # loss (hard examples); 0: off
     pretrained: bool = False

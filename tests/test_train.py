@@ -166,7 +166,7 @@ def test_ema_weights_are_what_is_validated_and_saved(tmp_path, tiny_data):
         train(_tiny_cfg(tiny_data, tmp_path / "x", ema=1.0))
 
 
-@pytest.mark.parametrize("balance", ["loss", "sampler"])
+@pytest.mark.parametrize("balance", ["loss", "sampler", "background"])
 def test_small_training_set_is_repeated_up_to_the_epoch_size(tiny_data, tmp_path, balance):
     """A few photos get the steps of a full-size set: an epoch draws EPOCH_SIZE samples, not one pass."""
     from defectcls.train import epoch_samples
@@ -224,6 +224,34 @@ def test_hard_share_revisits_the_photos_the_network_still_gets_wrong():
     assert counts[600] > 10 and counts[601] > 10
     assert np.median(counts[np.r_[0:600, 602:1000]]) == 1
     assert (counts[:500] > 0).mean() > 0.7   # the uniform part still covers the set
+
+
+def test_background_balance_draws_both_classes_alike_in_each_band_of_background_level():
+    import numpy as np
+    import torch
+
+    from defectcls.train import background_balance_weights, border_level, epoch_order
+
+    # photos whose border is dark are mostly bad, bright ones mostly good: the light predicts the class
+    rng = np.random.default_rng(0)
+    y = np.array([1] * 380 + [0] * 20 + [1] * 20 + [0] * 380)
+    level = np.r_[rng.uniform(100, 150, 400), rng.uniform(190, 240, 400)]
+    x = np.full((800, 1, 16, 16), 50, np.uint8)
+    x[:, :, :, :] = level.astype(np.uint8)[:, None, None, None]
+    x[:, :, 6:10, 6:10] = 0                       # the part: not in the border band
+    assert np.allclose(border_level(x), level.astype(np.uint8))
+    w = background_balance_weights(y, border_level(x), bins=2, cap=100.0)
+    assert np.isclose(w.sum(), 1.0)
+    dark = level < 170
+    for band in (dark, ~dark):
+        assert np.isclose(w[band & (y == 1)].sum(), w[band & (y == 0)].sum())
+    order = epoch_order(y, 8000, "background", torch.Generator().manual_seed(0), weights=w).numpy()
+    for band in (dark, ~dark):
+        drawn = y[order][band[order]]
+        assert abs(drawn.mean() - 0.5) < 0.05
+    # the cap bounds how often one photo of a rare kind is drawn: 4x a photo of a one-class band, not 400/40 = 10x
+    capped = background_balance_weights(y, level, bins=2, cap=4.0)
+    assert np.isclose(capped[~dark & (y == 1)].max() / capped[~dark & (y == 0)].min(), 4.0 / (400 / 760))
 
 
 def test_hard_share_out_of_range_is_a_clear_error(tiny_data, tmp_path):
