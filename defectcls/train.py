@@ -174,9 +174,10 @@ def epoch_order(y: np.ndarray, n_epoch: int, balance: str, gen: torch.Generator,
 
     BALANCE "sampler" draws both classes equally often ("background": by WEIGHTS, from
     ``background_balance_weights``), otherwise each photo is visited once per pass. With HARD_SHARE > 0
-    and the previous epochs' SAMPLE_LOSS, that share of the epoch is drawn again in proportion to each photo's recent loss (capped at 1), so the rare defects the network
-    still misses (a 1-3 px pin mark among thousands of obvious blotches) are seen many times more
-    often than once an epoch, instead of being outvoted.
+    and the previous epochs' SAMPLE_LOSS, that share of the epoch is drawn again in proportion to each
+    photo's recent loss (capped at 1), so the rare defects the network still misses (a 1-3 px pin mark
+    among thousands of obvious blotches) are seen many times more often than once an epoch, instead of
+    being outvoted.
     """
     n_hard = 0
     if hard_share > 0 and sample_loss is not None and np.isfinite(sample_loss).any():
