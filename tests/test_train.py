@@ -236,8 +236,7 @@ def test_background_balance_draws_both_classes_alike_in_each_band_of_background_
     rng = np.random.default_rng(0)
     y = np.array([1] * 380 + [0] * 20 + [1] * 20 + [0] * 380)
     level = np.r_[rng.uniform(100, 150, 400), rng.uniform(190, 240, 400)]
-    x = np.full((800, 1, 16, 16), 50, np.uint8)
-    x[:, :, :, :] = level.astype(np.uint8)[:, None, None, None]
+    x = np.repeat(level.astype(np.uint8), 16 * 16).reshape(800, 1, 16, 16)
     x[:, :, 6:10, 6:10] = 0                       # the part: not in the border band
     assert np.allclose(border_level(x), level.astype(np.uint8))
     w = background_balance_weights(y, border_level(x), bins=2, cap=100.0)
