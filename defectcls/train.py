@@ -184,8 +184,8 @@ def epoch_order(y: np.ndarray, n_epoch: int, balance: str, gen: torch.Generator,
         n_hard = int(round(hard_share * n_epoch))   # hard_share < 1: checked by resolve_config
     n_base = n_epoch - n_hard
     if balance in ("sampler", "background"):
-        n_bad, n_good = int((y == 1).sum()), int((y == 0).sum())
-        w = weights if weights is not None else np.where(y == 1, 0.5 / max(n_bad, 1), 0.5 / max(n_good, 1))
+        w = weights if weights is not None else \
+            np.where(y == 1, 0.5 / max(int((y == 1).sum()), 1), 0.5 / max(int((y == 0).sum()), 1))
         order = torch.multinomial(torch.tensor(w), n_base, replacement=True, generator=gen) if n_base else \
             torch.zeros(0, dtype=torch.long)
     else:
