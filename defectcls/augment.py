@@ -42,8 +42,14 @@ def border_median(x: torch.Tensor, frac: float = 0.02) -> torch.Tensor:
     return ring.median(dim=2).values[..., None, None]
 
 
-def geometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tensor:
-    """Random rotation/scale/shift/flip of a batch; uncovered pixels get the image's own background."""
+def geometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, masks: torch.Tensor | None = None
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Random rotation/scale/shift/flip of a batch; uncovered pixels get the image's own background.
+
+    With MASKS (N x 1 x H x W defect masks in [0, 1]) returns (images, masks) moved alike: a mask follows
+    its image's mirror or edge fill, and is 0 where the image got a constant fill. The random draws are
+    the same with or without masks.
+    """
     n = x.shape[0]
     dev = x.device
     ang = _uniform(n, 0, 2 * math.pi, g, dev) if cfg.rotate else torch.zeros(n, device=dev)
@@ -76,11 +82,18 @@ def geometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator) -> torch.Tens
     # sampling is linear: zero padding of (x - c), plus c, fills uncovered pixels with c; one pass over the
     # batch is cheaper than gathering the constant-filled images apart, so the others are sampled again
     out = F.grid_sample(x - c, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + c
-    for mask, mode in ((border, "border"), (reflect, "reflection")):
-        idx = mask.nonzero().flatten()
+    for pick, mode in ((border, "border"), (reflect, "reflection")):
+        idx = pick.nonzero().flatten()
         if len(idx):
             out[idx] = F.grid_sample(x[idx], grid[idx], mode="bilinear", padding_mode=mode, align_corners=False)
-    return out
+    if masks is None:
+        return out
+    m = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    for pick, mode in ((border, "border"), (reflect, "reflection")):
+        idx = pick.nonzero().flatten()
+        if len(idx):
+            m[idx] = F.grid_sample(masks[idx], grid[idx], mode="bilinear", padding_mode=mode, align_corners=False)
+    return out, m
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -167,10 +180,17 @@ def jpeg(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, labels: torch.Tens
     return out
 
 
-def augment(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
+def augment(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, labels: torch.Tensor | None = None,
+            masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Full training augmentation of a float [0,1] batch: pose, then light and sensor, then compression.
 
     LABELS (0 good, 1 bad) let blur and JPEG spare the bad parts' defects (``cfg.bad_degrade`` below 1).
+    With MASKS (defect masks, N x 1 x H x W) returns (images, masks), the masks moved with the pose.
     """
-    x = photometric(geometric(x, cfg, g), cfg, g, labels)
-    return jpeg(x, cfg, g, labels) if cfg.jpeg_p else x
+    if masks is not None:
+        x, masks = geometric(x, cfg, g, masks)
+    else:
+        x = geometric(x, cfg, g)
+    x = photometric(x, cfg, g, labels)
+    x = jpeg(x, cfg, g, labels) if cfg.jpeg_p else x
+    return x if masks is None else (x, masks)

@@ -268,3 +268,34 @@ def test_blur_and_jpeg_reach_bad_parts_at_the_bad_degrade_share_noise_reaches_bo
     n0 = augment(x, AugConfig(**noise_only, bad_degrade=0.0), torch.Generator().manual_seed(5), labels)
     n1 = augment(x, AugConfig(**noise_only, bad_degrade=1.0), torch.Generator().manual_seed(5), labels)
     assert torch.equal(n0, n1) and float((n0 - x).abs().mean()) > 0.005
+
+
+def _blob_batch(n: int = 24, size: int = 48, background: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """N images of an off-centre bright blob on BACKGROUND (border included) and the blob's masks."""
+    g = torch.Generator().manual_seed(5)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    masks = torch.zeros(n, 1, size, size)
+    for i in range(n):
+        cy, cx = (torch.rand(2, generator=g) * size * 0.5 + size * 0.25).tolist()
+        masks[i, 0] = (((yy - cy) ** 2 + (xx - cx) ** 2) < 25).float()
+    return background + (1 - background) * masks, masks
+
+
+def test_geometric_moves_masks_with_their_images_under_every_fill():
+    """Defect masks take the pose of their images (mirror and edge fills included) and the same random draws."""
+    x, masks = _blob_batch()
+    cfg = AugConfig(rotate=True, flip=True, scale=0.15, shift=0.06, fill_border_p=0.3, fill_reflect_p=0.3)
+    out, moved = geometric(x, cfg, torch.Generator().manual_seed(1), masks)
+    # the image is its mask here (black background), so both must come out alike, moved off the originals
+    assert torch.allclose(out, moved, atol=1e-6) and not torch.allclose(moved, masks, atol=0.1)
+    assert torch.equal(out, geometric(x, cfg, torch.Generator().manual_seed(1)))
+    x_aug, m_aug = augment(x, cfg, torch.Generator().manual_seed(2), masks=masks)
+    assert m_aug.shape == masks.shape and torch.allclose(m_aug, geometric(x, cfg, torch.Generator().manual_seed(2), masks)[1])
+
+
+def test_a_constant_fill_leaves_the_mask_empty_there():
+    """On a grey photo the image's fill is its grey, the mask's is 0 (no defect where the tool filled)."""
+    x, masks = _blob_batch(background=0.5)
+    cfg = AugConfig(rotate=True, flip=False, scale=0.15, shift=0.06, fill_border_p=0.0)
+    out, moved = geometric(x, cfg, torch.Generator().manual_seed(3), masks)
+    assert torch.allclose(moved, (out - 0.5) * 2, atol=1e-5) and float(moved.sum()) > 0
