@@ -152,6 +152,9 @@ class TrainConfig:
     frame: str | None = None          # "part": each photo cropped to a square centred on the part, scaled so the
                                       # part has the training photos' median size; "full": the whole photo;
                                       # None: the --init model's, else "full"
+    masks: str | None = None          # folder of defect masks named like the bad images (``synth --masks``):
+                                      # the last feature map learns, cell by cell, where the defects are
+    mask_weight: float = 1.0          # weight of that mask loss beside the class loss
     ema: float = 0.0                  # > 0: validate and keep an exponential moving average of the weights
                                       # with this decay per step (0.995: about the last 200 steps)
     tta: int = 8                      # test-time views the saved model answers with (1, 4, 8): the threshold and

@@ -579,6 +579,40 @@ def _decode_one(args: tuple[str, int, str, float | None, tuple[float, ...] | Non
     return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None
 
 
+def load_masks(samples: Sequence[Sample], mask_dir: str | os.PathLike, size: int
+               ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Defect masks at working size for SAMPLES (whole-photo framing, as ``fit_square``).
+
+    A bad image's mask is MASK_DIR/<its file name> (``defectcls synth --masks`` writes them), non-zero
+    where the defect is, of the image's own size; a good image's mask is empty. Returns (uint8 N x 1 x S x S,
+    known: bool N, [(path, reason)] of bad images whose mask is missing, unreadable or of another size);
+    those are marked unknown and train without the mask loss.
+    """
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        raise DefectclsError(f"mask folder not found: {mask_dir}")
+    masks = np.zeros((len(samples), 1, size, size), np.uint8)
+    known = np.ones(len(samples), bool)
+    problems = []
+    for i, s in enumerate(samples):
+        if s.label != 1:
+            continue
+        path = mask_dir / Path(s.path).name
+        try:
+            if not path.is_file():
+                raise ImageLoadError("no mask")
+            m = load_image(path, "gray")
+            with Image.open(s.path) as im:
+                if im.size != (m.shape[1], m.shape[0]):
+                    raise ImageLoadError(f"mask is {m.shape[1]}x{m.shape[0]}, image {im.size[0]}x{im.size[1]}")
+        except (ImageLoadError, OSError) as exc:
+            known[i] = False
+            problems.append((s.path, f"{path}: {exc}"))
+            continue
+        masks[i, 0] = fit_square(np.where(m > 0, 255, 0).astype(np.uint8), size)
+    return masks, known, problems
+
+
 def cache_path(samples: Sequence[Sample], size: int, color: str, frame_ref: float | None = None,
                background: Sequence[float] | None = None) -> Path:
     root = Path(os.environ.get("DEFECTCLS_CACHE_DIR") or Path.home() / ".cache" / "defectcls")

@@ -77,6 +77,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if min(fills) < 0 or sum(fills) > 1:
         raise DefectclsError("the fill shares fill_border_p, fill_reflect_p and fill_const_p must be >= 0 and "
                              f"sum to at most 1, got {', '.join(f'{f:g}' for f in fills)}")
+    if cfg.mask_weight <= 0:
+        raise DefectclsError(f"--mask-weight must be > 0, got {cfg.mask_weight}")
     if cfg.tta not in TTA_VIEWS:
         raise DefectclsError(f"--tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {cfg.tta!r}")
     frame = cfg.frame or ("part" if init_card and init_card.frame_ref else "full")
@@ -85,6 +87,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if init_card is not None and (frame == "part") != bool(init_card.frame_ref):
         raise DefectclsError(f"--frame {frame} differs from the --init model's ({'part' if init_card.frame_ref else 'full'}): "
                              "a network keeps the framing it learned")
+    if cfg.masks and frame == "part":
+        raise DefectclsError("--masks needs --frame full: the masks are drawn on the whole photo")
     return replace(cfg, input_norm=norm, pool=pool, frame=frame)
 
 
@@ -235,6 +239,8 @@ class _Data:
     parts: dict[str, list[int]]
     frame_ref: float | None = None   # framing on the part (``data.fit_frame``); None: the whole photo
     background: list[float] | None = None   # the photos' background (``data.restore_fill``)
+    masks: np.ndarray | None = None         # defect masks at working size (``data.load_masks``), with --masks
+    mask_known: np.ndarray | None = None    # which images' masks are known (every good one; bad ones with a file)
 
 
 def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _Data:
@@ -263,7 +269,17 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
     if len(np.unique(labels)) < 2:
         raise DefectclsError("training needs readable images of both classes (good/ and bad/)")
     parts = D.stratified_split(labels.tolist(), tuple(cfg.split), cfg.seed)
-    return _Data(root, samples, labels, images, failed, parts, frame_ref, background)
+    masks = known = None
+    if cfg.masks:
+        masks, known, problems = D.load_masks(samples, cfg.masks, cfg.img_size)
+        n_bad = int((labels == 1).sum())
+        if n_bad == len(problems):
+            raise DefectclsError(f"--masks {cfg.masks}: no bad image has a usable mask there "
+                                 f"(e.g. {problems[0][1]}); masks are named like their images")
+        _log(f"defect masks from {cfg.masks}: {n_bad - len(problems)} of {n_bad} bad images"
+             + (f"; without a usable mask (no mask loss): {len(problems)}, e.g. {problems[0][1]}" if problems else ""),
+             rank)
+    return _Data(root, samples, labels, images, failed, parts, frame_ref, background, masks, known)
 
 
 def _norm_stats(cfg: TrainConfig, x: np.ndarray) -> tuple[list[float], list[float]]:
@@ -275,20 +291,90 @@ def _norm_stats(cfg: TrainConfig, x: np.ndarray) -> tuple[list[float], list[floa
     return f.mean(axis=(0, 2, 3)).round(4).tolist(), np.maximum(f.std(axis=(0, 2, 3)), 1e-3).round(4).tolist()
 
 
+class MaskHead(nn.Module):
+    """MODEL plus a 1x1 convolution on its last feature map (the Grad-CAM layer) that tells, cell by cell,
+    whether a defect lies there; ``forward`` returns (class logits, cell logits N x 1 x h x w).
+
+    Trained beside the class loss when defect masks are known (``--masks``), it makes the features the
+    classifier pools fire where every defect is, the faint ones beside an obvious one included; only
+    MODEL is saved (``remove`` detaches the hook).
+    """
+
+    def __init__(self, model: nn.Module, layer: nn.Module, channels: int):
+        super().__init__()
+        self.model = model
+        self.head = nn.Conv2d(channels, 1, 1)
+        self._feat: torch.Tensor | None = None
+        self._hook = layer.register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        self._feat = output
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        feat, self._feat = self._feat, None
+        return logits, self.head(feat)
+
+    def remove(self) -> nn.Module:
+        self._hook.remove()
+        return self.model
+
+
+def with_mask_head(model: nn.Module, arch: str, in_chans: int, img_size: int) -> MaskHead:
+    """``MaskHead`` on MODEL's Grad-CAM layer (its channels read from one forward pass)."""
+    from .models import cam_target_layer
+
+    layer = cam_target_layer(model, arch)
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        dev = next(model.parameters()).device
+        model(torch.zeros(1, in_chans, img_size, img_size, device=dev))
+    hook.remove()
+    model.train(was_training)
+    return MaskHead(model, layer, seen[0].shape[1]).to(dev)
+
+
+def mask_loss(cell_logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Class-balanced binary cross-entropy of the cells (N x 1 x h x w) against MASKS (N x 1 x H x W, in [0, 1]):
+    a cell is a defect cell when any of its pixels is at least a tenth covered. Positive and negative cells of
+    the images whose mask is KNOWN weigh half each; 0 when no mask is known in the batch."""
+    if not bool(known.any()):
+        return cell_logits.sum() * 0.0
+    target = (F.adaptive_max_pool2d(masks[known], cell_logits.shape[-2:]) >= 0.1).float()
+    per_cell = F.binary_cross_entropy_with_logits(cell_logits[known].float(), target, reduction="none")
+    pos = target.sum()
+    neg = target.numel() - pos
+    loss = (per_cell * (1 - target)).sum() / neg.clamp_min(1)
+    return 0.5 * (loss + (per_cell * target).sum() / pos) if pos > 0 else loss
+
+
 def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
          mean_t: torch.Tensor, std_t: torch.Tensor, device: torch.device, gen: torch.Generator, what: str,
-         rank: int = 0, world: int = 1, distributed: bool = False) -> tuple[nn.Module, int, list[dict]]:
+         rank: int = 0, world: int = 1, distributed: bool = False,
+         masks: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[nn.Module, int, list[dict]]:
     """Train one network (CFG resolved by resolve_config); returns it with the weights of its best validation
-    epoch (on rank 0), that epoch, history."""
+    epoch (on rank 0), that epoch, history. MASKS: the training images' defect masks and which are known
+    (``cfg.mask_weight`` times ``mask_loss`` joins the class loss)."""
     c = x_train.shape[1]
     model = build_model(cfg.arch, in_chans=c, num_classes=2, pretrained=cfg.pretrained,
                         pretrained_file=cfg.pretrained_file, input_norm=cfg.input_norm, pool=cfg.pool)
     if cfg.init:
         init_weights(model, cfg.init, cfg.arch, c)
     model = model.to(device).to(memory_format=torch.channels_last)
+    ema = None
+    if cfg.ema:   # copies the network before any mask head hooks onto it
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=False)
     net: nn.Module = model
+    if masks is not None:
+        net = with_mask_head(model, cfg.arch, c, cfg.img_size)
+    trained = net
     if distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     n_bad, n_good = int((y_train == 1).sum()), int((y_train == 0).sum())
     class_w = torch.tensor([len(y_train) / (2 * n_good), len(y_train) / (2 * n_bad)], device=device) \
@@ -296,18 +382,13 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     draw_w = background_balance_weights(y_train, border_level(x_train), BG_BINS, BG_CAP) if cfg.balance == "background" else None
     n_epoch = epoch_samples(len(y_train), cfg.epoch_size)
     steps_per_epoch = max(1, math.ceil(n_epoch / (cfg.batch_size * world)))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.15)
     _log(f"training {cfg.arch} ({cfg.color}, {cfg.img_size}px) on {device}, world {world}: "
          f"train {len(y_train)} ({n_good} good / {n_bad} bad), {n_epoch} samples an epoch, {what}", rank)
 
     total_steps = cfg.epochs * steps_per_epoch
-    ema = None
-    if cfg.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=False)
     scored = ema.module if ema is not None else model   # the weights validated, selected and saved
     best_score, best_state, best_epoch, history = (math.inf, math.inf, math.inf), None, -1, []
     stale = 0
@@ -330,11 +411,19 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 continue
             xb = torch.from_numpy(x_train[idx]).to(device).float() / 255.0
             yb = torch.from_numpy(y_train[idx]).to(device)
-            xb = augment(xb, cfg.aug.at_strength(cfg.aug.strength((epoch * steps_per_epoch + step) / total_steps)), gen,
-                         labels=yb)
+            aug = cfg.aug.at_strength(cfg.aug.strength((epoch * steps_per_epoch + step) / total_steps))
+            if masks is None:
+                xb = augment(xb, aug, gen, labels=yb)
+            else:
+                mb = torch.from_numpy(masks[0][idx]).to(device).float() / 255.0
+                xb, mb = augment(xb, aug, gen, labels=yb, masks=mb)
             xb = ((xb - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
-            per_sample = F.cross_entropy(net(xb), yb, reduction="none")
+            out = net(xb)
+            logits = out[0] if masks is not None else out
+            per_sample = F.cross_entropy(logits, yb, reduction="none")
             loss = (per_sample * class_w[yb]).sum() / class_w[yb].sum() if class_w is not None else per_sample.mean()
+            if masks is not None:
+                loss = loss + cfg.mask_weight * mask_loss(out[1], mb, torch.from_numpy(masks[1][idx]).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -381,6 +470,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
         if stop.item():
             _log(f"early stop: no better validation score for {cfg.patience} epochs", rank)
             break
+    if isinstance(trained, MaskHead):
+        trained.remove()
     if rank == 0:
         model.load_state_dict(best_state)
     return model, best_epoch, history
@@ -476,8 +567,10 @@ def train(cfg: TrainConfig) -> dict:
     mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, c, 1, 1)
 
+    masks = (data.masks[train_idx], data.mask_known[train_idx]) if data.masks is not None else None
     model, best_epoch, history = _fit(cfg, x_train, y_train, images[val_idx], labels[val_idx], mean_t, std_t, device,
-                                      gen, f"val {len(val_idx)}, test {len(test_idx)}", rank, world, distributed)
+                                      gen, f"val {len(val_idx)}, test {len(test_idx)}", rank, world, distributed,
+                                      masks)
     summary: dict = {}
     if rank == 0:
         summary = _save_single(cfg, model, data, mean, std, {"train": train_idx, "val": val_idx, "test": test_idx},
@@ -541,7 +634,9 @@ def train_folds(cfg: TrainConfig) -> dict:
         parts = {"train": pool[tr_pos].tolist(), "val": pool[val_pos].tolist(), "test": test_idx}
         model, best_epoch, history = _fit(cfg, images[parts["train"]], labels[parts["train"]], images[parts["val"]],
                                           labels[parts["val"]], mean_t, std_t, device, gen,
-                                          f"fold {k + 1}/{cfg.folds}: val {len(val_pos)}, test {len(test_idx)}")
+                                          f"fold {k + 1}/{cfg.folds}: val {len(val_pos)}, test {len(test_idx)}",
+                                          masks=(data.masks[parts["train"]], data.mask_known[parts["train"]])
+                                          if data.masks is not None else None)
         oof_logits[val_pos] = predict_logits(with_tta(model, cfg.tta), images[parts["val"]], mean_t, std_t, device)
         s = _save_single(cfg, model, data, mean, std, parts, out / f"fold_{k}", device, 1, t0, best_epoch, history,
                          {"fold": k, "folds": cfg.folds, "ensemble": out.name})

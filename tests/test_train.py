@@ -258,3 +258,107 @@ def test_hard_share_out_of_range_is_a_clear_error(tiny_data, tmp_path):
 
     with pytest.raises(DefectclsError, match="--hard-share"):
         train(_tiny_cfg(tiny_data, tmp_path / "m", hard_share=1.5))
+
+
+@pytest.fixture(scope="module")
+def masked_data(tmp_path_factory) -> Path:
+    """24 good and 12 bad synthetic parts (96 px) with their defect masks in masks/."""
+    from defectcls.synth import generate
+
+    out = tmp_path_factory.mktemp("masked")
+    generate(out, n_good=24, n_bad=12, seed=3, size=96, masks=True)
+    return out
+
+
+def test_load_masks_reads_bad_masks_and_marks_the_missing_unknown(masked_data, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from defectcls.data import fit_square, load_masks, scan_folder
+    from defectcls.errors import DefectclsError
+
+    masks_dir = tmp_path / "masks"
+    shutil.copytree(masked_data / "masks", masks_dir)
+    (masks_dir / "bad_00001.png").unlink()
+    Image.new("L", (50, 50)).save(masks_dir / "bad_00002.png")       # not the image's size
+    samples = scan_folder(masked_data)
+    m, known, problems = load_masks(samples, masks_dir, 32)
+    names = [Path(s.path).name for s in samples]
+    assert m.shape == (len(samples), 1, 32, 32) and m.dtype == np.uint8
+    for i, s in enumerate(samples):
+        if s.label == 0:
+            assert known[i] and m[i].max() == 0
+    unknown = {names[i] for i in np.flatnonzero(~known)}
+    assert unknown == {"bad_00001.png", "bad_00002.png"} and len(problems) == 2
+    assert any("50x50" in why for _, why in problems)
+    i = names.index("bad_00000.png")
+    raw = np.asarray(Image.open(masked_data / "masks" / "bad_00000.png")) > 0
+    assert m[i].max() == 255 and np.array_equal(m[i, 0], fit_square(np.where(raw, 255, 0).astype(np.uint8), 32))
+    with pytest.raises(DefectclsError, match="mask folder not found"):
+        load_masks(samples, tmp_path / "nowhere", 32)
+
+
+def test_mask_loss_rewards_cells_that_fire_where_the_defect_is():
+    import torch
+
+    from defectcls.train import mask_loss
+
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[0, 0, 2:4, 10:12] = 1.0                    # one defect, in cell (0, 2) of a 4 x 4 grid
+    known = torch.tensor([True, True])
+    right = torch.full((2, 1, 4, 4), -6.0)
+    right[0, 0, 0, 2] = 6.0
+    wrong = torch.full((2, 1, 4, 4), -6.0)
+    wrong[0, 0, 3, 0] = 6.0
+    assert float(mask_loss(right, masks, known)) < 0.01 < 1.0 < float(mask_loss(wrong, masks, known))
+    # the one positive cell weighs as much as the 31 negative ones
+    silent = torch.full((2, 1, 4, 4), -6.0)
+    assert float(mask_loss(silent, masks, known)) == pytest.approx(0.5 * 6.0, abs=0.01)
+    logits = torch.zeros(2, 1, 4, 4, requires_grad=True)
+    none = mask_loss(logits, masks, torch.tensor([False, False]))
+    none.backward()
+    assert float(none.detach()) == 0.0 and float(logits.grad.abs().sum()) == 0.0
+
+
+def test_training_with_masks_learns_beside_the_class_and_saves_the_plain_network(masked_data, tmp_path):
+    from defectcls.cli import main
+    from defectcls.errors import DefectclsError
+    from defectcls.models import load_model_dir
+
+    plain, masked = tmp_path / "plain", tmp_path / "masked"
+    train(_tiny_cfg(masked_data, plain, epochs=2, tta=1))
+    rc = main(["train", "--data", str(masked_data), "--out", str(masked), "--arch", "mobilenet_v3_small",
+               "--epochs", "2", "--img-size", "32", "--batch-size", "16", "--epoch-size", "0", "--tta", "1",
+               "--workers", "1", "--no-cache", "--json", "--masks", str(masked_data / "masks"), "--mask-weight", "2"])
+    assert rc == 0
+    config = json.loads((masked / "card.json").read_text())["train"]["config"]
+    assert config["masks"] == str(masked_data / "masks") and config["mask_weight"] == 2.0
+    a, _ = load_model_dir(plain)
+    b, _ = load_model_dir(masked)
+    assert a.state_dict().keys() == b.state_dict().keys()   # the mask head is not saved
+    diff = max(float((p - q).abs().max().detach()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert diff > 1e-4                                        # same seed and data: only the mask loss differs
+    with pytest.raises(DefectclsError, match="--frame full"):
+        train(_tiny_cfg(masked_data, tmp_path / "x", masks=str(masked_data / "masks"), frame="part"))
+    with pytest.raises(DefectclsError, match="--mask-weight"):
+        train(_tiny_cfg(masked_data, tmp_path / "x", masks=str(masked_data / "masks"), mask_weight=0))
+    empty = tmp_path / "empty_masks"
+    empty.mkdir()
+    with pytest.raises(DefectclsError, match="no bad image has a usable mask"):
+        train(_tiny_cfg(masked_data, tmp_path / "x", masks=str(empty)))
+
+
+def test_mask_head_reads_the_cam_layer_and_leaves_no_hook_behind():
+    import torch
+
+    from defectcls.models import build_model, cam_target_layer
+    from defectcls.train import with_mask_head
+
+    model = build_model("mobilenet_v3_small", in_chans=1, num_classes=2)
+    layer = cam_target_layer(model, "mobilenet_v3_small")
+    head = with_mask_head(model, "mobilenet_v3_small", 1, 64)
+    assert len(layer._forward_hooks) == 1
+    logits, cells = head(torch.rand(3, 1, 64, 64))
+    assert logits.shape == (3, 2) and cells.shape == (3, 1, 2, 2)
+    assert head.remove() is model and not layer._forward_hooks
+    assert not any(m._forward_hooks for m in model.modules())
