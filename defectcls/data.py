@@ -583,10 +583,10 @@ def load_masks(samples: Sequence[Sample], mask_dir: str | os.PathLike, size: int
                ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Defect masks at working size for SAMPLES (whole-photo framing, as ``fit_square``).
 
-    A bad image's mask is MASK_DIR/<its file name> (``defectcls synth --masks`` writes them), non-zero
-    where the defect is, of the image's own size; a good image's mask is empty. Returns (uint8 N x 1 x S x S,
-    known: bool N, [(path, reason)] of bad images whose mask is missing, unreadable or of another size);
-    those are marked unknown and train without the mask loss.
+    A bad image's mask is MASK_DIR/<its file name>, or the same name ending in .png (``defectcls synth
+    --masks`` writes them), non-zero where the defect is, of the image's own size; a good image's mask
+    is empty. Returns (uint8 N x 1 x S x S, known: bool N, [(path, reason)] of bad images whose mask is
+    missing, unreadable or of another size); those are marked unknown and train without the mask loss.
     """
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
@@ -598,6 +598,8 @@ def load_masks(samples: Sequence[Sample], mask_dir: str | os.PathLike, size: int
         if s.label != 1:
             continue
         path = mask_dir / Path(s.path).name
+        if not path.is_file():   # a JPEG photo's mask is usually a PNG of the same name
+            path = path.with_suffix(".png") if path.with_suffix(".png").is_file() else path
         try:
             if not path.is_file():
                 raise ImageLoadError("no mask")

@@ -296,6 +296,12 @@ def test_load_masks_reads_bad_masks_and_marks_the_missing_unknown(masked_data, t
     assert m[i].max() == 255 and np.array_equal(m[i, 0], fit_square(np.where(raw, 255, 0).astype(np.uint8), 32))
     with pytest.raises(DefectclsError, match="mask folder not found"):
         load_masks(samples, tmp_path / "nowhere", 32)
+    # a JPEG photo finds the PNG mask of its name
+    from defectcls.data import Sample
+
+    Image.open(masked_data / "bad" / "bad_00000.png").convert("RGB").save(tmp_path / "bad_00000.jpg", quality=95)
+    m_jpg, known_jpg, _ = load_masks([Sample(str(tmp_path / "bad_00000.jpg"), 1)], masks_dir, 32)
+    assert known_jpg[0] and np.array_equal(m_jpg[0], m[i])
 
 
 def test_mask_loss_rewards_cells_that_fire_where_the_defect_is():
