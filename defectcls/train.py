@@ -21,7 +21,18 @@ from .augment import augment
 from .config import TrainConfig, resolve_device, seed_everything
 from .errors import DefectclsError
 from .evaluate import choose_threshold, compute_metrics, fit_temperature, fpr_at_fnr, prob_bad_from_logits
-from .models import INPUT_NORMS, POOLS, TTA_VIEWS, ModelCard, build_model, read_card, save_model_dir, with_tta
+from .models import (
+    INPUT_NORMS,
+    POOLS,
+    TTA_VIEWS,
+    ModelCard,
+    build_model,
+    cam_offset,
+    cam_target_layer,
+    read_card,
+    save_model_dir,
+    with_tta,
+)
 
 SPLIT_FILE = "split.json"
 
@@ -322,8 +333,6 @@ class MaskHead(nn.Module):
 
 def with_mask_head(model: nn.Module, arch: str, in_chans: int, img_size: int) -> MaskHead:
     """``MaskHead`` on MODEL's Grad-CAM layer (its channels read from one forward pass)."""
-    from .models import cam_target_layer
-
     layer = cam_target_layer(model, arch)
     seen: list[torch.Tensor] = []
     hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
@@ -337,13 +346,30 @@ def with_mask_head(model: nn.Module, arch: str, in_chans: int, img_size: int) ->
     return MaskHead(model, layer, seen[0].shape[1]).to(dev)
 
 
-def mask_loss(cell_logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """Class-balanced binary cross-entropy of the cells (N x 1 x h x w) against MASKS (N x 1 x H x W, in [0, 1]):
-    a cell is a defect cell when any of its pixels is at least a tenth covered. Positive and negative cells of
-    the images whose mask is KNOWN weigh half each; 0 when no mask is known in the batch."""
+def cell_targets(masks: torch.Tensor, cells: tuple[int, int], offset: tuple[float, float] = (0.0, 0.0)
+                 ) -> torch.Tensor:
+    """Which of the CELLS (h, w) of a feature map hold a defect of MASKS (N x 1 x H x W, in [0, 1]): a cell
+    does when any pixel of the window it looks at is at least a tenth covered.
+
+    Cell i looks at a window of H / h pixels centred OFFSET (``models.cam_offset``: 15.5 pixels for
+    MobileNets and ResNets) up and left of the window of the usual grid, so the masks are moved down and
+    right by OFFSET before the grid's maxima are taken.
+    """
+    h, w = masks.shape[-2:]
+    dy, dx = round(offset[0]), round(offset[1])
+    shifted = F.pad(masks, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)))
+    shifted = shifted[..., max(-dy, 0):max(-dy, 0) + h, max(-dx, 0):max(-dx, 0) + w]
+    return (F.adaptive_max_pool2d(shifted, cells) >= 0.1).float()
+
+
+def mask_loss(cell_logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor,
+              offset: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """Class-balanced binary cross-entropy of the cells (N x 1 x h x w) against MASKS (N x 1 x H x W, in [0, 1])
+    read by ``cell_targets`` with OFFSET. Positive and negative cells of the images whose mask is KNOWN weigh
+    half each; 0 when no mask is known in the batch."""
     if not bool(known.any()):
         return cell_logits.sum() * 0.0
-    target = (F.adaptive_max_pool2d(masks[known], cell_logits.shape[-2:]) >= 0.1).float()
+    target = cell_targets(masks[known], cell_logits.shape[-2:], offset)
     per_cell = F.binary_cross_entropy_with_logits(cell_logits[known].float(), target, reduction="none")
     pos = target.sum()
     neg = target.numel() - pos
@@ -372,6 +398,7 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     net: nn.Module = model
     if masks is not None:
         net = with_mask_head(model, cfg.arch, c, cfg.img_size)
+        cell_offset = cam_offset(cfg.arch)
     trained = net
     if distributed:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -423,7 +450,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
             per_sample = F.cross_entropy(logits, yb, reduction="none")
             loss = (per_sample * class_w[yb]).sum() / class_w[yb].sum() if class_w is not None else per_sample.mean()
             if masks is not None:
-                loss = loss + cfg.mask_weight * mask_loss(out[1], mb, torch.from_numpy(masks[1][idx]).to(device))
+                loss = loss + cfg.mask_weight * mask_loss(out[1], mb, torch.from_numpy(masks[1][idx]).to(device),
+                                                          cell_offset)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -326,6 +326,30 @@ def test_mask_loss_rewards_cells_that_fire_where_the_defect_is():
     assert float(none.detach()) == 0.0 and float(logits.grad.abs().sum()) == 0.0
 
 
+def test_cell_targets_read_the_window_each_cell_looks_at():
+    """MobileNet and ResNet cells look 15.5 px up-left of the usual grid: a defect there belongs to them."""
+    import torch
+
+    from defectcls.models import cam_offset
+    from defectcls.train import cell_targets
+
+    off = cam_offset("mobilenet_v3_small")
+    assert off == (15.5, 15.5)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, 0, 20:28, 20:28] = 1.0        # around pixel 24: cell (1, 1)'s window is 16-48 with the offset
+    masks[1, 0, 0:6, 40:46] = 1.0          # top edge, right: cell (0, 1) either way
+    on_grid = cell_targets(masks, (2, 2))
+    seen = cell_targets(masks, (2, 2), off)
+    assert on_grid[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    assert seen[0, 0].tolist() == [[0.0, 0.0], [0.0, 1.0]]
+    assert on_grid[1, 0].tolist() == seen[1, 0].tolist() == [[0.0, 1.0], [0.0, 0.0]]
+    # an offset the other way moves the windows down-right
+    assert cell_targets(masks[:1], (2, 2), (-16.0, -16.0))[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    low = torch.zeros(1, 1, 64, 64)
+    low[0, 0, 50:54, 50:54] = 1.0
+    assert cell_targets(low, (2, 2), (-16.0, -16.0))[0, 0].tolist() == [[0.0, 0.0], [0.0, 1.0]]
+
+
 def test_training_with_masks_learns_beside_the_class_and_saves_the_plain_network(masked_data, tmp_path):
     from defectcls.cli import main
     from defectcls.errors import DefectclsError
