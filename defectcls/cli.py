@@ -110,7 +110,7 @@ def _add_train(sub) -> None:
                         "loss, so rare defects the network still misses are seen more often; 0: off")
     p.add_argument("--masks", metavar="DIR",
                    help="defect masks named like the bad images (`defectcls synth --masks` writes DATA/masks): a "
-                        "second loss teaches the last feature map where each defect is, faint ones included")
+                        "second loss teaches the last feature map (the Grad-CAM layer) where each defect is")
     p.add_argument("--mask-weight", type=float, default=d.mask_weight, metavar="W",
                    help="weight of the mask loss beside the class loss (with --masks)")
     p.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (download or torch cache)")

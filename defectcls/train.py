@@ -306,8 +306,8 @@ class MaskHead(nn.Module):
     """MODEL plus a 1x1 convolution on its last feature map (the Grad-CAM layer) that tells, cell by cell,
     whether a defect lies there; ``forward`` returns (class logits, cell logits N x 1 x h x w).
 
-    Trained beside the class loss when defect masks are known (``--masks``), it makes the features the
-    classifier pools fire where every defect is, the faint ones beside an obvious one included; only
+    Trained beside the class loss when defect masks are known (``--masks``), it asks the features the
+    classifier pools to tell where every defect is, not only enough of them to call the part bad; only
     MODEL is saved (``remove`` detaches the hook).
     """
 

@@ -94,12 +94,14 @@ def test_extra_labels_override_and_add(tmp_path, tiny_data):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path, tiny_data):
-    """The same loop under torchrun: 2 processes, gloo, one model directory written by rank 0."""
+def test_ddp_two_cpu_processes(tmp_path, masked_data):
+    """The same loop under torchrun: 2 processes, gloo, one model directory written by rank 0 (the mask
+    head's gradients shared like the network's)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DEFECTCLS_CACHE_DIR": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "defectcls", "train", "--data", str(tiny_data), "--out", str(out),
+                        "-m", "defectcls", "train", "--data", str(masked_data), "--out", str(out),
+                        "--masks", str(masked_data / "masks"),
                         "--arch", "mobilenet_v3_small", "--epochs", "2", "--img-size", "32", "--batch-size", "8",
                         "--epoch-size", "128", "--hard-share", "0.3",
                         "--device", "cpu", "--json"], capture_output=True, text=True, env=env,
@@ -107,6 +109,7 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_data):
     assert r.returncode == 0, r.stderr[-3000:]
     card = json.loads((out / "card.json").read_text())
     assert card["train"]["world_size"] == 2 and len(card["train"]["history"]) == 2
+    assert card["train"]["config"]["masks"] == str(masked_data / "masks")
     # 128 samples an epoch over 2 ranks of 8: the small training part repeated, 8 steps on each rank
     assert card["train"]["epoch_samples"] == 128 and [h["steps"] for h in card["train"]["history"]] == [8, 8]
     summary = json.loads(r.stdout)   # --json: stdout is the one result object, progress went to stderr
