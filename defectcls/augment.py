@@ -82,18 +82,14 @@ def geometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, masks: torch.
     # sampling is linear: zero padding of (x - c), plus c, fills uncovered pixels with c; one pass over the
     # batch is cheaper than gathering the constant-filled images apart, so the others are sampled again
     out = F.grid_sample(x - c, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + c
+    m = None if masks is None else F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     for pick, mode in ((border, "border"), (reflect, "reflection")):
         idx = pick.nonzero().flatten()
         if len(idx):
             out[idx] = F.grid_sample(x[idx], grid[idx], mode="bilinear", padding_mode=mode, align_corners=False)
-    if masks is None:
-        return out
-    m = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    for pick, mode in ((border, "border"), (reflect, "reflection")):
-        idx = pick.nonzero().flatten()
-        if len(idx):
-            m[idx] = F.grid_sample(masks[idx], grid[idx], mode="bilinear", padding_mode=mode, align_corners=False)
-    return out, m
+            if m is not None:
+                m[idx] = F.grid_sample(masks[idx], grid[idx], mode="bilinear", padding_mode=mode, align_corners=False)
+    return out if m is None else (out, m)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
