@@ -100,6 +100,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
                              "a network keeps the framing it learned")
     if cfg.masks and frame == "part":
         raise DefectclsError("--masks needs --frame full: the masks are drawn on the whole photo")
+    if cfg.masks and not Path(cfg.masks).is_dir():   # before the photos are decoded, not after
+        raise DefectclsError(f"mask folder not found: {cfg.masks}")
     return replace(cfg, input_norm=norm, pool=pool, frame=frame)
 
 

@@ -375,6 +375,8 @@ def test_training_with_masks_learns_beside_the_class_and_saves_the_plain_network
         train(_tiny_cfg(masked_data, tmp_path / "x", masks=str(masked_data / "masks"), frame="part"))
     with pytest.raises(DefectclsError, match="--mask-weight"):
         train(_tiny_cfg(masked_data, tmp_path / "x", masks=str(masked_data / "masks"), mask_weight=0))
+    with pytest.raises(DefectclsError, match="mask folder not found"):
+        train(_tiny_cfg(masked_data, tmp_path / "x", masks=str(tmp_path / "nowhere")))
     empty = tmp_path / "empty_masks"
     empty.mkdir()
     with pytest.raises(DefectclsError, match="no bad image has a usable mask"):
