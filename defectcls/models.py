@@ -401,7 +401,8 @@ def cam_offset(arch: str) -> tuple[float, float]:
 def _probe_cam_offset(arch: str) -> tuple[float, float]:
     from torchvision.ops.misc import SqueezeExcitation
 
-    model = build_model(arch, in_chans=1, num_classes=2)
+    with torch.random.fork_rng(devices=[]):   # the weights are set below: leave the caller's random draws alone
+        model = build_model(arch, in_chans=1, num_classes=2)
     linear = nn.BatchNorm2d | nn.Dropout | nn.ReLU | nn.ReLU6 | nn.Hardswish | nn.Hardsigmoid | nn.SiLU | nn.Sigmoid
     for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):

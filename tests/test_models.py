@@ -243,6 +243,16 @@ def test_cam_offset_probe_runs_under_a_callers_inference_mode():
         assert M.cam_offset.__wrapped__("mobilenet_v3_small") == (15.5, 15.5)   # uncached: the probe itself
 
 
+def test_cam_offset_probe_leaves_the_callers_random_draws_alone():
+    """Training asks for the offset once per process: the probe must not move the seeded draws that follow,
+    or a second training in the same process would draw differently from the first."""
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    M.cam_offset.__wrapped__("mobilenet_v3_small")
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_squeezenet_head_can_output_negative_logits():
     """torchvision's SqueezeNet ends in ReLU; a 2-class head that can only output >= 0 dies from scratch."""
     import torch
