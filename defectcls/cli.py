@@ -100,6 +100,10 @@ def _add_train(sub) -> None:
     p.add_argument("--target-fnr", type=float, default=d.target_fnr, help="FNR the threshold must meet on new parts")
     p.add_argument("--threshold-method", choices=["conformal", "empirical"], default=d.threshold_method)
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="wall-clock budget of the training loop: no epoch starts that would end past it (at the "
+                        "mean epoch length so far); the best epoch is kept. The schedule still spans --epochs. "
+                        "Ctrl-C or SIGTERM also stop the loop and save the best epoch so far")
     p.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
                    help="validate and keep an exponential moving average of the weights (e.g. 0.995); 0: off")
     p.add_argument("--balance", choices=["loss", "sampler", "background", "none"], default=d.balance,
@@ -178,7 +182,8 @@ def _run_train(a) -> int:
 
     cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, epoch_size=a.epoch_size, img_size=a.img_size,
                       batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, device=a.device,
-                      target_fnr=a.target_fnr, threshold_method=a.threshold_method, patience=a.patience, ema=a.ema,
+                      target_fnr=a.target_fnr, threshold_method=a.threshold_method, patience=a.patience,
+                      max_minutes=a.max_minutes, ema=a.ema,
                       balance=a.balance, hard_share=a.hard_share, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
                       folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,

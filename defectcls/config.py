@@ -138,6 +138,8 @@ class TrainConfig:
     target_fnr: float = 0.0            # 0: no missed defect (threshold under every validation bad part)
     threshold_method: str = "conformal"
     patience: int = 6
+    max_minutes: float | None = None  # wall-clock budget of the training loop: no epoch starts that would, at the
+                                      # mean epoch length so far, end past it; the best epoch is kept
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     balance: str = "loss"             # loss | sampler | background | none
     hard_share: float = 0.25          # share of each epoch (after the first) drawn again by the photos' recent

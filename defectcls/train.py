@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,6 +83,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise DefectclsError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if not 0.0 <= cfg.ema < 1.0:
         raise DefectclsError(f"--ema must be a decay in [0, 1) (0: off), got {cfg.ema}")
+    if cfg.max_minutes is not None and not cfg.max_minutes > 0:
+        raise DefectclsError(f"--max-minutes must be > 0, got {cfg.max_minutes}")
     if cfg.epoch_size < 0:
         raise DefectclsError(f"--epoch-size must be >= 0 (0: one pass over the training set), got {cfg.epoch_size}")
     if not 0 <= cfg.hard_share < 1:
@@ -379,6 +384,32 @@ def mask_loss(cell_logits: torch.Tensor, masks: torch.Tensor, known: torch.Tenso
     return 0.5 * (loss + (per_cell * target).sum() / pos) if pos > 0 else loss
 
 
+class _Interrupt:
+    hit = False
+
+
+@contextlib.contextmanager
+def _interruptible(enabled: bool):
+    """Within the block, Ctrl-C or SIGTERM (``timeout``, a job scheduler) ends the training loop instead of the
+    process: the flag it yields says so, and the caller saves the best epoch so far. Off (a plain block) when
+    ENABLED is false (distributed runs, whose launcher owns the signals) or off the main thread."""
+    flag = _Interrupt()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield flag
+    except KeyboardInterrupt:
+        flag.hit = True
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
          mean_t: torch.Tensor, std_t: torch.Tensor, device: torch.device, gen: torch.Generator, what: str,
          rank: int = 0, world: int = 1, distributed: bool = False,
@@ -422,84 +453,100 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     best_score, best_state, best_epoch, history = (math.inf, math.inf, math.inf), None, -1, []
     stale = 0
     sample_loss = np.full(len(y_train), np.nan)   # running loss of each training photo (hard-example sampling)
-    for epoch in range(cfg.epochs):
-        model.train()
-        perm_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        order = epoch_order(y_train, n_epoch, cfg.balance, perm_gen, cfg.hard_share, sample_loss if epoch else None,
-                            draw_w)
-        order = order[rank::world]
-        bar = range(0, len(order), cfg.batch_size)
-        if cfg.progress and rank == 0:
-            from tqdm import tqdm
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    t_loop = time.perf_counter()
+    with _interruptible(not distributed) as interrupted:
+        for epoch in range(cfg.epochs):
+            model.train()
+            perm_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            order = epoch_order(y_train, n_epoch, cfg.balance, perm_gen, cfg.hard_share, sample_loss if epoch else None,
+                                draw_w)
+            order = order[rank::world]
+            bar = range(0, len(order), cfg.batch_size)
+            if cfg.progress and rank == 0:
+                from tqdm import tqdm
 
-            bar = tqdm(bar, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
-        losses = []
-        for step, i in enumerate(bar):
-            idx = order[i:i + cfg.batch_size].numpy()
-            if len(idx) < 2:  # BatchNorm cannot train on a single sample
-                continue
-            xb = torch.from_numpy(x_train[idx]).to(device).float() / 255.0
-            yb = torch.from_numpy(y_train[idx]).to(device)
-            aug = cfg.aug.at_strength(cfg.aug.strength((epoch * steps_per_epoch + step) / total_steps))
-            if masks is None:
-                xb = augment(xb, aug, gen, labels=yb)
-            else:
-                mb = torch.from_numpy(masks[0][idx]).to(device).float() / 255.0
-                xb, mb = augment(xb, aug, gen, labels=yb, masks=mb)
-            xb = ((xb - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
-            out = net(xb)
-            logits = out[0] if masks is not None else out
-            per_sample = F.cross_entropy(logits, yb, reduction="none")
-            loss = (per_sample * class_w[yb]).sum() / class_w[yb].sum() if class_w is not None else per_sample.mean()
-            if masks is not None:
-                loss = loss + cfg.mask_weight * mask_loss(out[1], mb, torch.from_numpy(masks[1][idx]).to(device),
-                                                          cell_offset)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            if sched.last_epoch + 1 < sched.total_steps:
-                sched.step()
-            losses.append(loss.item())
-            if cfg.hard_share > 0:   # only hard-example sampling reads them: no device->host copy otherwise
-                seen = per_sample.detach().cpu().double().numpy()
-                prev = sample_loss[idx]
-                sample_loss[idx] = np.where(np.isnan(prev), seen, 0.5 * (prev + seen))
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if distributed and cfg.hard_share > 0:   # every rank draws the next epoch from the same losses
-            sample_loss = _merge_sample_loss(sample_loss)
-        stop = torch.zeros(1)
-        if rank == 0:
-            recompute_bn_stats(scored, x_train, mean_t, std_t, device, seed=cfg.seed + epoch)
-            logits = predict_logits(scored, x_val, mean_t, std_t, device)
-            val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val)))
-            prob = prob_bad_from_logits(logits)
-            m = compute_metrics(y_val, prob, 0.5)
-            score = _selection_score(y_val, prob, val_loss, cfg.target_fnr)
-            # an epoch trained on the full augmentation ranges beats any epoch of the ramp (robustness)
-            strength = cfg.aug.strength(((epoch + 1) * steps_per_epoch - 1) / total_steps)
-            ramping = strength < 1.0
-            score = (float(ramping), *score)
-            history.append({"epoch": epoch + 1, "steps": len(losses), "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-                            "val_fnr": m["fnr"], "val_fpr": m["fpr"], "val_auroc": m["auroc"],
-                            "val_fpr_at_target_fnr": score[1], "aug_strength": round(strength, 3)})
-            improved = score < best_score
-            if improved:
-                best_score, best_epoch, stale = score, epoch + 1, 0
-                best_state = copy.deepcopy(scored.state_dict())
-            else:
-                stale += 1
-            _log(f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} | val loss {val_loss:.4f} "
-                 f"FNR {m['fnr']:.3f} FPR {m['fpr']:.3f} AUROC {m['auroc']:.4f} "
-                 f"FPR@FNR<={cfg.target_fnr:g} {score[1]:.3f}{' (aug ramp)' if ramping else ''}{' *' if improved else ''}")
-            stop[0] = float(stale >= cfg.patience and not ramping)
-        if distributed:
-            torch.distributed.broadcast(stop, 0)
-        if stop.item():
-            _log(f"early stop: no better validation score for {cfg.patience} epochs", rank)
-            break
+                bar = tqdm(bar, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+            losses = []
+            for step, i in enumerate(bar):
+                idx = order[i:i + cfg.batch_size].numpy()
+                if len(idx) < 2:  # BatchNorm cannot train on a single sample
+                    continue
+                xb = torch.from_numpy(x_train[idx]).to(device).float() / 255.0
+                yb = torch.from_numpy(y_train[idx]).to(device)
+                aug = cfg.aug.at_strength(cfg.aug.strength((epoch * steps_per_epoch + step) / total_steps))
+                if masks is None:
+                    xb = augment(xb, aug, gen, labels=yb)
+                else:
+                    mb = torch.from_numpy(masks[0][idx]).to(device).float() / 255.0
+                    xb, mb = augment(xb, aug, gen, labels=yb, masks=mb)
+                xb = ((xb - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+                out = net(xb)
+                logits = out[0] if masks is not None else out
+                per_sample = F.cross_entropy(logits, yb, reduction="none")
+                loss = (per_sample * class_w[yb]).sum() / class_w[yb].sum() if class_w is not None else per_sample.mean()
+                if masks is not None:
+                    loss = loss + cfg.mask_weight * mask_loss(out[1], mb, torch.from_numpy(masks[1][idx]).to(device),
+                                                              cell_offset)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                if sched.last_epoch + 1 < sched.total_steps:
+                    sched.step()
+                losses.append(loss.item())
+                if cfg.hard_share > 0:   # only hard-example sampling reads them: no device->host copy otherwise
+                    seen = per_sample.detach().cpu().double().numpy()
+                    prev = sample_loss[idx]
+                    sample_loss[idx] = np.where(np.isnan(prev), seen, 0.5 * (prev + seen))
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if distributed and cfg.hard_share > 0:   # every rank draws the next epoch from the same losses
+                sample_loss = _merge_sample_loss(sample_loss)
+            stop = torch.zeros(1)
+            if rank == 0:
+                recompute_bn_stats(scored, x_train, mean_t, std_t, device, seed=cfg.seed + epoch)
+                logits = predict_logits(scored, x_val, mean_t, std_t, device)
+                val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val)))
+                prob = prob_bad_from_logits(logits)
+                m = compute_metrics(y_val, prob, 0.5)
+                score = _selection_score(y_val, prob, val_loss, cfg.target_fnr)
+                # an epoch trained on the full augmentation ranges beats any epoch of the ramp (robustness)
+                strength = cfg.aug.strength(((epoch + 1) * steps_per_epoch - 1) / total_steps)
+                ramping = strength < 1.0
+                score = (float(ramping), *score)
+                history.append({"epoch": epoch + 1, "steps": len(losses), "train_loss": float(np.mean(losses)),
+                                "val_loss": val_loss, "val_fnr": m["fnr"], "val_fpr": m["fpr"], "val_auroc": m["auroc"],
+                                "val_fpr_at_target_fnr": score[1], "aug_strength": round(strength, 3)})
+                improved = score < best_score
+                if improved:   # the copy first: an interrupt between the two leaves a matching pair
+                    best_state = copy.deepcopy(scored.state_dict())
+                    best_score, best_epoch, stale = score, epoch + 1, 0
+                else:
+                    stale += 1
+                _log(f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} | val loss {val_loss:.4f} "
+                     f"FNR {m['fnr']:.3f} FPR {m['fpr']:.3f} AUROC {m['auroc']:.4f} "
+                     f"FPR@FNR<={cfg.target_fnr:g} {score[1]:.3f}{' (aug ramp)' if ramping else ''}{' *' if improved else ''}")
+                stop[0] = float(stale >= cfg.patience and not ramping)
+                spent = time.perf_counter() - t_loop
+                if not stop[0] and epoch + 1 < cfg.epochs and spent + spent / (epoch + 1) > budget_s:
+                    stop[0] = 2.0   # another epoch of the mean length would overrun --max-minutes
+            if distributed:
+                torch.distributed.broadcast(stop, 0)
+            if stop.item():
+                why = "patience" if stop.item() == 1 else "time budget"
+                if history:
+                    history[-1]["stop"] = why
+                _log(f"early stop: no better validation score for {cfg.patience} epochs" if why == "patience" else
+                     f"stop: another epoch would overrun --max-minutes {cfg.max_minutes:g}; best epoch {best_epoch}",
+                     rank)
+                break
+    if interrupted.hit:
+        if best_state is None:
+            raise DefectclsError("training interrupted before its first epoch was validated: nothing to save")
+        history[-1]["stop"] = "interrupted"
+        _log(f"interrupted in epoch {len(history) + 1}: saving the best epoch so far ({best_epoch})")
     if isinstance(trained, MaskHead):
         trained.remove()
     if rank == 0:
@@ -545,6 +592,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()),
                "data_fingerprint": fingerprint, "seed": cfg.seed, "device": str(device),
                "world_size": world, "best_epoch": best_epoch, "epochs_run": len(history),
+               "stopped": history[-1].get("stop", "completed") if history else "completed",
                "epoch_samples": epoch_samples(len(parts["train"]), cfg.epoch_size),
                "duration_s": round(duration, 1), "history": history, "skipped": [p for p, _ in data.failed],
                "n": {k: len(parts[k]) for k in ("train", "val", "test")}, **(extra_train or {})},
@@ -557,7 +605,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
          f"{'test' if 'test' in metrics else 'val'} FNR {t['fnr']:.4f} FPR {t['fpr']:.4f} AUROC {t['auroc']:.4f} "
          f"ECE {t['ece']:.4f} in {duration:.0f}s")
     return {"out": str(saved), "threshold": thr, "temperature": temperature, "metrics": metrics,
-            "best_epoch": best_epoch, "duration_s": round(duration, 1)}
+            "best_epoch": best_epoch, "stopped": card.train["stopped"], "duration_s": round(duration, 1)}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -673,6 +721,10 @@ def train_folds(cfg: TrainConfig) -> dict:
         member_rows.append({"dir": f"fold_{k}", "best_epoch": best_epoch, "n_train": len(tr_pos), "n_val": len(val_pos),
                             **{f"{part}_{m}": s["metrics"][part][m] for part in s["metrics"] for m in ("fnr", "fpr", "auroc")}})
         members.append(model.eval())
+        if history and history[-1].get("stop") == "interrupted":
+            raise DefectclsError(f"interrupted in fold {k + 1} of {cfg.folds}: the best epochs of folds 1-{k + 1} are "
+                                 f"saved in {out}/fold_*; no ensemble (its threshold needs every fold's "
+                                 "out-of-fold scores)")
 
     ensemble = Ensemble(members, [cfg.arch] * len(members)).to(device)
     temperature = fit_temperature(oof_logits, y_pool)

@@ -185,6 +185,70 @@ def test_small_training_set_is_repeated_up_to_the_epoch_size(tiny_data, tmp_path
     assert [h["steps"] for h in card["train"]["history"]] == [-(-(3 * n_train + 5) // 16)] * 2
 
 
+def test_max_minutes_starts_no_epoch_that_would_overrun_and_keeps_the_best(tiny_data, tmp_path):
+    from defectcls.errors import DefectclsError
+
+    full = train(_tiny_cfg(tiny_data, tmp_path / "full", epochs=2, tta=1, patience=5))
+    t = json.loads((Path(full["out"]) / "card.json").read_text())["train"]
+    assert t["epochs_run"] == 2 and t["stopped"] == "completed"
+    # any first epoch takes longer than a budget of 6e-5 s: the loop ends after it, the model is still saved
+    short = train(_tiny_cfg(tiny_data, tmp_path / "short", epochs=5, tta=1, max_minutes=1e-6))
+    t = json.loads((Path(short["out"]) / "card.json").read_text())["train"]
+    assert t["epochs_run"] == 1 and t["best_epoch"] == 1 and t["stopped"] == "time budget"
+    assert t["history"][-1]["stop"] == "time budget" and t["config"]["max_minutes"] == 1e-6
+    assert (tmp_path / "short" / "model.safetensors").is_file()
+    with pytest.raises(DefectclsError, match="--max-minutes"):
+        train(_tiny_cfg(tiny_data, tmp_path / "x", max_minutes=0))
+
+
+def _sigterm_at_validation(monkeypatch, n: int) -> None:
+    """SIGTERM this process as the Nth validation pass starts (as `timeout` or a scheduler would)."""
+    import signal
+
+    import defectcls.train as T
+
+    calls, real = [0], T.predict_logits
+
+    def predict_logits(*args, **kw):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(T, "predict_logits", predict_logits)
+
+
+def test_sigterm_ends_the_loop_and_saves_the_best_epoch_so_far(tiny_data, tmp_path, monkeypatch):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    _sigterm_at_validation(monkeypatch, 2)   # in epoch 2 of 4
+    out = train(_tiny_cfg(tiny_data, tmp_path / "m", epochs=4, tta=1))["out"]
+    t = json.loads((Path(out) / "card.json").read_text())["train"]
+    assert t["stopped"] == "interrupted" and t["epochs_run"] == 1 and t["best_epoch"] == 1
+    assert (Path(out) / "model.safetensors").is_file() and (Path(out) / "split.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before   # the handler is the training loop's alone
+
+
+def test_sigterm_in_a_fold_saves_that_fold_and_no_ensemble(tiny_data, tmp_path, monkeypatch):
+    from defectcls.errors import DefectclsError
+
+    _sigterm_at_validation(monkeypatch, 2)   # fold 1's second epoch
+    with pytest.raises(DefectclsError, match="interrupted in fold 1 of 2"):
+        train(_tiny_cfg(tiny_data, tmp_path / "m", epochs=3, tta=1, folds=2))
+    assert json.loads((tmp_path / "m" / "fold_0" / "card.json").read_text())["train"]["stopped"] == "interrupted"
+    assert not (tmp_path / "m" / "card.json").exists() and not (tmp_path / "m" / "fold_1").exists()
+
+
+def test_sigterm_before_any_validated_epoch_saves_nothing_and_says_so(tiny_data, tmp_path, monkeypatch):
+    from defectcls.errors import DefectclsError
+
+    _sigterm_at_validation(monkeypatch, 1)
+    with pytest.raises(DefectclsError, match="interrupted before its first epoch"):
+        train(_tiny_cfg(tiny_data, tmp_path / "m", epochs=3, tta=1))
+    assert not (tmp_path / "m" / "card.json").exists()
+
+
 def test_negative_epoch_size_is_a_clear_error(tiny_data, tmp_path):
     from defectcls.errors import DefectclsError
 
