@@ -103,7 +103,7 @@ def _add_train(sub) -> None:
     p.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="wall-clock budget of the training loop: no epoch starts that would end past it (at the "
                         "mean epoch length so far); the best epoch is kept. The schedule still spans --epochs. "
-                        "Ctrl-C or SIGTERM also stop the loop and save the best epoch so far")
+                        "Ctrl-C or SIGTERM also end the loop: the best epoch so far is saved, then exit status 130")
     p.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
                    help="validate and keep an exponential moving average of the weights (e.g. 0.995); 0: off")
     p.add_argument("--balance", choices=["loss", "sampler", "background", "none"], default=d.balance,
@@ -614,6 +614,6 @@ def run_parsed(args: argparse.Namespace) -> int:
     except DefectclsError as exc:
         print(f"defectcls {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"defectcls {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"defectcls {args.command}: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130

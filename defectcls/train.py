@@ -544,7 +544,7 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 break
     if interrupted.hit:
         if best_state is None:
-            raise DefectclsError("training interrupted before its first epoch was validated: nothing to save")
+            raise KeyboardInterrupt("before the first epoch was validated: nothing saved")
         history[-1]["stop"] = "interrupted"
         _log(f"interrupted in epoch {len(history) + 1}: saving the best epoch so far ({best_epoch})")
     if isinstance(trained, MaskHead):
@@ -656,6 +656,8 @@ def train(cfg: TrainConfig) -> dict:
     if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    if summary.get("stopped") == "interrupted":   # saved; a caller (an experiment, the CLI) stops here too
+        raise KeyboardInterrupt(f"the best epoch so far ({best_epoch}) is saved in {summary['out']}")
     return summary
 
 
@@ -722,9 +724,9 @@ def train_folds(cfg: TrainConfig) -> dict:
                             **{f"{part}_{m}": s["metrics"][part][m] for part in s["metrics"] for m in ("fnr", "fpr", "auroc")}})
         members.append(model.eval())
         if history and history[-1].get("stop") == "interrupted":
-            raise DefectclsError(f"interrupted in fold {k + 1} of {cfg.folds}: the best epochs of folds 1-{k + 1} are "
-                                 f"saved in {out}/fold_*; no ensemble (its threshold needs every fold's "
-                                 "out-of-fold scores)")
+            done = ", ".join(f"fold_{i}" for i in range(k + 1))
+            raise KeyboardInterrupt(f"in fold {k + 1} of {cfg.folds}: the best epochs so far are saved in {out} "
+                                    f"({done}); no ensemble (its threshold needs every fold's out-of-fold scores)")
 
     ensemble = Ensemble(members, [cfg.arch] * len(members)).to(device)
     temperature = fit_temperature(oof_logits, y_pool)

@@ -144,6 +144,12 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
     X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
     assert weights.stat().st_mtime_ns != before
     assert json.loads(card_path.read_text())["train"]["epoch_samples"] == 4096
+    before = weights.stat().st_mtime_ns
+    card = json.loads(card_path.read_text())
+    card["train"]["stopped"] = "interrupted"            # a run ended by Ctrl-C is not the run asked for: train again
+    card_path.write_text(json.dumps(card))
+    X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
+    assert weights.stat().st_mtime_ns != before and json.loads(card_path.read_text())["train"]["stopped"] == "completed"
 
 
 def test_sizes_and_caps():

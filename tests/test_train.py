@@ -218,33 +218,36 @@ def _sigterm_at_validation(monkeypatch, n: int) -> None:
     monkeypatch.setattr(T, "predict_logits", predict_logits)
 
 
-def test_sigterm_ends_the_loop_and_saves_the_best_epoch_so_far(tiny_data, tmp_path, monkeypatch):
+def test_sigterm_ends_the_loop_and_saves_the_best_epoch_so_far(tiny_data, tmp_path, monkeypatch, capsys):
     import signal
+
+    from defectcls.cli import main
 
     before = signal.getsignal(signal.SIGTERM)
     _sigterm_at_validation(monkeypatch, 2)   # in epoch 2 of 4
-    out = train(_tiny_cfg(tiny_data, tmp_path / "m", epochs=4, tta=1))["out"]
-    t = json.loads((Path(out) / "card.json").read_text())["train"]
+    out = tmp_path / "m"
+    rc = main(["train", "--data", str(tiny_data), "--out", str(out), "--arch", "mobilenet_v3_small", "--epochs", "4",
+               "--img-size", "32", "--batch-size", "16", "--epoch-size", "0", "--tta", "1", "--workers", "1",
+               "--no-cache", "--json"])
+    assert rc == 130   # saved, and the command (or an experiment around the training) stops there
+    assert f"interrupted: the best epoch so far (1) is saved in {out}" in capsys.readouterr().err
+    t = json.loads((out / "card.json").read_text())["train"]
     assert t["stopped"] == "interrupted" and t["epochs_run"] == 1 and t["best_epoch"] == 1
-    assert (Path(out) / "model.safetensors").is_file() and (Path(out) / "split.json").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "split.json").is_file()
     assert signal.getsignal(signal.SIGTERM) is before   # the handler is the training loop's alone
 
 
 def test_sigterm_in_a_fold_saves_that_fold_and_no_ensemble(tiny_data, tmp_path, monkeypatch):
-    from defectcls.errors import DefectclsError
-
     _sigterm_at_validation(monkeypatch, 2)   # fold 1's second epoch
-    with pytest.raises(DefectclsError, match="interrupted in fold 1 of 2"):
+    with pytest.raises(KeyboardInterrupt, match=r"in fold 1 of 2: the best epochs so far .* \(fold_0\); no ensemble"):
         train(_tiny_cfg(tiny_data, tmp_path / "m", epochs=3, tta=1, folds=2))
     assert json.loads((tmp_path / "m" / "fold_0" / "card.json").read_text())["train"]["stopped"] == "interrupted"
     assert not (tmp_path / "m" / "card.json").exists() and not (tmp_path / "m" / "fold_1").exists()
 
 
 def test_sigterm_before_any_validated_epoch_saves_nothing_and_says_so(tiny_data, tmp_path, monkeypatch):
-    from defectcls.errors import DefectclsError
-
     _sigterm_at_validation(monkeypatch, 1)
-    with pytest.raises(DefectclsError, match="interrupted before its first epoch"):
+    with pytest.raises(KeyboardInterrupt, match="before the first epoch was validated: nothing saved"):
         train(_tiny_cfg(tiny_data, tmp_path / "m", epochs=3, tta=1))
     assert not (tmp_path / "m" / "card.json").exists()
 
