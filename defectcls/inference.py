@@ -36,7 +36,17 @@ from .edge import CAM_NAME, INPUT_NAME, LOGITS_NAME, make_session, session_meta,
 from .errors import DefectclsError, ImageLoadError, ModelLoadError
 from .evaluate import prob_bad_from_logits
 from .explain import CAM_TARGET, cam_split, gradcam_torch
-from .models import ModelCard, check_tta, load_model_dir, model_cam_offset, read_card, unwrap_tta, weights_sha256, with_tta
+from .models import (
+    ModelCard,
+    check_tta,
+    eval_batch,
+    load_model_dir,
+    model_cam_offset,
+    read_card,
+    unwrap_tta,
+    weights_sha256,
+    with_tta,
+)
 
 ImageSource = str | os.PathLike | bytes | np.ndarray
 BACKENDS = ("auto", "torch", "onnx")
@@ -292,9 +302,11 @@ class Predictor:
                 results[j] = self.verdict(float(p), per, {})
         return results
 
-    def logits_cached(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Raw logits (Nx2) for already decoded uint8 NxCxSxS images at the card's size."""
+    def logits_cached(self, images_u8: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Raw logits (Nx2) for already decoded uint8 NxCxSxS images at the card's size (BATCH_SIZE None:
+        ``eval_batch`` for the card's size, views and members)."""
         c = self.card
+        batch_size = batch_size or eval_batch(c.img_size, c.tta, len(c.members or []) or 1)
         out = [self.logits(D.normalize(images_u8[i:i + batch_size], c.mean, c.std))
                for i in range(0, len(images_u8), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(c.labels)), np.float32)

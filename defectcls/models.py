@@ -356,6 +356,15 @@ class DihedralTTA(nn.Module):
         return self.net(dihedral_views(x, self.views)).reshape(self.views, n, -1).mean(dim=0)
 
 
+EVAL_PIXELS = 64 * 224 * 224   # pixels one scoring batch pushes through a network: 64 photos at 224 px, one view
+
+
+def eval_batch(img_size: int, views: int = 1, members: int = 1) -> int:
+    """Photos per scoring batch: the views and members a photo expands to share EVAL_PIXELS, so that a large
+    input with 8 views (448 px: 2 photos a batch) needs no more memory than 64 photos at 224 px."""
+    return max(1, EVAL_PIXELS // (max(1, views) * max(1, members) * img_size * img_size))
+
+
 def with_tta(model: nn.Module, views: int) -> nn.Module:
     """MODEL answering with the mean over VIEWS test-time views (MODEL itself for 1)."""
     return model if check_tta(views) == 1 else DihedralTTA(model, views)

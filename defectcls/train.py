@@ -28,12 +28,16 @@ from .models import (
     INPUT_NORMS,
     POOLS,
     TTA_VIEWS,
+    DihedralTTA,
+    Ensemble,
     ModelCard,
     build_model,
     cam_offset,
     cam_target_layer,
+    eval_batch,
     read_card,
     save_model_dir,
+    unwrap_tta,
     with_tta,
 )
 
@@ -61,9 +65,13 @@ def to_input(batch_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images_u8: np.ndarray, mean: torch.Tensor, std: torch.Tensor,
-                   device: torch.device, batch_size: int = 64) -> np.ndarray:
-    """Logits for cached uint8 images, no augmentation."""
+                   device: torch.device, batch_size: int | None = None) -> np.ndarray:
+    """Logits for cached uint8 images, no augmentation (BATCH_SIZE None: ``eval_batch`` for the size and views)."""
     model.eval()
+    if batch_size is None:
+        views = model.views if isinstance(model, DihedralTTA) else 1
+        members = len(unwrap_tta(model).members) if isinstance(unwrap_tta(model), Ensemble) else 1
+        batch_size = eval_batch(images_u8.shape[-1], views, members)
     out = []
     for i in range(0, len(images_u8), batch_size):
         x = to_input(torch.from_numpy(images_u8[i:i + batch_size]).to(device), mean, std)

@@ -109,6 +109,32 @@ def test_batch_equals_single(varied, files, tmp_path, backend):
         assert r.label == single.label and abs(r.prob_bad - single.prob_bad) <= 1e-5
 
 
+def test_scoring_batches_share_a_pixel_budget(varied, files, monkeypatch):
+    """Views and members count against one batch's pixels (64 photos at 224 px), so a 448 px model with 8 views
+    scores 2 photos a batch instead of 512 views at once; the answers do not depend on the batch."""
+    from defectcls import data as D
+    from defectcls.models import eval_batch
+
+    assert (eval_batch(224), eval_batch(448, 8), eval_batch(160, 8, 5), eval_batch(4096, 8)) == (64, 2, 3, 1)
+    pred = Predictor(varied, device="cpu", backend="torch")
+    images, ok, _ = D.decode_all([D.Sample(str(f), 0) for f in files], 64, "gray", workers=1, use_disk_cache=False)
+    images = images[ok]
+    sizes = []
+    real = pred.logits
+
+    def logits(x):
+        sizes.append(len(x))
+        return real(x)
+
+    monkeypatch.setattr(pred, "logits", logits)
+    monkeypatch.setattr(pred.card, "tta", 8)         # as if the card said 448 px and 8 views (the photos
+    monkeypatch.setattr(pred.card, "img_size", 448)  # themselves stay at 64 px): 2 photos a batch
+    whole = pred.logits_cached(images, batch_size=len(images))
+    sizes.clear()
+    parts = pred.logits_cached(images)
+    assert len(images) == 12 and sizes == [2] * 6 and np.allclose(parts, whole, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_threads_get_their_own_answers(varied, files, backend):
     pred = Predictor(varied, device="cpu", backend=backend)
