@@ -83,9 +83,8 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
         cfg.img_size = img_size
     want = {k: v for k, v in _norm(resolve_config(cfg).to_dict()).items() if k in _SAME_RUN}
     want["data"] = os.path.realpath(want["data"])
-    if reuse and (Path(out) / "card.json").is_file() and \
-            (read_card(out).train or {}).get("stopped") != "interrupted":   # an interrupted run is trained again
-        card = read_card(out)
+    card = read_card(out) if reuse and (Path(out) / "card.json").is_file() else None
+    if card is not None and (card.train or {}).get("stopped") != "interrupted":   # an interrupted run: train again
         have = {k: v for k, v in (card.train or {}).get("config", {}).items() if k in _SAME_RUN}
         have["data"] = os.path.realpath(have.get("data", ""))
         have["input_norm"] = card.input_norm

@@ -69,9 +69,9 @@ def predict_logits(model: nn.Module, images_u8: np.ndarray, mean: torch.Tensor, 
     """Logits for cached uint8 images, no augmentation (BATCH_SIZE None: ``eval_batch`` for the size and views)."""
     model.eval()
     if batch_size is None:
-        views = model.views if isinstance(model, DihedralTTA) else 1
-        members = len(unwrap_tta(model).members) if isinstance(unwrap_tta(model), Ensemble) else 1
-        batch_size = eval_batch(images_u8.shape[-1], views, members)
+        net = unwrap_tta(model)
+        batch_size = eval_batch(images_u8.shape[-1], model.views if isinstance(model, DihedralTTA) else 1,
+                                len(net.members) if isinstance(net, Ensemble) else 1)
     out = []
     for i in range(0, len(images_u8), batch_size):
         x = to_input(torch.from_numpy(images_u8[i:i + batch_size]).to(device), mean, std)
