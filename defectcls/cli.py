@@ -604,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import tune_malloc
+
+    tune_malloc()
     return run_parsed(build_parser().parse_args(argv))
 
 

@@ -139,3 +139,14 @@ def test_aug_set_changes_single_ranges_and_refuses_unknown_ones(tmp_path, tiny_d
     assert aug["brightness"] == 0.3 and aug["gamma"] == 0.45 and aug["contrast"] == 0.35
     assert main(["train", "--data", str(tiny_data), "--out", str(out), "--aug-set", "fog=1"]) == 2
     assert "--aug-set 'fog=1'" in capsys.readouterr().err
+
+
+def test_commands_keep_freed_memory_on_glibc(monkeypatch):
+    """Large tensors are not handed back to the kernel after each batch (Linux with glibc); off on request."""
+    import platform
+
+    from defectcls.config import tune_malloc
+
+    assert tune_malloc() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("DEFECTCLS_MALLOC", "default")
+    assert tune_malloc() is False
