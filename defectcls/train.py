@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -392,16 +393,12 @@ def mask_loss(cell_logits: torch.Tensor, masks: torch.Tensor, known: torch.Tenso
     return 0.5 * (loss + (per_cell * target).sum() / pos) if pos > 0 else loss
 
 
-class _Interrupt:
-    hit = False
-
-
 @contextlib.contextmanager
 def _interruptible(enabled: bool):
     """Within the block, Ctrl-C or SIGTERM (``timeout``, a job scheduler) ends the training loop instead of the
     process: the flag it yields says so, and the caller saves the best epoch so far. Off (a plain block) when
     ENABLED is false (distributed runs, whose launcher owns the signals) or off the main thread."""
-    flag = _Interrupt()
+    flag = types.SimpleNamespace(hit=False)
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield flag
         return
