@@ -133,11 +133,11 @@ class _PeakMemory:
         self.peak_mb = round(max(self._peak, _rss_mb()) - self._base, 1)
 
 
-def request_png(size: int = 1024, seed: int = 7) -> bytes:
-    """A synthetic bad part as PNG bytes, written the way the data set's photos are."""
+def request_png(size: int = 1024, seed: int = 7, bad: bool = True) -> bytes:
+    """A synthetic bad (or good) part as PNG bytes, written the way the data set's photos are."""
     from .synth import render_part
 
-    img, _, _ = render_part(seed, True, size)
+    img, _, _ = render_part(seed, bad, size)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -277,6 +277,26 @@ def _bench_backend(pred, x1: np.ndarray, xb: np.ndarray, iters: int, warmup: int
     return res
 
 
+def _bench_screen(pred, png: bytes, x1: np.ndarray, iters: int, warmup: int, display: int) -> dict:
+    """A screened model (``Predictor.screen_below``): which path the request part takes, and the
+    one-view path's forward and end-to-end request on a good part (both paths: "one view", "all views")."""
+    good = request_png(int(pred.load(png).shape[0]), seed=1, bad=False)
+    def path(x: np.ndarray) -> str:
+        return "all views" if pred._escalated(pred._screen.logits(x))[0] else "one view"
+
+    xg = pred.preprocess(good)[None]
+    res = {"below": pred.screen_below, "above": pred.screen_above, "request_part": path(x1), "good_part": path(xg),
+           "one_view_forward_ms": _stats(_time(lambda: pred._screen.logits(x1), iters, warmup, pred.device))}
+    e2e = []
+    for i in range(iters + warmup):
+        t0 = time.perf_counter()
+        _fast_request(pred, good, display)
+        if i >= warmup:
+            e2e.append((time.perf_counter() - t0) * 1e3)
+    res["e2e_good_ms"] = _stats(e2e)
+    return res
+
+
 def _bench_model(name: str, model_dir: Path, trained: bool, work: Path, device, iters: int, warmup: int, batch: int,
                  naive: bool, threads: int | None, png: bytes, display: int, naive_iters: int,
                  export_missing: bool) -> tuple[dict, dict | None]:
@@ -330,6 +350,8 @@ def _bench_model(name: str, model_dir: Path, trained: bool, work: Path, device, 
             naive_ms.append((time.perf_counter() - t0) * 1e3)
     row["e2e_ms"] = _stats(e2e)
     row["e2e_breakdown_ms"] = {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]}
+    if getattr(fast, "screen_below", None) is not None:
+        row["screen"] = _bench_screen(fast, png, x1, iters, warmup, display)
     row["params"] = count_params(fast.model)
     row["tta"] = fast.card.tta   # test-time views per photo: every latency above includes them
     files = {"safetensors": model_dir / "model.safetensors", "onnx": x_dir / "model.onnx", "onnx_int8": x_dir / ONNX_INT8_FILE}
@@ -452,6 +474,12 @@ def format_table(result: dict) -> str:
                 f"{k} fwd {v['forward_ms']['p50']:.1f} ms" + (f", +CAM {v['cam_ms']['p50']:.1f} ms" if "cam_ms" in v else "")
                 + f", {v['throughput_ips']:.0f} img/s" for k, v in other.items()))
         lines.append(f"{name}: e2e parts (median ms) " + ", ".join(f"{k} {v:.1f}" for k, v in m["e2e_breakdown_ms"].items()))
+        if m.get("screen"):
+            sc = m["screen"]
+            lines.append(f"{name}: {m.get('tta', 1)} views after a one-view screen (P(bad) < {sc['below']:.4g} is good, "
+                         f"> {sc['above']:.4g} bad at once): the request part took {sc['request_part']}; one view fwd "
+                         f"{sc['one_view_forward_ms']['p50']:.1f} ms; a good part ({sc['good_part']}) e2e "
+                         f"{sc['e2e_good_ms']['p50']:.1f}/{sc['e2e_good_ms']['p95']:.1f} ms")
         if m.get("metrics"):
             mt = m["metrics"]
             lines.append(f"{name}: {mt['split']} FNR {mt['fnr']} FPR {mt['fpr']} AUROC {mt['auroc']}")

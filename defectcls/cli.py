@@ -259,6 +259,10 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--tta", type=int, choices=[1, 4, 8], default=None,
                    help="change the test-time views the model answers with (the temperature is refitted); "
                         "default: keep the card's")
+    p.add_argument("--screen", action="store_true",
+                   help="with test-time views: look at one view first; a part whose one-view P(bad) is below a "
+                        "fifth of every flagged validation bad part's is good, one above every validation good "
+                        "part's (and the threshold) is bad; only the parts between get all views")
     p.add_argument("--dry-run", action="store_true", help="print the new threshold and metrics, change nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_calibrate)
@@ -267,7 +271,8 @@ def _add_calibrate(sub) -> None:
 def _run_calibrate(a) -> int:
     from .scoring import recalibrate
 
-    res = recalibrate(a.model, a.target_fnr, a.threshold_method, data_root=a.data, write=not a.dry_run, tta=a.tta)
+    res = recalibrate(a.model, a.target_fnr, a.threshold_method, data_root=a.data, write=not a.dry_run, tta=a.tta,
+                      screen=a.screen)
     pol, old = res["threshold_policy"], res["before"]
     lines = [f"{a.model}: threshold {old['threshold']:.6g} -> {res['threshold']:.6g} "
              f"({pol['method']}, target FNR {pol['target_fnr']}, guaranteed {pol['guaranteed_fnr']}, "
@@ -278,6 +283,15 @@ def _run_calibrate(a) -> int:
     if res["tta"] != old["tta"]:
         lines.append(f"  test-time views {old['tta']} -> {res['tta']}, temperature {old['temperature']:.4g} -> "
                      f"{res['temperature']:.4g}")
+    if res["screen"]:
+        sc = res["screen"]
+        lines.append(f"  screen: one view first; P(bad) below {sc['below']:.4g} is good at once (a fifth of the lowest of "
+                     f"{sc['n_flagged_bad_val']} flagged validation bad parts, {sc['lowest_flagged_bad']:.4g}), above "
+                     f"{sc['above']:.4g} bad at once (the highest of {sc['n_good_val']} validation good parts, or the "
+                     f"threshold); all views for {sc['all_views_val_good']:.1%} of validation good and "
+                     f"{sc['all_views_val_bad']:.1%} of bad parts")
+    elif old["screen"]:
+        lines.append("  screen removed (calibrate with --screen to choose one for this threshold)")
     for name, m in res["metrics"].items():
         was = old["metrics"].get(name, {})
         lines.append(f"  {name}: FNR {was.get('fnr', float('nan')):.4f} -> {m['fnr']:.4f}   "

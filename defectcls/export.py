@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from .errors import DefectclsError
 from .evaluate import prob_bad_from_logits
 from .explain import normalize_cam
 from .inference import ONNX_FILE, ONNX_INT8_FILE, Predictor
-from .models import load_model_dir, model_cam_offset, weights_sha256, with_tta
+from .models import check_tta, load_model_dir, model_cam_offset, weights_sha256, with_tta
 
 DEFAULT_OPSET = 17
 FP32_TOL = 1e-3          # max |P(bad) difference| between torch and the fp32 graph (and every verdict equal):
@@ -66,8 +67,9 @@ def _run(session, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarra
     return logits, cam
 
 
-def _torch_reference(model_dir: Path, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
-    pred = Predictor(model_dir, device="cpu", backend="torch")
+def _torch_reference(model_dir: Path, x: np.ndarray, batch: int = 32,
+                     views: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    pred = Predictor(model_dir, device="cpu", backend="torch", tta=views, screen=False)
     parts = [pred.forward_cam(x[i:i + batch]) if pred.has_fast_cam else (pred.logits(x[i:i + batch]), None)
              for i in range(0, len(x), batch)]
     logits = np.concatenate([p[0] for p in parts])
@@ -215,9 +217,11 @@ def _mb(path: Path) -> float:
 
 def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, int8: bool = False,
                 opset: int = DEFAULT_OPSET, check: bool = True, n_check: int = 200, n_calib: int = 256,
-                seed: int = 12345, render_size: int | None = None) -> dict:
+                seed: int = 12345, render_size: int | None = None, views: int | None = None) -> dict:
     """Write model.onnx (and with INT8 model.int8.onnx) for MODEL_DIR into OUT (default: MODEL_DIR).
 
+    The graph answers with VIEWS test-time views (default: the card's ``tta``); a card's screen
+    (``inference.Predictor``) is not in it: a screened Predictor runs a one-view graph beside it.
     Parity runs on N_CHECK synthetic parts (half bad; ``synth``, seeds from SEED) and is reported;
     with CHECK a failure raises DefectclsError (a failing int8 file is not kept). fp32: max
     |P(bad) difference| to torch <= 1e-3 and every verdict the same. int8: calibrated on N_CALIB other synthetic parts (64 were
@@ -232,6 +236,8 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     t_start = time.perf_counter()
     model_dir = Path(model_dir)
     model, card = load_model_dir(model_dir)
+    if views is not None:
+        card = replace(card, tta=check_tta(views))
     out_dir = Path(out) if out else model_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     sha = weights_sha256(model_dir)
@@ -253,7 +259,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
         _torch_export(module, dummy, tmp_fp32, outputs, opset)
         _set_metadata(tmp_fp32, {**meta, "precision": "fp32"})
         x, y = synthetic_inputs(card, n_check, seed, render_size)
-        ref_logits, ref_cam = _torch_reference(model_dir, x)
+        ref_logits, ref_cam = _torch_reference(model_dir, x, views=card.tta)
         s32 = make_session(tmp_fp32)
         l32, c32 = _run(s32, x)
         p_ref, v_ref = _verdicts(ref_logits, card)
@@ -317,7 +323,7 @@ def _export_int8(fp32_path: Path, dst: Path, tmp: Path, card, meta: dict, x: np.
 
 
 def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                sha256: str | None = None) -> Path:
+                sha256: str | None = None, views: int | None = None) -> Path:
     """A model.onnx that matches MODEL_DIR's weights: the directory's own, else one exported once into a cache.
 
     The cache (CACHE_DIR, else $DEFECTCLS_CACHE_DIR, else ~/.cache/defectcls) is keyed by the weights'
@@ -333,7 +339,7 @@ def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
 
     model_dir = Path(model_dir)
     sha = sha256 or weights_sha256(model_dir)   # SHA256: the caller's hash of the weights, not read again
-    tta = read_card(model_dir).tta
+    tta = read_card(model_dir).tta if views is None else views    # VIEWS: test-time views of the graph
 
     def current(path: Path) -> bool:
         if not path.is_file():
@@ -350,5 +356,5 @@ def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
     target.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target / ".lock")):
         if not current(target / ONNX_FILE):
-            export_onnx(model_dir, out=target, n_check=16)
+            export_onnx(model_dir, out=target, n_check=16, views=tta)
     return target / ONNX_FILE

@@ -51,6 +51,7 @@ from .models import (
 ImageSource = str | os.PathLike | bytes | np.ndarray
 BACKENDS = ("auto", "torch", "onnx")
 ENV_AUTO_EXPORT = "DEFECTCLS_AUTO_EXPORT"
+SCREEN_GRID = 4   # a screened model's heat-maps: 4x the CAM layer's cells (one-view and full maps, one drawing)
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
 
@@ -92,8 +93,15 @@ class Predictor:
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  backend: str = "auto", onnx_path: str | os.PathLike | None = None, fp16: bool | None = None,
-                 tta: int | None = None, export_missing: bool | None = None):
+                 tta: int | None = None, export_missing: bool | None = None, screen: bool | None = None):
         """TTA: answer with that many test-time views instead of the card's (1, 4 or 8; ``models.DihedralTTA``).
+
+        SCREEN (None: when the card has one and TTA is the card's; False: never): look at one view
+        first; a part whose one-view P(bad) is below the card's ``screen["below"]`` is good and
+        one above ``screen["above"]`` is bad on that view alone, answered with its one-view P(bad);
+        only the parts between get all views (``scoring.recalibrate`` puts ``below`` under every
+        validation bad part the full model flags and ``above`` over every validation good part
+        and the threshold).
 
         EXPORT_MISSING (backend auto, CPU): with no matching model.onnx in the directory, export
         one into the cache (``export.ensure_onnx``) and run on onnxruntime; None reads
@@ -126,12 +134,21 @@ class Predictor:
         self.onnx_path: Path | None = None
         if export_missing is None:
             export_missing = os.environ.get(ENV_AUTO_EXPORT, "1").strip() != "0"
-        if (backend == "auto" and onnx_path is None and export_missing and self.device.type == "cpu"
-                and own_views):
+        if backend == "auto" and onnx_path is None and export_missing and self.device.type == "cpu":
             onnx_path = self._exported_graph()
         self.backend = self._choose_backend(backend, onnx_path)
         if self.backend == "torch":
             self.model  # noqa: B018 - load now: fail early, first request fast
+        self.screen_below: float | None = None
+        self.screen_above: float | None = None
+        self._screen: Predictor | None = None
+        if screen is not False and own_views and self.card.screen and self.card.tta > 1:
+            self.screen_below = float(self.card.screen["below"])
+            self.screen_above = float(self.card.screen.get("above", float("inf")))
+            self._screen = Predictor(model_dir, device=device, threads=threads, fp16=fp16,
+                                     backend="auto" if self.backend == "onnx" else self.backend,
+                                     tta=1, export_missing=True if self.backend == "onnx" else export_missing,
+                                     screen=False)
 
     # ------------------------------------------------------------ backend setup
 
@@ -141,7 +158,7 @@ class Predictor:
         from .export import ensure_onnx
 
         try:
-            return ensure_onnx(self.model_dir, sha256=self.weights_sha256)
+            return ensure_onnx(self.model_dir, sha256=self.weights_sha256, views=self.card.tta)
         except Exception as exc:  # export touches torch.onnx, onnxruntime and the disk: any failure -> torch
             first = (str(exc).splitlines() or [""])[0][:200]
             warnings.warn(f"{self.model_dir}: no ONNX graph for onnxruntime ({type(exc).__name__}: {first}); "
@@ -198,7 +215,8 @@ class Predictor:
 
     @functools.cached_property
     def cam_offset(self) -> tuple[float, float]:
-        """Where this model's one-pass heat-maps are drawn (``models.model_cam_offset``; ``explain.normalize_cam``)."""
+        """Where this model's one-pass heat-maps are drawn (``models.model_cam_offset``; ``explain.normalize_cam``);
+        with a screen, ``forward_cam``'s maps are resampled to the full model's drawing."""
         return model_cam_offset(self.model_dir, self.card)
 
     @functools.cached_property
@@ -222,7 +240,8 @@ class Predictor:
         """Backend, device, threads and files: reported with every benchmark number."""
         return {"backend": self.backend, "device": str(self.device), "fp16": self.fp16,
                 "threads": self.threads or (torch.get_num_threads() if self.backend == "torch" else os.cpu_count()),
-                "onnx": str(self.onnx_path) if self.onnx_path else None, "model_id": self.model_id}
+                "onnx": str(self.onnx_path) if self.onnx_path else None, "model_id": self.model_id,
+                "views": self.card.tta, "screen_below": self.screen_below, "screen_above": self.screen_above}
 
     # ------------------------------------------------------------ preprocessing
 
@@ -240,8 +259,22 @@ class Predictor:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device, non_blocking=True)
         return t.contiguous(memory_format=torch.channels_last)
 
+    def _escalated(self, z1: np.ndarray) -> np.ndarray:
+        """Which rows of one-view logits Z1 the screen leaves to all views (bool N)."""
+        p1 = prob_bad_from_logits(z1, self.card.temperature)
+        return (p1 >= self.screen_below) & ~(p1 > self.screen_above)
+
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Raw logits (float32 Nx2) for a float32 NxCxHxW batch."""
+        """Raw logits (float32 Nx2) for a float32 NxCxHxW batch (with a screen: one view's for the parts it decides)."""
+        if self._screen is None:
+            return self._logits(x)
+        z = np.array(self._screen._logits(x), np.float32)
+        up = self._escalated(z)
+        if up.any():
+            z[up] = self._logits(x[up])
+        return z
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
         if self.session is not None:
             return self.session.run([LOGITS_NAME], {INPUT_NAME: np.ascontiguousarray(x, np.float32)})[0]
         model = self.model
@@ -251,8 +284,33 @@ class Predictor:
     def forward_cam(self, x: np.ndarray, target: int = CAM_TARGET) -> tuple[np.ndarray, np.ndarray]:
         """(logits Nx2, raw Grad-CAM maps Nxhxw of class TARGET) from one forward pass.
 
-        The maps are at the CAM layer's resolution; ``explain.normalize_cam`` scales them.
+        The maps are at the CAM layer's resolution; ``explain.normalize_cam`` scales them. With a
+        screen, every map is at SCREEN_GRID times it, drawn where the full model's are
+        (``cam_offset``), so that maps of cleared and escalated parts share a batch.
         """
+        if self._screen is None:
+            return self._forward_cam(x, target)
+        z, cam = self._screen._forward_cam(x, target)
+        z = np.array(z, np.float32)
+        maps = self._regrid(cam, x.shape[-2:], self._screen.cam_offset)
+        up = self._escalated(z)
+        if up.any():
+            z[up], cam_up = self._forward_cam(x[up], target)
+            maps[up] = self._regrid(cam_up, x.shape[-2:], self.cam_offset)
+        return z, maps
+
+    def _regrid(self, raw: np.ndarray, size: tuple[int, int], offset: tuple[float, float]) -> np.ndarray:
+        """Raw maps (N,h,w) drawn at OFFSET -> (N, k h, k w) drawn at ``cam_offset``: ReLU, then linear
+        resampling (``explain.normalize_cam`` applies ReLU first too, and min-max commutes with it)."""
+        from .explain import _resize_linear
+
+        h, w = raw.shape[-2:]
+        gh, gw = SCREEN_GRID * h, SCREEN_GRID * w
+        dy = (offset[0] - self.cam_offset[0]) * gh / size[0]
+        dx = (offset[1] - self.cam_offset[1]) * gw / size[1]
+        return _resize_linear(np.maximum(np.asarray(raw, np.float32), np.float32(0.0)), gh, gw, (dy, dx))
+
+    def _forward_cam(self, x: np.ndarray, target: int = CAM_TARGET) -> tuple[np.ndarray, np.ndarray]:
         if not self.has_fast_cam:
             raise DefectclsError(f"no one-pass Grad-CAM for {self.card.arch} on the {self.backend} backend")
         if self.session is not None:

@@ -491,6 +491,8 @@ class ModelCard:
                                     # (``data.fit_frame``); None: the whole photo (cards before it)
     background: list[float] | None = None  # the training photos' background, 0-255 per channel: black or white
                                            # fills unlike it are a tool's (``data.restore_fill``); None: cards before it
+    screen: dict | None = None  # one view first (``inference.Predictor``): a part whose one-view P(bad) is below
+                                # screen["below"] is good without its other views; None: every part gets all views
 
     def to_dict(self) -> dict:
         return asdict(self)

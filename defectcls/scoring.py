@@ -15,6 +15,8 @@ from .evaluate import compute_metrics, prob_bad_from_logits
 from .inference import Predictor
 from .train import SPLIT_FILE
 
+SCREEN_MARGIN = 0.2   # the screen clears below a fifth of the lowest one-view P(bad) of a flagged validation bad part
+
 
 def select_split(model_dir: str | os.PathLike, data_root: str | os.PathLike, samples: list[D.Sample],
                  split: str) -> tuple[list[D.Sample], str]:
@@ -54,7 +56,8 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
 
 
 def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "conformal",
-                data_root: str | os.PathLike | None = None, write: bool = True, tta: int | None = None) -> dict:
+                data_root: str | os.PathLike | None = None, write: bool = True, tta: int | None = None,
+                screen: bool = False) -> dict:
     """Choose MODEL_DIR's threshold anew for TARGET_FNR on its own validation part, without retraining.
 
     The validation and test parts come from the model's split.json (DATA_ROOT: where its training
@@ -62,7 +65,19 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     TTA sets how many test-time views the model answers with from now on (1, 4 or 8); when it
     changes, the temperature is fitted anew on validation, else the card's is kept. A card
     written before ``background`` gets it from its training photos (``data.restore_fill``).
-    Threshold, policy, views, temperature, background and val/test metrics are replaced, atomically.
+
+    SCREEN (views 4 or 8): also choose the one-view screen (``inference.Predictor``): ``below`` is
+    SCREEN_MARGIN times the lowest one-view P(bad) among the validation bad parts the full model
+    flags. A flagged part exchangeable with them scores below that lowest one with probability at
+    most 1/(n+1) (n of them, as for the conformal threshold); the margin is spare below it (with
+    half, the shipped model's own test part had one flagged bad part cleared, at 0.22 of the
+    validation lowest: docs/benchmarks.md section 0). ``above`` is the highest one-view P(bad) of
+    a validation good part, or the threshold if higher: a good part scores above it with
+    probability at most 1/(m+1) (m good parts); a part above it is bad at once, which can only
+    catch more bad parts. The metrics are then the screened model's.
+    Without SCREEN a card's screen is removed (it belongs to the threshold and temperature it was
+    chosen with).
+    Threshold, policy, views, temperature, background, screen and val/test metrics are replaced, atomically.
     """
     from .evaluate import choose_threshold, fit_temperature
     from .models import read_card, write_card
@@ -86,7 +101,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     if D.fingerprint(folder) != saved.get("data_fingerprint"):
         raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
     card = read_card(model_dir)
-    pred = Predictor(model_dir, backend="torch", tta=tta)
+    pred = Predictor(model_dir, backend="torch", tta=tta, screen=False)
     background = card.background
     if background is None:   # a card from before it: the training folder's background, as train estimates it
         background = D.estimate_background([x.path for x in folder], card.color, seed=int(card.train.get("seed", 0)))
@@ -104,15 +119,44 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     y_val, p_val = probs["val"]
     policy = choose_threshold(y_val, p_val, target_fnr, method)
     thr = policy["threshold"]
+    screen_card = None
+    if screen:
+        if views == 1:
+            raise DefectclsError("--screen needs test-time views to save: use it with --tta 4 or 8 (or a card with them)")
+        one = Predictor(model_dir, backend="torch", tta=1, screen=False)
+        one.prep = pred.prep
+        p1 = {name: prob_bad_from_logits(np.array(evaluate_model(model_dir, root, split=name, predictor=one)["logits"],
+                                                  dtype=np.float32), temperature) for name in parts}
+        flagged = (y_val == 1) & (p_val >= thr)
+        if not flagged.any():
+            raise DefectclsError("no validation bad part reaches the threshold: nothing to choose a screen from")
+        if not (y_val == 0).any():
+            raise DefectclsError("no good part in validation: nothing to choose a screen from")
+        lowest = float(p1["val"][flagged].min())
+        below = min(SCREEN_MARGIN * lowest, thr)
+        highest = float(p1["val"][y_val == 0].max())
+        above = max(highest, thr)
+        n_good = int((y_val == 0).sum())
+        v1 = p1["val"]
+        screen_card = {"views": 1, "below": below, "above": above, "lowest_flagged_bad": lowest,
+                       "highest_good": highest, "margin": SCREEN_MARGIN, "n_flagged_bad_val": int(flagged.sum()),
+                       "clear_miss_bound": 1.0 / (int(flagged.sum()) + 1), "n_good_val": n_good,
+                       "false_alarm_bound": 1.0 / (n_good + 1),
+                       "all_views_val": float(np.mean((v1 >= below) & (v1 <= above))),
+                       "all_views_val_good": float(np.mean(((v1 >= below) & (v1 <= above))[y_val == 0])),
+                       "all_views_val_bad": float(np.mean(((v1 >= below) & (v1 <= above))[y_val == 1]))}
+        probs = {name: (y, np.where((p1[name] < below) | (p1[name] > above), p1[name], p))
+                 for name, (y, p) in probs.items()}
     for name, (y, p) in probs.items():
         metrics[name] = compute_metrics(y, p, thr)
     before = {"threshold": card.threshold, "threshold_policy": card.threshold_policy, "metrics": card.metrics,
-              "tta": card.tta, "temperature": card.temperature, "background": card.background}
+              "tta": card.tta, "temperature": card.temperature, "background": card.background, "screen": card.screen}
     if write:
         card.threshold, card.threshold_policy, card.metrics = thr, policy, metrics
-        card.tta, card.temperature, card.background = views, temperature, background
+        card.tta, card.temperature, card.background, card.screen = views, temperature, background, screen_card
         write_card(card, model_dir)
     stale = sorted(p.name for p in model_dir.glob("*.onnx"))
     return {"model": str(model_dir), "written": write, "threshold": thr, "threshold_policy": policy,
-            "tta": views, "temperature": temperature, "background": background, "metrics": metrics, "before": before,
+            "tta": views, "temperature": temperature, "background": background, "screen": screen_card,
+            "metrics": metrics, "before": before,
             "stale_exports": stale}
