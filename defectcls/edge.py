@@ -24,12 +24,13 @@ import numpy as np
 from . import data as D
 from .errors import DefectclsError, ImageLoadError, ModelLoadError
 from .evaluate import prob_bad_from_logits
-from .explain import encode_jpeg, normalize_cam, overlay
+from .explain import encode_jpeg, normalize_cam, overlay, screened
 
 INPUT_NAME = "input"
 LOGITS_NAME = "logits"
 CAM_NAME = "cam"
 META_PREFIX = "defectcls."
+SCREEN_ONNX_FILE = "model.screen.onnx"   # a screened card's one-view graph, beside model.onnx (``defectcls export``)
 
 ImageSource = str | os.PathLike | bytes | np.ndarray
 
@@ -86,6 +87,24 @@ class EdgePredictor:
         self.has_cam = CAM_NAME in session_outputs(self.session)
         # where the heat-map's cells are drawn (``models.cam_offset``); exports older than it: the usual place
         self.cam_offset: tuple[float, float] = tuple(json.loads(meta.get("cam_offset", "[0, 0]")))
+        self.screen_session = None
+        screen = self.card.get("screen")
+        if screen and int(self.card.get("tta", 1)) > 1 and (self.path.parent / SCREEN_ONNX_FILE).is_file():
+            self._open_screen(self.path.parent / SCREEN_ONNX_FILE, meta, screen, threads, spin)
+
+    def _open_screen(self, path: Path, meta: dict, screen: dict, threads: int | None, spin: bool) -> None:
+        """The card's one-view screen (``inference.Predictor``) from PATH, the export's one-view graph."""
+        session = make_session(path, threads, spin)
+        smeta = session_meta(session)
+        if smeta.get("weights_sha256") != meta.get("weights_sha256"):
+            raise ModelLoadError(f"{path} was exported from other weights than {self.path}: export both again")
+        if int(json.loads(smeta.get("card", "{}")).get("tta", 1)) != 1:
+            raise ModelLoadError(f"{path} is not a one-view graph: export again")
+        self.screen_session = session
+        self.screen_below = float(screen["below"])
+        self.screen_above = float(screen.get("above", float("inf")))
+        self.screen_cam_offset: tuple[float, float] = tuple(json.loads(smeta.get("cam_offset", "[0, 0]")))
+        self.has_cam = self.has_cam and CAM_NAME in session_outputs(session)
 
     def load(self, src: ImageSource, fast_png: bool = True) -> np.ndarray:
         return self.prep.load(src, fast_png)
@@ -95,9 +114,19 @@ class EdgePredictor:
         return self.prep.preprocess(src)
 
     def run(self, x: np.ndarray, cam: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """(logits, raw Grad-CAM maps or None) for a float32 NxCxHxW batch."""
-        names = [LOGITS_NAME, CAM_NAME] if cam and self.has_cam else [LOGITS_NAME]
-        out = self.session.run(names, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
+        """(logits, raw Grad-CAM maps or None) for a float32 NxCxHxW batch; with the card's screen
+        (``model.screen.onnx`` beside the file) one view first, all views only where it is unsure."""
+        cam = cam and self.has_cam
+        if self.screen_session is None:
+            return self._run(self.session, x, cam)
+        return screened(lambda v: self._run(self.screen_session, v, cam), lambda v: self._run(self.session, v, cam), x,
+                        self.temperature, self.screen_below, self.screen_above, x.shape[-2:],
+                        self.screen_cam_offset if cam else None, self.cam_offset)
+
+    @staticmethod
+    def _run(session, x: np.ndarray, cam: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        names = [LOGITS_NAME, CAM_NAME] if cam else [LOGITS_NAME]
+        out = session.run(names, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
         return out[0], (out[1] if len(out) > 1 else None)
 
     def _result(self, p: float, ms: float) -> dict:

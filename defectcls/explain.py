@@ -86,6 +86,45 @@ def normalize_cam(raw: np.ndarray, size: int | tuple[int, int], offset: tuple[fl
     return _minmax(_resize_linear(cam, H, W, offset))
 
 
+SCREEN_GRID = 4   # a screened model's heat-maps: 4x the CAM layer's cells (one-view and full maps, one drawing)
+
+
+def regrid_cam(raw: np.ndarray, size: tuple[int, int], offset: tuple[float, float],
+               to: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Raw maps (N,h,w) drawn at OFFSET -> (N, k h, k w), k = SCREEN_GRID, drawn at TO when scaled to SIZE
+    (``normalize_cam(..., TO)``): ReLU, then linear resampling (``normalize_cam`` applies ReLU first too,
+    and min-max commutes with it). So maps of a screen's one view and of all views share a batch."""
+    h, w = raw.shape[-2:]
+    gh, gw = SCREEN_GRID * h, SCREEN_GRID * w
+    dy, dx = (offset[0] - to[0]) * gh / size[0], (offset[1] - to[1]) * gw / size[1]
+    return _resize_linear(np.maximum(np.asarray(raw, np.float32), np.float32(0.0)), gh, gw, (dy, dx))
+
+
+def screen_all_views(p1: np.ndarray, below: float, above: float = float("inf")) -> np.ndarray:
+    """Which parts a one-view screen leaves to all views (bool N): one-view P(bad) P1 from BELOW up to ABOVE."""
+    return (p1 >= below) & ~(p1 > above)
+
+
+def screened(one: Callable, full: Callable, x: np.ndarray, temperature: float, below: float, above: float,
+             size: tuple[int, int], one_offset: tuple[float, float] | None = None,
+             full_offset: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits, raw maps or None) of a screened model for batch X: ONE(x) -> (logits, maps or None) of one
+    view; FULL the same with all views, run only on the parts the screen leaves (``screen_all_views``).
+    With maps (ONE_OFFSET given), every map is regridded to FULL_OFFSET's drawing (``regrid_cam``)."""
+    from .evaluate import prob_bad_from_logits
+
+    z, cam = one(x)
+    z = np.array(z, np.float32)
+    maps = regrid_cam(cam, size, one_offset, full_offset) if cam is not None and one_offset is not None else None
+    up = screen_all_views(prob_bad_from_logits(z, temperature), below, above)
+    if up.any():
+        z_up, cam_up = full(x[up])
+        z[up] = z_up
+        if maps is not None:
+            maps[up] = regrid_cam(cam_up, size, full_offset, full_offset)
+    return z, maps
+
+
 def _jet_lut() -> np.ndarray:
     """256x3 uint8 'jet' colour table (matplotlib's segment data), without needing matplotlib."""
     x = np.linspace(0.0, 1.0, 256)

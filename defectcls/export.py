@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
-from .edge import CAM_NAME, INPUT_NAME, LOGITS_NAME, META_PREFIX, make_session
+from .edge import CAM_NAME, INPUT_NAME, LOGITS_NAME, META_PREFIX, SCREEN_ONNX_FILE, make_session
 from .errors import DefectclsError
 from .evaluate import prob_bad_from_logits
 from .explain import normalize_cam
@@ -220,8 +220,10 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
                 seed: int = 12345, render_size: int | None = None, views: int | None = None) -> dict:
     """Write model.onnx (and with INT8 model.int8.onnx) for MODEL_DIR into OUT (default: MODEL_DIR).
 
-    The graph answers with VIEWS test-time views (default: the card's ``tta``); a card's screen
-    (``inference.Predictor``) is not in it: a screened Predictor runs a one-view graph beside it.
+    The graph answers with VIEWS test-time views (default: the card's ``tta``). A card's one-view
+    screen (``inference.Predictor``) is not in it: with VIEWS None such a card also gets
+    model.screen.onnx, the one-view graph (parity-checked the same way), which
+    ``edge.EdgePredictor`` runs in front of model.onnx.
     Parity runs on N_CHECK synthetic parts (half bad; ``synth``, seeds from SEED) and is reported;
     with CHECK a failure raises DefectclsError (a failing int8 file is not kept). fp32: max
     |P(bad) difference| to torch <= 1e-3 and every verdict the same. int8: calibrated on N_CALIB other synthetic parts (64 were
@@ -281,6 +283,14 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
                                                     x, l32, c32, n_calib, seed + 1, render_size, check)
             if (out_dir / ONNX_INT8_FILE).is_file() and report["parity"]["int8"]["ok"]:
                 report["files"]["int8"] = {"path": str(out_dir / ONNX_INT8_FILE), "size_mb": _mb(out_dir / ONNX_INT8_FILE)}
+    if views is None and card.screen and card.tta > 1:
+        # the card's one-view screen runs a one-view graph beside this one (``edge.EdgePredictor``)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.") as tmp:
+            sub = export_onnx(model_dir, out=tmp, opset=opset, check=check, n_check=n_check, seed=seed,
+                              render_size=render_size, views=1)
+            os.replace(Path(tmp) / ONNX_FILE, out_dir / SCREEN_ONNX_FILE)
+        report["parity"]["screen"] = sub["parity"]["fp32"]
+        report["files"]["screen"] = {"path": str(out_dir / SCREEN_ONNX_FILE), "size_mb": _mb(out_dir / SCREEN_ONNX_FILE)}
     report["safetensors_mb"] = _mb(model_dir / "model.safetensors")
     report["ok"] = all(v["ok"] for v in report["parity"].values())
     report["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -351,6 +361,8 @@ def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
 
     if current(model_dir / ONNX_FILE):
         return model_dir / ONNX_FILE
+    if tta == 1 and current(model_dir / SCREEN_ONNX_FILE):     # a screened card's one-view graph, exported beside
+        return model_dir / SCREEN_ONNX_FILE
     root = Path(cache_dir or os.environ.get("DEFECTCLS_CACHE_DIR") or Path.home() / ".cache" / "defectcls")
     target = root / "onnx" / (sha[:16] + (f"-tta{tta}" if tta > 1 else ""))
     target.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from .config import resolve_device
 from .edge import CAM_NAME, INPUT_NAME, LOGITS_NAME, make_session, session_meta, session_outputs
 from .errors import DefectclsError, ImageLoadError, ModelLoadError
 from .evaluate import prob_bad_from_logits
-from .explain import CAM_TARGET, cam_split, gradcam_torch
+from .explain import CAM_TARGET, cam_split, gradcam_torch, screen_all_views, screened
 from .models import (
     ModelCard,
     check_tta,
@@ -51,7 +51,6 @@ from .models import (
 ImageSource = str | os.PathLike | bytes | np.ndarray
 BACKENDS = ("auto", "torch", "onnx")
 ENV_AUTO_EXPORT = "DEFECTCLS_AUTO_EXPORT"
-SCREEN_GRID = 4   # a screened model's heat-maps: 4x the CAM layer's cells (one-view and full maps, one drawing)
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
 
@@ -261,18 +260,14 @@ class Predictor:
 
     def _escalated(self, z1: np.ndarray) -> np.ndarray:
         """Which rows of one-view logits Z1 the screen leaves to all views (bool N)."""
-        p1 = prob_bad_from_logits(z1, self.card.temperature)
-        return (p1 >= self.screen_below) & ~(p1 > self.screen_above)
+        return screen_all_views(prob_bad_from_logits(z1, self.card.temperature), self.screen_below, self.screen_above)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw logits (float32 Nx2) for a float32 NxCxHxW batch (with a screen: one view's for the parts it decides)."""
         if self._screen is None:
             return self._logits(x)
-        z = np.array(self._screen._logits(x), np.float32)
-        up = self._escalated(z)
-        if up.any():
-            z[up] = self._logits(x[up])
-        return z
+        return screened(lambda v: (self._screen._logits(v), None), lambda v: (self._logits(v), None), x,
+                        self.card.temperature, self.screen_below, self.screen_above, x.shape[-2:])[0]
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         if self.session is not None:
@@ -290,25 +285,9 @@ class Predictor:
         """
         if self._screen is None:
             return self._forward_cam(x, target)
-        z, cam = self._screen._forward_cam(x, target)
-        z = np.array(z, np.float32)
-        maps = self._regrid(cam, x.shape[-2:], self._screen.cam_offset)
-        up = self._escalated(z)
-        if up.any():
-            z[up], cam_up = self._forward_cam(x[up], target)
-            maps[up] = self._regrid(cam_up, x.shape[-2:], self.cam_offset)
-        return z, maps
-
-    def _regrid(self, raw: np.ndarray, size: tuple[int, int], offset: tuple[float, float]) -> np.ndarray:
-        """Raw maps (N,h,w) drawn at OFFSET -> (N, k h, k w) drawn at ``cam_offset``: ReLU, then linear
-        resampling (``explain.normalize_cam`` applies ReLU first too, and min-max commutes with it)."""
-        from .explain import _resize_linear
-
-        h, w = raw.shape[-2:]
-        gh, gw = SCREEN_GRID * h, SCREEN_GRID * w
-        dy = (offset[0] - self.cam_offset[0]) * gh / size[0]
-        dx = (offset[1] - self.cam_offset[1]) * gw / size[1]
-        return _resize_linear(np.maximum(np.asarray(raw, np.float32), np.float32(0.0)), gh, gw, (dy, dx))
+        return screened(lambda v: self._screen._forward_cam(v, target), lambda v: self._forward_cam(v, target), x,
+                        self.card.temperature, self.screen_below, self.screen_above, x.shape[-2:],
+                        self._screen.cam_offset, self.cam_offset)
 
     def _forward_cam(self, x: np.ndarray, target: int = CAM_TARGET) -> tuple[np.ndarray, np.ndarray]:
         if not self.has_fast_cam:

@@ -12,8 +12,8 @@ from defectcls.data import scan_folder
 from defectcls.edge import session_meta
 from defectcls.errors import DefectclsError
 from defectcls.evaluate import prob_bad_from_logits
-from defectcls.explain import normalize_cam
-from defectcls.inference import SCREEN_GRID, Predictor
+from defectcls.explain import SCREEN_GRID, normalize_cam, regrid_cam
+from defectcls.inference import Predictor
 from defectcls.models import read_card, write_card
 from defectcls.scoring import SCREEN_MARGIN, evaluate_model, recalibrate
 
@@ -135,16 +135,14 @@ def test_screen_on_onnxruntime_runs_a_one_view_graph_beside_the_full_one(tiny_mo
     np.testing.assert_allclose(pred.forward_cam(inputs)[1].shape, ref.forward_cam(inputs)[1].shape)
 
 
-def test_regrid_draws_a_one_view_cell_where_its_own_offset_does(tiny_model_tta, tmp_path):
+def test_regrid_draws_a_one_view_cell_where_its_own_offset_does():
     """One hot cell of a 7x7 map at 224 px: resampled to the shared grid and drawn at the full model's
     offset, its peak lands where the one-view drawing puts it (31 px from where the opposite shift would)."""
-    pred = Predictor(_screened(tiny_model_tta, tmp_path / "m", 0.5), device="cpu", backend="torch")
-    assert pred.cam_offset == (0.0, 0.0)
     raw = np.zeros((1, 7, 7), np.float32)
     raw[0, 2, 4] = 1.0
     for offset in [(15.5, 15.5), (0.5, 0.5)]:
         want = normalize_cam(raw, 224, offset)[0]
-        got = normalize_cam(pred._regrid(raw, (224, 224), offset), 224, pred.cam_offset)[0]
+        got = normalize_cam(regrid_cam(raw, (224, 224), offset, (0.0, 0.0)), 224, (0.0, 0.0))[0]
         assert got.shape == want.shape
         wy, wx = np.unravel_index(want.argmax(), want.shape)
         gy, gx = np.unravel_index(got.argmax(), got.shape)
@@ -164,3 +162,41 @@ def test_bench_reports_both_paths_of_a_screened_model(tiny_model_tta, tmp_path):
     assert "after a one-view screen" in format_table(res)
     assert "screen" not in benchmark({"plain": str(tiny_model_tta)}, device="cpu", iters=1, warmup=0, batch=1,
                                      request_size=96, naive=False, threads=1)["models"]["plain"]
+
+
+def test_export_writes_the_screen_graph_and_the_edge_runtime_screens(tiny_model_tta, inputs, tmp_path, monkeypatch):
+    from defectcls.edge import SCREEN_ONNX_FILE, EdgePredictor, make_session
+    from defectcls.errors import ModelLoadError
+    from defectcls.export import _set_metadata, export_onnx
+
+    one = Predictor(tiny_model_tta, device="cpu", backend="torch", tta=1)
+    p1 = prob_bad_from_logits(one.logits(inputs), one.card.temperature)
+    below, above = (float(q) for q in np.quantile(p1, [0.3, 0.7]))
+    d = _screened(tiny_model_tta, tmp_path / "m", below, above)
+    rep = export_onnx(d, n_check=8)
+    assert rep["ok"] and rep["parity"]["screen"]["ok"] and (d / SCREEN_ONNX_FILE).is_file() and "screen" in rep["files"]
+    ref = Predictor(d, device="cpu", backend="torch")
+    edge = EdgePredictor(d / "model.onnx")
+    assert edge.screen_session is not None and (edge.screen_below, edge.screen_above) == (below, above)
+    (z_e, cam_e), (z_t, cam_t) = edge.run(inputs, cam=True), ref.forward_cam(inputs)
+    np.testing.assert_allclose(z_e, z_t, atol=1e-3)
+    size = inputs.shape[-2:]
+    np.testing.assert_allclose(normalize_cam(cam_e, size, edge.cam_offset), normalize_cam(cam_t, size, ref.cam_offset),
+                               atol=1e-2)
+    # onnxruntime in a full install takes the exported one-view graph too (no second export into the cache)
+    monkeypatch.setenv("DEFECTCLS_AUTO_EXPORT", "1")
+    monkeypatch.setenv("DEFECTCLS_CACHE_DIR", str(tmp_path / "cache"))
+    auto = Predictor(d, device="cpu")
+    assert auto.backend == "onnx" and auto._screen.onnx_path == d / SCREEN_ONNX_FILE
+    # without the one-view graph the edge box gives every part all views
+    (d / SCREEN_ONNX_FILE).rename(tmp_path / "screen.onnx")
+    bare = EdgePredictor(d / "model.onnx")
+    full = Predictor(d, device="cpu", backend="torch", screen=False)
+    assert bare.screen_session is None
+    np.testing.assert_allclose(bare.run(inputs)[0], full.logits(inputs), atol=1e-3)
+    # a one-view graph of other weights is refused, not mixed in
+    meta = {k: v for k, v in session_meta(make_session(tmp_path / "screen.onnx")).items()}
+    _set_metadata(tmp_path / "screen.onnx", {**meta, "weights_sha256": "0" * 64})
+    (tmp_path / "screen.onnx").rename(d / SCREEN_ONNX_FILE)
+    with pytest.raises(ModelLoadError, match="other weights"):
+        EdgePredictor(d / "model.onnx")
