@@ -36,7 +36,7 @@ from .errors import DefectclsError
 from .evaluate import prob_bad_from_logits
 from .explain import normalize_cam
 from .inference import ONNX_FILE, ONNX_INT8_FILE, Predictor
-from .models import check_tta, load_model_dir, model_cam_offset, weights_sha256, with_tta
+from .models import check_tta, eval_batch, load_model_dir, model_cam_offset, weights_sha256, with_tta
 
 DEFAULT_OPSET = 17
 FP32_TOL = 1e-3          # max |P(bad) difference| between torch and the fp32 graph (and every verdict equal):
@@ -59,7 +59,7 @@ def synthetic_inputs(card, n: int, seed: int, render_size: int | None = None) ->
     return np.stack(xs).astype(np.float32), np.asarray(ys)
 
 
-def _run(session, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+def _run(session, x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray | None]:
     names = [o.name for o in session.get_outputs()]
     outs = [session.run(names, {INPUT_NAME: x[i:i + batch]}) for i in range(0, len(x), batch)]
     logits = np.concatenate([o[names.index(LOGITS_NAME)] for o in outs])
@@ -67,9 +67,10 @@ def _run(session, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarra
     return logits, cam
 
 
-def _torch_reference(model_dir: Path, x: np.ndarray, batch: int = 32,
+def _torch_reference(model_dir: Path, x: np.ndarray, batch: int | None = None,
                      views: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     pred = Predictor(model_dir, device="cpu", backend="torch", tta=views, screen=False)
+    batch = batch or eval_batch(pred.card.img_size, pred.card.tta)
     parts = [pred.forward_cam(x[i:i + batch]) if pred.has_fast_cam else (pred.logits(x[i:i + batch]), None)
              for i in range(0, len(x), batch)]
     logits = np.concatenate([p[0] for p in parts])
@@ -261,9 +262,10 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
         _torch_export(module, dummy, tmp_fp32, outputs, opset)
         _set_metadata(tmp_fp32, {**meta, "precision": "fp32"})
         x, y = synthetic_inputs(card, n_check, seed, render_size)
-        ref_logits, ref_cam = _torch_reference(model_dir, x, views=card.tta)
+        batch = eval_batch(card.img_size, card.tta)   # the pixel budget of scoring: 448 px with 8 views, 2 parts
+        ref_logits, ref_cam = _torch_reference(model_dir, x, batch, views=card.tta)
         s32 = make_session(tmp_fp32)
-        l32, c32 = _run(s32, x)
+        l32, c32 = _run(s32, x, batch)
         p_ref, v_ref = _verdicts(ref_logits, card)
         p32, v32 = _verdicts(l32, card)
         fp32 = {"n": int(len(x)), "max_prob_diff": float(np.abs(p_ref - p32).max()),
@@ -307,7 +309,7 @@ def _export_int8(fp32_path: Path, dst: Path, tmp: Path, card, meta: dict, x: np.
         try:
             _quantize(fp32_path, cand, how, calib)
             _set_metadata(cand, {**meta, "precision": "int8", "quantization": how})
-            l8, c8 = _run(make_session(cand), x)
+            l8, c8 = _run(make_session(cand), x, eval_batch(card.img_size, card.tta))
         except Exception as exc:  # onnxruntime's quantiser raises many types
             tried.append({"method": how, "error": str(exc).splitlines()[0][:200]})
             continue

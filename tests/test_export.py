@@ -200,8 +200,8 @@ def test_export_refuses_a_graph_that_moves_a_score_or_flips_a_verdict(tiny_model
     (d / "card.json").write_text(json.dumps(raw))
     real = E._run
 
-    def nudged(session, x):
-        logits, cam = real(session, x)
+    def nudged(session, x, batch):
+        logits, cam = real(session, x, batch)
         logits = logits.copy()
         logits[0, -1] += shift
         return logits, cam
