@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 from . import data as D
 from .errors import DefectclsError
 from .evaluate import compute_metrics, prob_bad_from_logits
+from .explain import screen_all_views
 from .inference import Predictor
 from .train import SPLIT_FILE
 
@@ -38,8 +40,10 @@ def select_split(model_dir: str | os.PathLike, data_root: str | os.PathLike, sam
 
 
 def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, split: str = "auto",
-                   threshold: float | None = None, predictor: Predictor | None = None) -> dict:
-    """Metrics of MODEL_DIR on DATA_ROOT at the card's threshold (or THRESHOLD)."""
+                   threshold: float | None = None, predictor: Predictor | None = None,
+                   also: Sequence[Predictor] = ()) -> dict:
+    """Metrics of MODEL_DIR on DATA_ROOT at the card's threshold (or THRESHOLD); ALSO: more predictors with
+    the same preprocessing, scored on the same decoded photos ("also_logits")."""
     pred = predictor or Predictor(model_dir)
     samples, used = select_split(model_dir, data_root, D.scan_folder(data_root), split)
     images, ok, failed = D.decode_all(samples, pred.card.img_size, pred.card.color, use_disk_cache=False,
@@ -52,7 +56,8 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
     thr = pred.threshold if threshold is None else threshold
     return {"metrics": compute_metrics(y, p, thr), "y_true": y.tolist(), "prob_bad": p.tolist(), "logits": z.tolist(),
             "paths": [samples[i].path for i in ok], "model_id": pred.model_id, "split": used,
-            "skipped": [{"path": path, "error": err} for path, err in failed]}
+            "skipped": [{"path": path, "error": err} for path, err in failed],
+            "also_logits": [other.logits_cached(images).tolist() for other in also]}
 
 
 def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "conformal",
@@ -106,14 +111,21 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     if background is None:   # a card from before it: the training folder's background, as train estimates it
         background = D.estimate_background([x.path for x in folder], card.color, seed=int(card.train.get("seed", 0)))
         pred.prep = replace(pred.prep, background=tuple(background) if background else None)
-    metrics, parts = {}, {}
+    views = pred.card.tta
+    if screen and views == 1:
+        raise DefectclsError("--screen needs test-time views to save: use it with --tta 4 or 8 (or a card with them)")
+    one = Predictor(model_dir, backend="torch", tta=1, screen=False) if screen else None   # the screen's view
+    if one is not None:
+        one.prep = pred.prep
+    metrics, parts, z1 = {}, {}, {}
     for name in [n for n in ("val", "test") if saved.get(n)]:
-        res = evaluate_model(model_dir, root, split=name, predictor=pred)
+        res = evaluate_model(model_dir, root, split=name, predictor=pred, also=(one,) if one else ())
         if res["skipped"]:
             bad = res["skipped"][0]
             raise DefectclsError(f"{len(res['skipped'])} {name} image(s) unreadable now, e.g. {bad['path']}: {bad['error']}")
         parts[name] = (np.array(res["y_true"]), np.array(res["logits"], dtype=np.float32))
-    views = pred.card.tta
+        if one is not None:
+            z1[name] = np.array(res["also_logits"][0], dtype=np.float32)
     temperature = card.temperature if views == card.tta else fit_temperature(parts["val"][1], parts["val"][0])
     probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
     y_val, p_val = probs["val"]
@@ -121,12 +133,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     thr = policy["threshold"]
     screen_card = None
     if screen:
-        if views == 1:
-            raise DefectclsError("--screen needs test-time views to save: use it with --tta 4 or 8 (or a card with them)")
-        one = Predictor(model_dir, backend="torch", tta=1, screen=False)
-        one.prep = pred.prep
-        p1 = {name: prob_bad_from_logits(np.array(evaluate_model(model_dir, root, split=name, predictor=one)["logits"],
-                                                  dtype=np.float32), temperature) for name in parts}
+        p1 = {name: prob_bad_from_logits(z, temperature) for name, z in z1.items()}
         flagged = (y_val == 1) & (p_val >= thr)
         if not flagged.any():
             raise DefectclsError("no validation bad part reaches the threshold: nothing to choose a screen from")
@@ -137,16 +144,15 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
         highest = float(p1["val"][y_val == 0].max())
         above = max(highest, thr)
         n_good = int((y_val == 0).sum())
-        v1 = p1["val"]
+        all_views = {name: screen_all_views(p, below, above) for name, p in p1.items()}
         screen_card = {"views": 1, "below": below, "above": above, "lowest_flagged_bad": lowest,
                        "highest_good": highest, "margin": SCREEN_MARGIN, "n_flagged_bad_val": int(flagged.sum()),
                        "clear_miss_bound": 1.0 / (int(flagged.sum()) + 1), "n_good_val": n_good,
                        "false_alarm_bound": 1.0 / (n_good + 1),
-                       "all_views_val": float(np.mean((v1 >= below) & (v1 <= above))),
-                       "all_views_val_good": float(np.mean(((v1 >= below) & (v1 <= above))[y_val == 0])),
-                       "all_views_val_bad": float(np.mean(((v1 >= below) & (v1 <= above))[y_val == 1]))}
-        probs = {name: (y, np.where((p1[name] < below) | (p1[name] > above), p1[name], p))
-                 for name, (y, p) in probs.items()}
+                       "all_views_val": float(np.mean(all_views["val"])),
+                       "all_views_val_good": float(np.mean(all_views["val"][y_val == 0])),
+                       "all_views_val_bad": float(np.mean(all_views["val"][y_val == 1]))}
+        probs = {name: (y, np.where(all_views[name], p, p1[name])) for name, (y, p) in probs.items()}
     for name, (y, p) in probs.items():
         metrics[name] = compute_metrics(y, p, thr)
     before = {"threshold": card.threshold, "threshold_policy": card.threshold_policy, "metrics": card.metrics,
