@@ -281,6 +281,7 @@ def _bench_screen(pred, png: bytes, x1: np.ndarray, iters: int, warmup: int, dis
     """A screened model (``Predictor.screen_below``): which path the request part takes, and the
     one-view path's forward and end-to-end request on a good part (both paths: "one view", "all views")."""
     good = request_png(int(pred.load(png).shape[0]), seed=1, bad=False)
+
     def path(x: np.ndarray) -> str:
         return "all views" if pred._escalated(pred._screen.logits(x))[0] else "one view"
 
