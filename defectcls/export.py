@@ -36,7 +36,7 @@ from .errors import DefectclsError
 from .evaluate import prob_bad_from_logits
 from .explain import normalize_cam
 from .inference import ONNX_FILE, ONNX_INT8_FILE, Predictor
-from .models import check_tta, eval_batch, load_model_dir, model_cam_offset, weights_sha256, with_tta
+from .models import check_tta, load_model_dir, model_cam_offset, weights_sha256, with_tta
 
 DEFAULT_OPSET = 17
 FP32_TOL = 1e-3          # max |P(bad) difference| between torch and the fp32 graph (and every verdict equal):
@@ -70,7 +70,7 @@ def _run(session, x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray | N
 def _torch_reference(model_dir: Path, x: np.ndarray, batch: int | None = None,
                      views: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     pred = Predictor(model_dir, device="cpu", backend="torch", tta=views, screen=False)
-    batch = batch or eval_batch(pred.card.img_size, pred.card.tta)
+    batch = batch or pred.card.scoring_batch()
     parts = [pred.forward_cam(x[i:i + batch]) if pred.has_fast_cam else (pred.logits(x[i:i + batch]), None)
              for i in range(0, len(x), batch)]
     logits = np.concatenate([p[0] for p in parts])
@@ -262,7 +262,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
         _torch_export(module, dummy, tmp_fp32, outputs, opset)
         _set_metadata(tmp_fp32, {**meta, "precision": "fp32"})
         x, y = synthetic_inputs(card, n_check, seed, render_size)
-        batch = eval_batch(card.img_size, card.tta)   # the pixel budget of scoring: 448 px with 8 views, 2 parts
+        batch = card.scoring_batch()   # the pixel budget of scoring: 448 px with 8 views, 2 parts
         ref_logits, ref_cam = _torch_reference(model_dir, x, batch, views=card.tta)
         s32 = make_session(tmp_fp32)
         l32, c32 = _run(s32, x, batch)
@@ -309,7 +309,7 @@ def _export_int8(fp32_path: Path, dst: Path, tmp: Path, card, meta: dict, x: np.
         try:
             _quantize(fp32_path, cand, how, calib)
             _set_metadata(cand, {**meta, "precision": "int8", "quantization": how})
-            l8, c8 = _run(make_session(cand), x, eval_batch(card.img_size, card.tta))
+            l8, c8 = _run(make_session(cand), x, card.scoring_batch())
         except Exception as exc:  # onnxruntime's quantiser raises many types
             tried.append({"method": how, "error": str(exc).splitlines()[0][:200]})
             continue

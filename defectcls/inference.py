@@ -39,7 +39,6 @@ from .explain import CAM_TARGET, cam_split, gradcam_torch, screen_all_views, scr
 from .models import (
     ModelCard,
     check_tta,
-    eval_batch,
     load_model_dir,
     model_cam_offset,
     read_card,
@@ -341,9 +340,9 @@ class Predictor:
 
     def logits_cached(self, images_u8: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Raw logits (Nx2) for already decoded uint8 NxCxSxS images at the card's size (BATCH_SIZE None:
-        ``eval_batch`` for the card's size, views and members)."""
+        ``ModelCard.scoring_batch``)."""
         c = self.card
-        batch_size = batch_size or eval_batch(c.img_size, c.tta, len(c.members or []) or 1)
+        batch_size = batch_size or c.scoring_batch()
         out = [self.logits(D.normalize(images_u8[i:i + batch_size], c.mean, c.std))
                for i in range(0, len(images_u8), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(c.labels)), np.float32)

@@ -491,8 +491,12 @@ class ModelCard:
                                     # (``data.fit_frame``); None: the whole photo (cards before it)
     background: list[float] | None = None  # the training photos' background, 0-255 per channel: black or white
                                            # fills unlike it are a tool's (``data.restore_fill``); None: cards before it
-    screen: dict | None = None  # one view first (``inference.Predictor``): a part whose one-view P(bad) is below
-                                # screen["below"] is good without its other views; None: every part gets all views
+    screen: dict | None = None  # one view first (``inference.Predictor``): one-view P(bad) below screen["below"] is
+                                # good, above screen["above"] bad, without the other views; None: all views always
+
+    def scoring_batch(self) -> int:
+        """Photos per scoring batch for this card's size, views and members (``eval_batch``)."""
+        return eval_batch(self.img_size, self.tta, len(self.members or []) or 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
