@@ -218,13 +218,15 @@ def _mb(path: Path) -> float:
 
 def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, int8: bool = False,
                 opset: int = DEFAULT_OPSET, check: bool = True, n_check: int = 200, n_calib: int = 256,
-                seed: int = 12345, render_size: int | None = None, views: int | None = None) -> dict:
+                seed: int = 12345, render_size: int | None = None, views: int | None = None,
+                _inputs: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Write model.onnx (and with INT8 model.int8.onnx) for MODEL_DIR into OUT (default: MODEL_DIR).
 
     The graph answers with VIEWS test-time views (default: the card's ``tta``). A card's one-view
     screen (``inference.Predictor``) is not in it: with VIEWS None such a card also gets
     model.screen.onnx, the one-view graph (parity-checked the same way), which
-    ``edge.EdgePredictor`` runs in front of model.onnx.
+    ``edge.EdgePredictor`` runs in front of model.onnx. _INPUTS: the parity check's (inputs, labels)
+    when they are already rendered (that screen graph's check uses the full graph's).
     Parity runs on N_CHECK synthetic parts (half bad; ``synth``, seeds from SEED) and is reported;
     with CHECK a failure raises DefectclsError (a failing int8 file is not kept). fp32: max
     |P(bad) difference| to torch <= 1e-3 and every verdict the same. int8: calibrated on N_CALIB other synthetic parts (64 were
@@ -261,7 +263,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
         tmp_fp32 = Path(tmp) / ONNX_FILE
         _torch_export(module, dummy, tmp_fp32, outputs, opset)
         _set_metadata(tmp_fp32, {**meta, "precision": "fp32"})
-        x, y = synthetic_inputs(card, n_check, seed, render_size)
+        x, y = _inputs if _inputs is not None else synthetic_inputs(card, n_check, seed, render_size)
         batch = card.scoring_batch()   # the pixel budget of scoring: 448 px with 8 views, 2 parts
         ref_logits, ref_cam = _torch_reference(model_dir, x, batch, views=card.tta)
         s32 = make_session(tmp_fp32)
@@ -288,8 +290,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     if views is None and card.screen and card.tta > 1:
         # the card's one-view screen runs a one-view graph beside this one (``edge.EdgePredictor``)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.") as tmp:
-            sub = export_onnx(model_dir, out=tmp, opset=opset, check=check, n_check=n_check, seed=seed,
-                              render_size=render_size, views=1)
+            sub = export_onnx(model_dir, out=tmp, opset=opset, check=check, views=1, _inputs=(x, y))
             os.replace(Path(tmp) / ONNX_FILE, out_dir / SCREEN_ONNX_FILE)
         report["parity"]["screen"] = sub["parity"]["fp32"]
         report["files"]["screen"] = {"path": str(out_dir / SCREEN_ONNX_FILE), "size_mb": _mb(out_dir / SCREEN_ONNX_FILE)}
