@@ -24,7 +24,7 @@ import numpy as np
 from . import data as D
 from .errors import DefectclsError, ImageLoadError, ModelLoadError
 from .evaluate import prob_bad_from_logits
-from .explain import encode_jpeg, normalize_cam, overlay, screened
+from .explain import encode_jpeg, normalize_cam, overlay, screen_bounds, screened
 
 INPUT_NAME = "input"
 LOGITS_NAME = "logits"
@@ -88,11 +88,12 @@ class EdgePredictor:
         # where the heat-map's cells are drawn (``models.cam_offset``); exports older than it: the usual place
         self.cam_offset: tuple[float, float] = tuple(json.loads(meta.get("cam_offset", "[0, 0]")))
         self.screen_session = None
-        screen = self.card.get("screen")
-        if screen and int(self.card.get("tta", 1)) > 1 and (self.path.parent / SCREEN_ONNX_FILE).is_file():
-            self._open_screen(self.path.parent / SCREEN_ONNX_FILE, meta, screen, threads, spin)
+        bounds = screen_bounds(self.card.get("screen"), self.card.get("tta", 1))
+        if bounds is not None and (self.path.parent / SCREEN_ONNX_FILE).is_file():
+            self._open_screen(self.path.parent / SCREEN_ONNX_FILE, meta, bounds, threads, spin)
 
-    def _open_screen(self, path: Path, meta: dict, screen: dict, threads: int | None, spin: bool) -> None:
+    def _open_screen(self, path: Path, meta: dict, bounds: tuple[float, float], threads: int | None,
+                     spin: bool) -> None:
         """The card's one-view screen (``inference.Predictor``) from PATH, the export's one-view graph."""
         session = make_session(path, threads, spin)
         smeta = session_meta(session)
@@ -101,8 +102,7 @@ class EdgePredictor:
         if int(json.loads(smeta.get("card", "{}")).get("tta", 1)) != 1:
             raise ModelLoadError(f"{path} is not a one-view graph: export again")
         self.screen_session = session
-        self.screen_below = float(screen["below"])
-        self.screen_above = float(screen.get("above", float("inf")))
+        self.screen_below, self.screen_above = bounds
         self.screen_cam_offset: tuple[float, float] = tuple(json.loads(smeta.get("cam_offset", "[0, 0]")))
         self.has_cam = self.has_cam and CAM_NAME in session_outputs(session)
 

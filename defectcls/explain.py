@@ -100,6 +100,14 @@ def regrid_cam(raw: np.ndarray, size: tuple[int, int], offset: tuple[float, floa
     return _resize_linear(np.maximum(np.asarray(raw, np.float32), np.float32(0.0)), gh, gw, (dy, dx))
 
 
+def screen_bounds(screen: dict | None, views: int) -> tuple[float, float] | None:
+    """(below, above) of a card's one-view screen (``card.screen``), or None where there is none to apply
+    (no screen, or a model answering with one view; cards before ``above``: no upper bound)."""
+    if not screen or int(views) <= 1:
+        return None
+    return float(screen["below"]), float(screen.get("above", float("inf")))
+
+
 def screen_all_views(p1: np.ndarray, below: float, above: float = float("inf")) -> np.ndarray:
     """Which parts a one-view screen leaves to all views (bool N): one-view P(bad) P1 from BELOW up to ABOVE."""
     return (p1 >= below) & ~(p1 > above)

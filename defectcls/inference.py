@@ -35,7 +35,7 @@ from .config import resolve_device
 from .edge import CAM_NAME, INPUT_NAME, LOGITS_NAME, make_session, session_meta, session_outputs
 from .errors import DefectclsError, ImageLoadError, ModelLoadError
 from .evaluate import prob_bad_from_logits
-from .explain import CAM_TARGET, cam_split, gradcam_torch, screen_all_views, screened
+from .explain import CAM_TARGET, cam_split, gradcam_torch, screen_all_views, screen_bounds, screened
 from .models import (
     ModelCard,
     check_tta,
@@ -140,9 +140,9 @@ class Predictor:
         self.screen_below: float | None = None
         self.screen_above: float | None = None
         self._screen: Predictor | None = None
-        if screen is not False and own_views and self.card.screen and self.card.tta > 1:
-            self.screen_below = float(self.card.screen["below"])
-            self.screen_above = float(self.card.screen.get("above", float("inf")))
+        bounds = screen_bounds(self.card.screen, self.card.tta) if screen is not False and own_views else None
+        if bounds is not None:
+            self.screen_below, self.screen_above = bounds
             self._screen = Predictor(model_dir, device=device, threads=threads, fp16=fp16,
                                      backend="auto" if self.backend == "onnx" else self.backend,
                                      tta=1, export_missing=True if self.backend == "onnx" else export_missing,
