@@ -466,3 +466,64 @@ def test_mask_head_reads_the_cam_layer_and_leaves_no_hook_behind():
     assert logits.shape == (3, 2) and cells.shape == (3, 1, 2, 2)
     assert head.remove() is model and not layer._forward_hooks
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_consistency_loss_weighs_good_parts_whose_two_views_disagree():
+    import torch
+
+    from defectcls.train import CONSISTENCY_CLAMP, consistency_loss
+
+    def logits(margins):   # (good, bad) logits with the given bad-minus-good margins
+        m = torch.tensor(margins, dtype=torch.float32)
+        return torch.stack([torch.zeros_like(m), m], dim=1)
+
+    y = torch.tensor([0, 1, 0, 1])   # two photos, then their second views in the same order
+    # the good photo's views at P(bad) ~0.001 and ~0.01 (margins -7, -4.6): that is what it costs
+    assert float(consistency_loss(logits([-7.0, 3.0, -4.6, 3.0]), y)) == pytest.approx(2.4 ** 2 / 1)
+    # a bad photo whose second view lost its defect costs nothing: only good parts are pulled together
+    assert float(consistency_loss(logits([-7.0, 6.0, -7.0, -6.0]), y)) == 0.0
+    # beyond the clamp both views count as equally sure
+    far = -CONSISTENCY_CLAMP - 5
+    assert float(consistency_loss(logits([far, 0.0, -CONSISTENCY_CLAMP, 0.0]), y)) == 0.0
+    # the mean over the good photos of the batch
+    y4 = torch.tensor([0, 0, 0, 0])
+    assert float(consistency_loss(logits([-1.0, -3.0, -2.0, -3.0]), y4)) == pytest.approx(0.5)
+    # the loss reaches the logits
+    lg = logits([-7.0, 3.0, -4.6, 3.0]).requires_grad_()
+    consistency_loss(lg, y).backward()
+    assert lg.grad[0, 1] < 0 < lg.grad[2, 1]
+
+
+def test_consistency_trains_on_two_views_of_each_photo(tiny_data, tmp_path, monkeypatch):
+    import torch
+
+    import defectcls.train as T
+
+    seen = []
+    real = T.augment
+
+    def spy(x, cfg, g, labels=None, masks=None):
+        seen.append((x.clone(), labels.clone()))
+        out = real(x, cfg, g, labels=labels, masks=masks)
+        seen[-1] += (out.clone(),)
+        return out
+
+    monkeypatch.setattr(T, "augment", spy)
+    result = train(_tiny_cfg(tiny_data, tmp_path / "m", consistency=0.1, tta=1))
+    assert seen
+    for x, y, out in seen:
+        a, b = x.chunk(2)
+        assert len(x) % 2 == 0 and torch.equal(a, b) and torch.equal(*y.chunk(2))   # each photo twice
+        assert not torch.equal(*out.chunk(2))                                      # each copy its own view
+    card = json.loads((Path(result["out"]) / "card.json").read_text())
+    assert card["train"]["config"]["consistency"] == 0.1
+
+
+@pytest.mark.parametrize("kw, match", [(dict(consistency=-0.1), "--consistency must be >= 0"),
+                                       (dict(consistency=0.1, batch_size=2), "--batch-size must be >= 4")])
+def test_consistency_bad_values_are_clear_errors(tiny_data, tmp_path, kw, match):
+    from defectcls.errors import DefectclsError
+
+    with pytest.raises(DefectclsError, match=match):
+        train(_tiny_cfg(tiny_data, tmp_path / "m", **kw))
+    assert not (tmp_path / "m").exists()
