@@ -112,10 +112,6 @@ def _add_train(sub) -> None:
     p.add_argument("--hard-share", type=float, default=d.hard_share, metavar="F",
                    help="share of each epoch (after the first) drawn again in proportion to each photo's recent "
                         "loss, so rare defects the network still misses are seen more often; 0: off")
-    p.add_argument("--consistency", type=float, default=d.consistency, metavar="W",
-                   help="each batch holds two augmented views of half as many photos; W times the squared "
-                        "difference of the two views' logit margins on good parts joins the loss, so light, focus "
-                        "and pose drift move a good part's score less; 0: off")
     p.add_argument("--masks", metavar="DIR",
                    help="defect masks named like the bad images (`defectcls synth --masks` writes DATA/masks): a "
                         "second loss teaches the last feature map (the Grad-CAM layer) where each defect is")
@@ -192,8 +188,7 @@ def _run_train(a) -> int:
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
                       folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,
                       progress=not a.json, aug=AugConfig.preset(a.aug), input_norm=a.input_norm, pool=a.pool, tta=a.tta,
-                      frame=a.frame, masks=a.masks, mask_weight=a.mask_weight,
-                      consistency=a.consistency)
+                      frame=a.frame, masks=a.masks, mask_weight=a.mask_weight)
     if not 0 <= a.bad_degrade <= 1:
         raise DefectclsError("--bad-degrade must be in [0, 1]")
     cfg.aug = replace(cfg.aug, bad_degrade=a.bad_degrade, **_aug_overrides(a.aug_set))

@@ -181,9 +181,6 @@ class TrainConfig:
     masks: str | None = None          # folder of defect masks named like the bad images (``synth --masks``):
                                       # the last feature map learns, cell by cell, where the defects are
     mask_weight: float = 1.0          # weight of that mask loss beside the class loss
-    consistency: float = 0.0          # > 0: each batch holds two augmented views of half as many photos, and
-                                      # this weight times the squared difference of the two views' logit
-                                      # margins on good parts (train.consistency_loss) joins the class loss
     ema: float = 0.0                  # > 0: validate and keep an exponential moving average of the weights
                                       # with this decay per step (0.995: about the last 200 steps)
     tta: int = 8                      # test-time views the saved model answers with (1, 4, 8): the threshold and

@@ -104,10 +104,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
                              f"sum to at most 1, got {', '.join(f'{f:g}' for f in fills)}")
     if cfg.mask_weight <= 0:
         raise DefectclsError(f"--mask-weight must be > 0, got {cfg.mask_weight}")
-    if cfg.consistency < 0:
-        raise DefectclsError(f"--consistency must be >= 0 (0: off), got {cfg.consistency}")
-    if cfg.consistency and cfg.batch_size < 4:
-        raise DefectclsError(f"--consistency pairs two views of each photo: --batch-size must be >= 4, got {cfg.batch_size}")
     if cfg.tta not in TTA_VIEWS:
         raise DefectclsError(f"--tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {cfg.tta!r}")
     frame = cfg.frame or ("part" if init_card and init_card.frame_ref else "full")
@@ -397,23 +393,6 @@ def mask_loss(cell_logits: torch.Tensor, masks: torch.Tensor, known: torch.Tenso
     return 0.5 * (loss + (per_cell * target).sum() / pos) if pos > 0 else loss
 
 
-CONSISTENCY_CLAMP = 8.0   # logit margins beyond +-8 (P(bad) < 0.0003 or > 0.9997) count as that far
-
-
-def consistency_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference between the logit margins (bad minus good) of two views of each good photo:
-    LOGITS and LABELS hold the first views of a batch's photos, then their second views in the same order.
-
-    Only good parts: a view of a bad part may have lost its defect to blur or a turn, and pulling the two
-    views together would teach the network to overlook what the other view shows. Margins are clamped to
-    +-CONSISTENCY_CLAMP, so a part both views are sure of costs nothing, while a good part that one view
-    scores 0.001 and the other 0.01 costs what a no-miss threshold near 0.01 makes of it."""
-    m = (logits[:, 1] - logits[:, 0]).clamp(-CONSISTENCY_CLAMP, CONSISTENCY_CLAMP)
-    a, b = m.chunk(2)
-    good = labels.chunk(2)[0] == 0
-    return ((a - b).pow(2) * good).sum() / good.sum().clamp_min(1)
-
-
 @contextlib.contextmanager
 def _interruptible(enabled: bool):
     """Within the block, Ctrl-C or SIGTERM (``timeout``, a job scheduler) ends the training loop instead of the
@@ -479,7 +458,6 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     best_score, best_state, best_epoch, history = (math.inf, math.inf, math.inf), None, -1, []
     stale = 0
     sample_loss = np.full(len(y_train), np.nan)   # running loss of each training photo (hard-example sampling)
-    pairs = cfg.consistency > 0
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     t_loop = time.perf_counter()
     with _interruptible(not distributed) as interrupted:
@@ -499,8 +477,6 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 idx = order[i:i + cfg.batch_size].numpy()
                 if len(idx) < 2:  # BatchNorm cannot train on a single sample
                     continue
-                if pairs:   # the first half of the photos, twice: each copy gets its own augmentation
-                    idx = np.concatenate([idx[: len(idx) // 2]] * 2)
                 xb = torch.from_numpy(x_train[idx]).to(device).float() / 255.0
                 yb = torch.from_numpy(y_train[idx]).to(device)
                 aug = cfg.aug.at_strength(cfg.aug.strength((epoch * steps_per_epoch + step) / total_steps))
@@ -514,8 +490,6 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 logits = out[0] if masks is not None else out
                 per_sample = F.cross_entropy(logits, yb, reduction="none")
                 loss = (per_sample * class_w[yb]).sum() / class_w[yb].sum() if class_w is not None else per_sample.mean()
-                if pairs:
-                    loss = loss + cfg.consistency * consistency_loss(logits, yb)
                 if masks is not None:
                     loss = loss + cfg.mask_weight * mask_loss(out[1], mb, torch.from_numpy(masks[1][idx]).to(device),
                                                               cell_offset)
@@ -529,8 +503,6 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 losses.append(loss.item())
                 if cfg.hard_share > 0:   # only hard-example sampling reads them: no device->host copy otherwise
                     seen = per_sample.detach().cpu().double().numpy()
-                    if pairs:   # a photo's loss: the mean over its two views
-                        idx, seen = idx[: len(idx) // 2], 0.5 * (seen[: len(seen) // 2] + seen[len(seen) // 2:])
                     prev = sample_loss[idx]
                     sample_loss[idx] = np.where(np.isnan(prev), seen, 0.5 * (prev + seen))
                 if hasattr(bar, "set_postfix"):
