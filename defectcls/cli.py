@@ -216,7 +216,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--report-dir", help="write ROC, confusion and reliability plots and metrics.json here")
     p.add_argument("--perturb", action="store_true",
                    help="score clean and under each perturbation (light, blur, JPEG, noise, pose); "
-                        "with --report-dir writes perturb.md and perturb.json")
+                        "with --report-dir writes perturb.md, perturb.json and perturb_scores.csv (each "
+                        "photo's P(bad) under each perturbation)")
     p.add_argument("--perturb-names", help="comma-separated perturbations or groups (implies --perturb; default: "
                                            "'line', the line's drifts; 'stronger': past them; 'fills': turns and "
                                            "zooms with black, white, mirrored or edge corners; 'all'; 'list' "
@@ -530,7 +531,7 @@ def _run_export(a) -> int:
 # ---------------------------------------------------------------- evaluate --perturb, experiment
 
 def _run_evaluate_perturb(a) -> int:
-    from .perturb import PERTURBATIONS, evaluate_perturbed, format_table, write_report
+    from .perturb import PERTURBATIONS, evaluate_perturbed, format_table, summary, write_report
 
     if a.perturb_names == "list":
         _emit({"perturbations": list(PERTURBATIONS)}, a.json, "\n".join(PERTURBATIONS))
@@ -539,7 +540,7 @@ def _run_evaluate_perturb(a) -> int:
                              seed=a.perturb_seed, threshold=a.threshold, progress=not a.json)
     if a.report_dir:
         res["report_files"] = write_report(res, a.report_dir)
-    _emit(res, a.json, format_table(res))
+    _emit(summary(res), a.json, format_table(res))
     return 0
 
 

@@ -253,7 +253,9 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
     test part when DATA_ROOT is its training folder). Each image is decoded once; every
     perturbation works on that decoded array in memory and goes through the model's own
     preprocessing. Returns {model_id, split, threshold, seed, n, rows: [{name, fnr, fpr, fn, fp,
-    n_bad, n_good, auroc, ece}], worst: {fnr, fpr}, skipped, seconds}; rows[0] is ``clean``.
+    n_bad, n_good, auroc, ece}], worst: {fnr, fpr}, skipped, seconds, scores}; rows[0] is ``clean``.
+    ``scores`` holds each photo's path, label and P(bad) per perturbation (``write_report`` puts it
+    in perturb_scores.csv: which parts flip, and under what).
     """
     from .evaluate import compute_metrics
     from .inference import Predictor
@@ -265,6 +267,7 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
     samples, used = select_split(model_dir, data_root, D.scan_folder(data_root), split)
     probs: dict[str, list[np.ndarray]] = {n: [] for n in cols}
     ys: list[int] = []
+    paths: list[str] = []
     skipped: list[dict] = []
     chunks = range(0, len(samples), batch_size)
     if progress:
@@ -281,6 +284,7 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
                 continue
             keys.append(os.path.basename(s.path))
             ys.append(s.label)
+            paths.append(s.path)
         if not imgs:
             continue
         for name in cols:
@@ -291,9 +295,9 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
         raise DefectclsError(f"no readable images in {data_root}")
     y = np.asarray(ys)
     thr = pred.threshold if threshold is None else float(threshold)
-    rows = []
+    rows, p_bad = [], {name: np.concatenate(probs[name]) for name in cols}
     for name in cols:
-        m = compute_metrics(y, np.concatenate(probs[name]), thr)
+        m = compute_metrics(y, p_bad[name], thr)
         rows.append({"name": name, **{k: m[k] for k in ROW_KEYS}})
     worst = {}
     for k in ("fnr", "fpr"):
@@ -303,7 +307,8 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
             worst[k] = {"name": tied[0], "value": rows[cols.index(tied[0])][k], "ties": len(tied) - 1}
     return {"model_id": pred.model_id, "model_dir": str(model_dir), "data": str(data_root), "split": used,
             "threshold": thr, "seed": seed, "n": int(len(y)), "rows": rows, "worst": worst,
-            "skipped": skipped, "seconds": round(time.perf_counter() - t0, 1)}
+            "skipped": skipped, "seconds": round(time.perf_counter() - t0, 1),
+            "scores": {"path": paths, "label": ys, "p_bad": p_bad}}
 
 
 def _nan_low(v: float) -> float:
@@ -337,8 +342,27 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(res: dict) -> dict:
+    """RES without its per-photo ``scores``: what --json prints and perturb.json holds."""
+    return {k: v for k, v in res.items() if k != "scores"}
+
+
+def write_scores_csv(res: dict, path: str | os.PathLike) -> None:
+    """One row per photo: path, label (good/bad), then its P(bad) clean and under each perturbation."""
+    import csv
+
+    sc = res["scores"]
+    names = [r["name"] for r in res["rows"]]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", *names])
+        for i, (pth, y) in enumerate(zip(sc["path"], sc["label"], strict=True)):
+            w.writerow([pth, "bad" if y == 1 else "good", *(repr(float(sc["p_bad"][n][i])) for n in names)])
+
+
 def write_report(res: dict, report_dir: str | os.PathLike) -> list[str]:
-    """perturb.md (table), perturb.json (the result) and perturb.png (FNR/FPR bars) in REPORT_DIR."""
+    """perturb.md (table), perturb.json (the result), perturb_scores.csv (each photo's P(bad) under each
+    perturbation) and perturb.png (FNR/FPR bars) in REPORT_DIR."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,7 +374,8 @@ def write_report(res: dict, report_dir: str | os.PathLike) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "perturb.md").write_text("# Scores under perturbations\n\n" + format_table(res)
                                     + "\n\n![FNR and FPR per perturbation](perturb.png)\n", encoding="utf-8")
-    (out / "perturb.json").write_text(to_json(res) + "\n", encoding="utf-8")
+    (out / "perturb.json").write_text(to_json(summary(res)) + "\n", encoding="utf-8")
+    write_scores_csv(res, out / "perturb_scores.csv")
     names = [r["name"] for r in res["rows"]]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names)), 4))
     xs = np.arange(len(names))
@@ -362,4 +387,4 @@ def write_report(res: dict, report_dir: str | os.PathLike) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "perturb.png", dpi=100)
     plt.close(fig)
-    return [str(out / f) for f in ("perturb.md", "perturb.json", "perturb.png")]
+    return [str(out / f) for f in ("perturb.md", "perturb.json", "perturb_scores.csv", "perturb.png")]

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +240,17 @@ def test_cli_evaluate_perturb_writes_the_report(tiny_model, tiny_data, tmp_path,
     md = (tmp_path / "perturb.md").read_text()
     assert "| rotate90 |" in md and "| clean |" in md
     assert json.loads((tmp_path / "perturb.json").read_text())["model_id"] == out["model_id"]
+    assert "scores" not in out   # the per-photo scores go to the CSV, not to stdout
+    # each photo's P(bad) per perturbation: the CSV's counts at the threshold are the table's
+    import csv
+
+    with open(tmp_path / "perturb_scores.csv", newline="") as fh:
+        photos = list(csv.DictReader(fh))
+    assert len(photos) == out["n"] and {"path", "label", "clean", "rotate90", "jpeg30"} == set(photos[0])
+    assert all(Path(r["path"]).is_file() and r["label"] in ("good", "bad") for r in photos)
+    for row in out["rows"]:
+        flagged = [r["label"] for r in photos if float(r[row["name"]]) >= out["threshold"]]
+        assert (flagged.count("good"), row["n_bad"] - flagged.count("bad")) == (row["fp"], row["fn"])
     assert main(["evaluate", "--model", str(tiny_model), "--data", str(tiny_data), "--perturb-names", "fog"]) == 2
 
 
