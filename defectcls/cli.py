@@ -213,7 +213,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--split", choices=["auto", "all", "train", "val", "test"], default="auto",
                    help="auto: the model's own test part when DATA is its training folder, else all images")
     p.add_argument("--threshold", type=float, default=None, help="override the card's threshold")
-    p.add_argument("--report-dir", help="write ROC, confusion and reliability plots and metrics.json here")
+    p.add_argument("--report-dir", help="write ROC, confusion and reliability plots, metrics.json and scores.csv "
+                                        "(each photo's P(bad) and verdict) here")
     p.add_argument("--perturb", action="store_true",
                    help="score clean and under each perturbation (light, blur, JPEG, noise, pose); "
                         "with --report-dir writes perturb.md, perturb.json and perturb_scores.csv (each "
@@ -236,7 +237,8 @@ def _run_evaluate(a) -> int:
     res = evaluate_model(a.model or default_model_dir(), a.data, split=a.split, threshold=a.threshold)
     m = res["metrics"]
     if a.report_dir:
-        res["report_files"] = write_report(a.report_dir, res["y_true"], res["prob_bad"], m, title=res["model_id"])
+        res["report_files"] = write_report(a.report_dir, res["y_true"], res["prob_bad"], m, title=res["model_id"],
+                                           paths=res["paths"])
     out = {**m, "model_id": res["model_id"], "split": res["split"], "skipped": res["skipped"],
            **({"report_files": res["report_files"]} if a.report_dir else {})}
     text = (f"{res['model_id']} on {a.data} ({res['split']}, n={m['n']}): threshold {m['threshold']:.4f}\n"

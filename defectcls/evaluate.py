@@ -173,9 +173,23 @@ def to_json(obj) -> str:
     return json.dumps(_jsonable(obj))
 
 
+def write_scores_csv(path: str | os.PathLike, paths: Sequence[str], labels: Sequence[int],
+                     columns: dict[str, Sequence]) -> None:
+    """One row per photo: path, label (good/bad), then each of COLUMNS (numbers at full precision)."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", *columns])
+        for i, (pth, y) in enumerate(zip(paths, labels, strict=True)):
+            w.writerow([pth, "bad" if y == 1 else "good",
+                        *(v if isinstance(v := col[i], str) else repr(float(v)) for col in columns.values())])
+
+
 def write_report(report_dir: str | os.PathLike, y_true: Sequence[int], prob_bad: Sequence[float],
-                 metrics: dict, title: str = "") -> list[str]:
-    """ROC, confusion-matrix and reliability plots (PNG) plus metrics.json; returns the files written."""
+                 metrics: dict, title: str = "", paths: Sequence[str] | None = None) -> list[str]:
+    """ROC, confusion-matrix and reliability plots (PNG) plus metrics.json, and with PATHS (the photos
+    in the order of Y_TRUE) scores.csv: each photo's P(bad) and verdict. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,4 +248,8 @@ def write_report(report_dir: str | os.PathLike, y_true: Sequence[int], prob_bad:
 
     (out / "metrics.json").write_text(to_json(metrics) + "\n", encoding="utf-8")
     files.append(str(out / "metrics.json"))
+    if paths is not None:
+        verdict = ["bad" if v >= metrics["threshold"] else "good" for v in p]
+        write_scores_csv(out / "scores.csv", paths, y, {"p_bad": p, "verdict": verdict})
+        files.append(str(out / "scores.csv"))
     return files

@@ -347,19 +347,6 @@ def summary(res: dict) -> dict:
     return {k: v for k, v in res.items() if k != "scores"}
 
 
-def write_scores_csv(res: dict, path: str | os.PathLike) -> None:
-    """One row per photo: path, label (good/bad), then its P(bad) clean and under each perturbation."""
-    import csv
-
-    sc = res["scores"]
-    names = [r["name"] for r in res["rows"]]
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", *names])
-        for i, (pth, y) in enumerate(zip(sc["path"], sc["label"], strict=True)):
-            w.writerow([pth, "bad" if y == 1 else "good", *(repr(float(sc["p_bad"][n][i])) for n in names)])
-
-
 def write_report(res: dict, report_dir: str | os.PathLike) -> list[str]:
     """perturb.md (table), perturb.json (the result), perturb_scores.csv (each photo's P(bad) under each
     perturbation) and perturb.png (FNR/FPR bars) in REPORT_DIR."""
@@ -368,15 +355,16 @@ def write_report(res: dict, report_dir: str | os.PathLike) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .evaluate import to_json
+    from .evaluate import to_json, write_scores_csv
 
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "perturb.md").write_text("# Scores under perturbations\n\n" + format_table(res)
                                     + "\n\n![FNR and FPR per perturbation](perturb.png)\n", encoding="utf-8")
     (out / "perturb.json").write_text(to_json(summary(res)) + "\n", encoding="utf-8")
-    write_scores_csv(res, out / "perturb_scores.csv")
     names = [r["name"] for r in res["rows"]]
+    sc = res["scores"]
+    write_scores_csv(out / "perturb_scores.csv", sc["path"], sc["label"], {n: sc["p_bad"][n] for n in names})
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names)), 4))
     xs = np.arange(len(names))
     for off, key, label in ((-0.2, "fnr", "FNR (bad parts missed)"), (0.2, "fpr", "FPR (good parts rejected)")):

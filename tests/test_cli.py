@@ -91,6 +91,15 @@ def test_evaluate_json_keys_and_report(tmp_path, tiny_model, tiny_data):
     split = json.loads((tiny_model / "split.json").read_text())
     assert m["n"] == len(split["test"])
     assert (tmp_path / "rep" / "roc.png").is_file() and (tmp_path / "rep" / "metrics.json").is_file()
+    # each photo's score and verdict: the test part's photos, counted as the metrics count them
+    import csv
+
+    with open(tmp_path / "rep" / "scores.csv", newline="") as fh:
+        photos = list(csv.DictReader(fh))
+    assert sorted(Path(r["path"]).name for r in photos) == sorted(Path(p).name for p, _ in split["test"])
+    assert all(r["verdict"] == ("bad" if float(r["p_bad"]) >= m["threshold"] else "good") for r in photos)
+    assert sum(r["label"] == "good" and r["verdict"] == "bad" for r in photos) == m["fp"]
+    assert sum(r["label"] == "bad" and r["verdict"] == "good" for r in photos) == m["fn"]
 
 
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):
