@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import LABELS
+
 
 def confusion(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float) -> dict[str, int]:
     """Counts with 'bad' as the positive class; a part is bad when prob_bad >= threshold."""
@@ -182,7 +184,7 @@ def write_scores_csv(path: str | os.PathLike, paths: Sequence[str], labels: Sequ
         w = csv.writer(fh)
         w.writerow(["path", "label", *columns])
         for i, (pth, y) in enumerate(zip(paths, labels, strict=True)):
-            w.writerow([pth, "bad" if y == 1 else "good",
+            w.writerow([pth, LABELS[int(y)],
                         *(v if isinstance(v := col[i], str) else repr(float(v)) for col in columns.values())])
 
 
@@ -249,7 +251,7 @@ def write_report(report_dir: str | os.PathLike, y_true: Sequence[int], prob_bad:
     (out / "metrics.json").write_text(to_json(metrics) + "\n", encoding="utf-8")
     files.append(str(out / "metrics.json"))
     if paths is not None:
-        verdict = ["bad" if v >= metrics["threshold"] else "good" for v in p]
+        verdict = [LABELS[int(v >= metrics["threshold"])] for v in p]
         write_scores_csv(out / "scores.csv", paths, y, {"p_bad": p, "verdict": verdict})
         files.append(str(out / "scores.csv"))
     return files
