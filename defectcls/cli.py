@@ -112,10 +112,6 @@ def _add_train(sub) -> None:
     p.add_argument("--hard-share", type=float, default=d.hard_share, metavar="F",
                    help="share of each epoch (after the first) drawn again in proportion to each photo's recent "
                         "loss, so rare defects the network still misses are seen more often; 0: off")
-    p.add_argument("--drop-good", type=float, default=d.drop_good, metavar="F",
-                   help="from the third epoch, this share of the good training photos with the highest recent loss "
-                        "train with no weight: a 'good' label the network keeps disputing (a mark like a defect's) "
-                        "no longer pulls the defects it resembles under the threshold; 0: off")
     p.add_argument("--masks", metavar="DIR",
                    help="defect masks named like the bad images (`defectcls synth --masks` writes DATA/masks): a "
                         "second loss teaches the last feature map (the Grad-CAM layer) where each defect is")
@@ -188,8 +184,7 @@ def _run_train(a) -> int:
                       batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, device=a.device,
                       target_fnr=a.target_fnr, threshold_method=a.threshold_method, patience=a.patience,
                       max_minutes=a.max_minutes, ema=a.ema,
-                      balance=a.balance, hard_share=a.hard_share, drop_good=a.drop_good,
-                      pretrained=a.pretrained, pretrained_file=a.pretrained_file,
+                      balance=a.balance, hard_share=a.hard_share, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
                       folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,
                       progress=not a.json, aug=AugConfig.preset(a.aug), input_norm=a.input_norm, pool=a.pool, tta=a.tta,

@@ -168,9 +168,6 @@ class TrainConfig:
     balance: str = "loss"             # loss | sampler | background | none
     hard_share: float = 0.25          # share of each epoch (after the first) drawn again by the photos' recent
                                       # loss (hard examples); 0: off
-    drop_good: float = 0.0            # from the third epoch, this share of the good training photos with the highest
-                                      # recent loss train with no weight (labels "good" the network keeps disputing,
-                                      # e.g. a rim dot like the bad parts' pin marks); 0: off
     pretrained: bool = False
     pretrained_file: str | None = None
     extra_labels: str | None = None

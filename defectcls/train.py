@@ -98,8 +98,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise DefectclsError(f"--epoch-size must be >= 0 (0: one pass over the training set), got {cfg.epoch_size}")
     if not 0 <= cfg.hard_share < 1:
         raise DefectclsError(f"--hard-share must be in [0, 1) (0: off), got {cfg.hard_share}")
-    if not 0 <= cfg.drop_good < 1:
-        raise DefectclsError(f"--drop-good must be in [0, 1) (0: off), got {cfg.drop_good}")
     fills = (cfg.aug.fill_border_p, cfg.aug.fill_reflect_p, cfg.aug.fill_const_p)
     if min(fills) < 0 or sum(fills) > 1:
         raise DefectclsError("the fill shares fill_border_p, fill_reflect_p and fill_const_p must be >= 0 and "
@@ -231,18 +229,6 @@ def epoch_order(y: np.ndarray, n_epoch: int, balance: str, gen: torch.Generator,
         hard = torch.multinomial(w, n_hard, replacement=True, generator=gen)
         order = torch.cat([order, hard])[torch.randperm(n_epoch, generator=gen)]
     return order
-
-
-def disputed_goods(y: np.ndarray, sample_loss: np.ndarray, share: float) -> np.ndarray:
-    """Mask of the good photos (label 0) whose recent loss is among the highest SHARE of the good ones seen:
-    labels the network keeps disputing. ``--drop-good`` trains them with no weight for an epoch."""
-    out = np.zeros(len(y), dtype=bool)
-    good = np.flatnonzero((y == 0) & np.isfinite(sample_loss))
-    k = int(math.ceil(share * int((y == 0).sum())))
-    if share <= 0 or k == 0 or len(good) == 0:
-        return out
-    out[good[np.argsort(-sample_loss[good], kind="stable")[:k]]] = True
-    return out
 
 
 def _merge_sample_loss(sample_loss: np.ndarray) -> np.ndarray:
@@ -478,9 +464,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
         for epoch in range(cfg.epochs):
             model.train()
             perm_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            dropped = disputed_goods(y_train, sample_loss, cfg.drop_good) if epoch >= 2 else np.zeros(len(y_train), bool)
-            order = epoch_order(y_train, n_epoch, cfg.balance, perm_gen, cfg.hard_share,
-                                np.where(dropped, 0.0, sample_loss) if epoch else None, draw_w)
+            order = epoch_order(y_train, n_epoch, cfg.balance, perm_gen, cfg.hard_share, sample_loss if epoch else None,
+                                draw_w)
             order = order[rank::world]
             bar = range(0, len(order), cfg.batch_size)
             if cfg.progress and rank == 0:
@@ -504,10 +489,7 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 out = net(xb)
                 logits = out[0] if masks is not None else out
                 per_sample = F.cross_entropy(logits, yb, reduction="none")
-                w = class_w[yb] if class_w is not None else torch.ones_like(per_sample)
-                if dropped.any():
-                    w = w * torch.from_numpy(~dropped[idx]).to(device)
-                loss = (per_sample * w).sum() / w.sum().clamp_min(1e-12)
+                loss = (per_sample * class_w[yb]).sum() / class_w[yb].sum() if class_w is not None else per_sample.mean()
                 if masks is not None:
                     loss = loss + cfg.mask_weight * mask_loss(out[1], mb, torch.from_numpy(masks[1][idx]).to(device),
                                                               cell_offset)
@@ -541,8 +523,7 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 score = (float(ramping), *score)
                 history.append({"epoch": epoch + 1, "steps": len(losses), "train_loss": float(np.mean(losses)),
                                 "val_loss": val_loss, "val_fnr": m["fnr"], "val_fpr": m["fpr"], "val_auroc": m["auroc"],
-                                "val_fpr_at_target_fnr": score[1], "aug_strength": round(strength, 3),
-                                **({"dropped_good": int(dropped.sum())} if cfg.drop_good else {})})
+                                "val_fpr_at_target_fnr": score[1], "aug_strength": round(strength, 3)})
                 improved = score < best_score
                 if improved:   # the copy first: an interrupt between the two leaves a matching pair
                     best_state = copy.deepcopy(scored.state_dict())

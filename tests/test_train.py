@@ -330,37 +330,6 @@ def test_hard_share_out_of_range_is_a_clear_error(tiny_data, tmp_path):
         train(_tiny_cfg(tiny_data, tmp_path / "m", hard_share=1.5))
 
 
-def test_drop_good_picks_the_good_photos_the_network_keeps_disputing():
-    import numpy as np
-
-    from defectcls.train import disputed_goods
-
-    y = np.array([0] * 100 + [1] * 50)
-    loss = np.full(150, 0.01)
-    loss[[3, 7, 42]] = [2.0, 0.9, 0.5]       # three good photos scored as bad
-    loss[[120, 121]] = 5.0                   # missed bad photos are never dropped
-    loss[50] = np.nan                        # not seen yet
-    assert np.flatnonzero(disputed_goods(y, loss, 0.02)).tolist() == [3, 7]
-    assert np.flatnonzero(disputed_goods(y, loss, 0.03)).tolist() == [3, 7, 42]
-    assert not disputed_goods(y, loss, 0.0).any()
-    assert not disputed_goods(y, np.full(150, np.nan), 0.5).any()
-    picked = disputed_goods(y, loss, 0.5)
-    assert picked.sum() == 50 and not picked[100:].any() and not picked[50]
-
-
-def test_drop_good_trains_without_the_disputed_labels_from_the_third_epoch(tiny_data, tmp_path):
-    from defectcls.errors import DefectclsError
-
-    out = tmp_path / "m"
-    train(_tiny_cfg(tiny_data, out, epochs=3, patience=3, drop_good=0.1))
-    card = json.loads((out / "card.json").read_text())
-    n_good = sum(1 for _, lab in json.loads((out / "split.json").read_text())["train"] if lab == 0)
-    assert [h["dropped_good"] for h in card["train"]["history"]] == [0, 0, -(-n_good // 10)]
-    assert card["train"]["config"]["drop_good"] == 0.1
-    with pytest.raises(DefectclsError, match="--drop-good"):
-        train(_tiny_cfg(tiny_data, tmp_path / "m2", drop_good=1.0))
-
-
 @pytest.fixture(scope="module")
 def masked_data(tmp_path_factory) -> Path:
     """24 good and 12 bad synthetic parts (96 px) with their defect masks in masks/."""
