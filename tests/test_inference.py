@@ -86,7 +86,9 @@ def test_backends_agree(varied, files):
     np.testing.assert_allclose(o.probs(x), t.probs(x), atol=1e-5)
     lt, ct = t.forward_cam(x)
     lo, co = o.forward_cam(x)
-    np.testing.assert_allclose(lo, lt, atol=1e-4, rtol=1e-4)
+    # the heat-map graph's logits: onnxruntime's kernels sum in another order than torch's; on an AMD EPYC a
+    # logit of 0.91 came out 2.3e-4 apart (1e-3 moves P(bad) by at most 2.5e-4, under export's FP32_TOL)
+    np.testing.assert_allclose(lo, lt, atol=1e-3, rtol=1e-4)
     assert np.abs(normalize_cam(co, 64) - normalize_cam(ct, 64)).max() <= 1e-4
     for f in files[:3]:
         a, b = t.predict(f), o.predict(f)
