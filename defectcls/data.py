@@ -39,6 +39,11 @@ MAX_PIXELS = 50_000_000  # ~7000x7000; larger is refused before decoding (decomp
 MAX_BYTES = 50 * 1024 * 1024
 
 
+def verdict(prob_bad: float, threshold: float) -> str:
+    """The one decision rule: a part is bad when P(bad) >= its model's threshold."""
+    return LABELS[int(prob_bad >= threshold)]
+
+
 @dataclass(frozen=True)
 class Sample:
     path: str

@@ -130,7 +130,7 @@ class EdgePredictor:
         return out[0], (out[1] if len(out) > 1 else None)
 
     def _result(self, p: float, ms: float) -> dict:
-        return {"label": "bad" if p >= self.threshold else "good", "prob_bad": float(p), "threshold": self.threshold,
+        return {"label": D.verdict(p, self.threshold), "prob_bad": float(p), "threshold": self.threshold,
                 "model_id": self.model_id, "latency_ms": round(ms, 3)}
 
     def predict(self, src: ImageSource) -> dict:

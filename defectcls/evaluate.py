@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import LABELS
+from .data import LABELS, verdict
 
 
 def confusion(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float) -> dict[str, int]:
-    """Counts with 'bad' as the positive class; a part is bad when prob_bad >= threshold."""
+    """Counts with 'bad' as the positive class; a part is bad when prob_bad >= threshold (``data.verdict``)."""
     y = np.asarray(y_true, dtype=int)
     pred = np.asarray(prob_bad, dtype=float) >= threshold
     return {"tp": int(np.sum(pred & (y == 1))), "fp": int(np.sum(pred & (y == 0))),
@@ -251,7 +251,7 @@ def write_report(report_dir: str | os.PathLike, y_true: Sequence[int], prob_bad:
     (out / "metrics.json").write_text(to_json(metrics) + "\n", encoding="utf-8")
     files.append(str(out / "metrics.json"))
     if paths is not None:
-        verdict = [LABELS[int(v >= metrics["threshold"])] for v in p]
-        write_scores_csv(out / "scores.csv", paths, y, {"p_bad": p, "verdict": verdict})
+        write_scores_csv(out / "scores.csv", paths, y,
+                         {"p_bad": p, "verdict": [verdict(v, metrics["threshold"]) for v in p]})
         files.append(str(out / "scores.csv"))
     return files

@@ -305,7 +305,7 @@ class Predictor:
 
     def verdict(self, p: float, latency_ms: float, timings: dict) -> Prediction:
         """A Prediction for calibrated P(bad) P at the card's threshold."""
-        return Prediction(label="bad" if p >= self.threshold else "good", prob_bad=float(p),
+        return Prediction(label=D.verdict(p, self.threshold), prob_bad=float(p),
                           threshold=self.threshold, model_id=self.model_id, latency_ms=round(latency_ms, 3),
                           timings_ms={k: round(v, 3) for k, v in timings.items()})
 

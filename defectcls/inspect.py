@@ -809,7 +809,7 @@ class _Run:
 
     def _judge_one(self, d: _Decoded, p: float, raw: np.ndarray | None, model_ms: float) -> None:
         self.t["decode"].append(d.decode_ms)
-        verdict = "bad" if p >= self.p.threshold else "good"
+        verdict = D.verdict(p, self.p.threshold)
         when = _now_iso()
         dur = d.decode_ms + model_ms
         overlay_rel, review = None, None

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
+from defectcls import data as D
 from defectcls import evaluate as E
 
 
@@ -23,6 +24,16 @@ def test_metrics_match_scikit_learn():
     assert m["confusion_matrix"] == [[tn, fp], [fn, tp]]
     for key in ("n", "tp", "fp", "tn", "fn", "fnr", "fpr", "auroc", "ece", "threshold"):
         assert key in m
+
+
+def test_one_decision_rule_a_score_at_the_threshold_is_bad():
+    assert D.verdict(0.25, 0.25) == "bad" and D.verdict(np.nextafter(0.25, 0), 0.25) == "good"
+    y, p = _scores(seed=3)
+    thr = float(np.sort(p)[150])                 # a threshold equal to one of the scores
+    c = E.confusion(y, p, thr)
+    labels = [D.verdict(v, thr) for v in p]
+    assert c["tp"] + c["fp"] == labels.count("bad") and c["tn"] + c["fn"] == labels.count("good")
+    assert c["tp"] == sum(lab == "bad" and t == 1 for lab, t in zip(labels, y))
 
 
 def test_ece_is_zero_when_calibrated_and_large_when_not():
