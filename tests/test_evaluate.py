@@ -33,7 +33,7 @@ def test_one_decision_rule_a_score_at_the_threshold_is_bad():
     c = E.confusion(y, p, thr)
     labels = [D.verdict(v, thr) for v in p]
     assert c["tp"] + c["fp"] == labels.count("bad") and c["tn"] + c["fn"] == labels.count("good")
-    assert c["tp"] == sum(lab == "bad" and t == 1 for lab, t in zip(labels, y))
+    assert c["tp"] == sum(lab == "bad" and t == 1 for lab, t in zip(labels, y, strict=True))
 
 
 def test_ece_is_zero_when_calibrated_and_large_when_not():
