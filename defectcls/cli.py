@@ -221,7 +221,8 @@ def _add_evaluate(sub) -> None:
                         "photo's P(bad) under each perturbation)")
     p.add_argument("--perturb-names", help="comma-separated perturbations or groups (implies --perturb; default: "
                                            "'line', the line's drifts; 'stronger': past them; 'fills': turns and "
-                                           "zooms with black, white, mirrored or edge corners; 'all'; 'list' "
+                                           "zooms with black, white, mirrored or edge corners; 'slant': the "
+                                           "camera off the part's axis; 'all'; 'list' "
                                            "prints the names)")
     p.add_argument("--perturb-seed", type=int, default=0, help="seed of the random perturbations (noise, angles)")
     p.add_argument("--json", action="store_true")

@@ -95,9 +95,11 @@ FILLS = ("background", "black", "white", "reflect", "edge")
 
 
 def affine(img: np.ndarray, angle: float = 0.0, scale: float = 1.0, shift: tuple[float, float] = (0.0, 0.0),
-           fill: str = "background") -> np.ndarray:
+           fill: str = "background", squash: float = 1.0, squash_angle: float = 0.0) -> np.ndarray:
     """Rotate by ANGLE degrees (counter-clockwise) and zoom by SCALE around the centre, then move by SHIFT.
 
+    SQUASH < 1 then shrinks the photo to that share of its extent along the direction SQUASH_ANGLE
+    degrees from the x axis (a camera looking at the part off its axis: a round part turns elliptical).
     SHIFT is (dx, dy) in fractions of the width and height (positive: right, down). The
     canvas keeps its size; uncovered pixels get FILL: the image's background (``background``,
     the default), ``black``, ``white``, the photo mirrored across its edge (``reflect``) or its
@@ -121,6 +123,13 @@ def affine(img: np.ndarray, angle: float = 0.0, scale: float = 1.0, shift: tuple
     cos, sin = round(math.cos(a), 15) / scale, round(math.sin(a), 15) / scale
     # output -> input: in = M (out - c - t) + c, the matrix Pillow's own rotate() builds, divided by the zoom
     m = [cos, sin, 0.0, -sin, cos, 0.0]
+    if squash != 1.0:   # the output's coordinates are first stretched by 1/SQUASH along the direction
+        b = math.radians(squash_angle)
+        u, v = math.cos(b), -math.sin(b)   # the direction in image coordinates (y down)
+        k = 1.0 / squash - 1.0
+        st = [1 + k * u * u, k * u * v, k * u * v, 1 + k * v * v]
+        m[0], m[1], m[3], m[4] = (m[0] * st[0] + m[1] * st[2], m[0] * st[1] + m[1] * st[3],
+                                  m[3] * st[0] + m[4] * st[2], m[3] * st[1] + m[4] * st[3])
     m[2] = m[0] * (-cx - tx) + m[1] * (-cy - ty) + cx
     m[5] = m[3] * (-cx - tx) + m[4] * (-cy - ty) + cy
     m[2], m[5] = m[2] + pad, m[5] + pad     # the padded source starts PAD pixels earlier on both axes
@@ -207,16 +216,29 @@ def _fills() -> dict[str, Perturbation]:
     return P
 
 
+def _slants() -> dict[str, Perturbation]:
+    """The camera off the part's axis (opt-in group): each photo squashed along a random direction, so a
+    round part looks elliptical, as in a photo taken at an angle (affine: the near side is not enlarged)."""
+    P: dict[str, Perturbation] = {}
+    for q in (0.9, 0.8, 0.65):
+        P[f"slant{q:g}"] = lambda im, r, q=q: affine(im, squash=q, squash_angle=float(r.uniform(0.0, 180.0)))
+    P["slant0.8+rotate_any+scale0.92"] = lambda im, r: _any_angle(im, r, scale=0.92, squash=0.8,
+                                                                  squash_angle=float(r.uniform(0.0, 180.0)))
+    return P
+
+
 LINE: dict[str, Perturbation] = _registry()          # the default set: the drifts a line sees
 STRONGER: dict[str, Perturbation] = _stronger()      # ``--perturb-names stronger``
 FILLED: dict[str, Perturbation] = _fills()           # ``--perturb-names fills``
-PERTURBATIONS: dict[str, Perturbation] = {**LINE, **STRONGER, **FILLED}
-GROUPS = {"line": list(LINE), "stronger": list(STRONGER), "fills": list(FILLED), "all": list(PERTURBATIONS)}
+SLANTED: dict[str, Perturbation] = _slants()         # ``--perturb-names slant``
+PERTURBATIONS: dict[str, Perturbation] = {**LINE, **STRONGER, **FILLED, **SLANTED}
+GROUPS = {"line": list(LINE), "stronger": list(STRONGER), "fills": list(FILLED), "slant": list(SLANTED),
+          "all": list(PERTURBATIONS)}
 
 
 def resolve_names(names: Sequence[str] | str | None) -> list[str]:
     """Perturbation names to run: the line's set when NAMES is None; a comma-separated string or a list
-    otherwise, where a group name (``line``, ``stronger``, ``fills``, ``all``) stands for its members."""
+    otherwise, where a group name (``line``, ``stronger``, ``fills``, ``slant``, ``all``) stands for its members."""
     if names is None:
         return list(LINE)
     if isinstance(names, str):

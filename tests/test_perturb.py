@@ -143,6 +143,30 @@ def test_the_fills_group_repeats_pose_changes_with_other_fills():
     assert np.array_equal(black[inside], white[inside])
 
 
+def _aspect(mask: np.ndarray) -> tuple[float, float]:
+    """Minor / major axis of a mask's second moments, and the direction of the minor axis (degrees, image x)."""
+    ys, xs = np.nonzero(mask)
+    ev, vec = np.linalg.eigh(np.cov(np.stack([xs, ys]).astype(float)))
+    minor = vec[:, 0]
+    return float(np.sqrt(ev[0] / ev[1])), float(np.degrees(np.arctan2(-minor[1], minor[0])) % 180)
+
+
+def test_slant_squashes_the_part_along_the_named_direction():
+    img = _part(side=200)
+    assert _aspect(_disc_mask(img))[0] > 0.98
+    assert np.array_equal(P.affine(img, squash=1.0, squash_angle=30), P.affine(img))
+    for q, angle in ((0.65, 0.0), (0.8, 90.0), (0.65, 45.0)):
+        ratio, minor = _aspect(_disc_mask(P.affine(img, squash=q, squash_angle=angle)))
+        assert ratio == pytest.approx(q, abs=0.02)
+        assert min(abs(minor - angle), 180 - abs(minor - angle)) < 3
+    names = P.resolve_names("slant")
+    assert names == list(P.SLANTED) and not set(names) & set(P.LINE) and set(names) <= set(P.resolve_names("all"))
+    # a random direction per photo, the same for the same photo and seed
+    a, b = P.apply("slant0.65", img, _rng(1)), P.apply("slant0.65", img, _rng(2))
+    assert _aspect(_disc_mask(a))[0] == pytest.approx(0.65, abs=0.02) and not np.array_equal(a, b)
+    assert np.array_equal(a, P.apply("slant0.65", img, _rng(1)))
+
+
 def _corner_fills(cfg: AugConfig, n: int = 1200) -> torch.Tensor:
     x = torch.full((n, 1, 32, 32), 0.5)                     # a flat photo: only the fill can change a corner
     return geometric(x, cfg, torch.Generator().manual_seed(0))[:, 0, 0, 0]
