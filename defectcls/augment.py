@@ -61,8 +61,6 @@ def geometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, masks: torch.
     cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
     theta = torch.stack([torch.stack([cos * fx, -sin, tx], 1), torch.stack([sin * fx, cos, ty], 1)], 1)
     theta[:, :, 1] *= fy[:, None]
-    if cfg.slant and cfg.slant_p:   # drawn only when on: the draws of the recipe without it stay the same
-        theta[:, :, :2] = theta[:, :, :2] @ slant_matrix(n, cfg, g, dev)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # each image's fill: a constant (its border median, or black/white/grey at fill_const_p), its edge pixel
     # repeated (fill_border_p) or its mirror image (fill_reflect_p); the draws keep this order
@@ -92,19 +90,6 @@ def geometric(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, masks: torch.
             if m is not None:
                 m[idx] = F.grid_sample(masks[idx], grid[idx], mode="bilinear", padding_mode=mode, align_corners=False)
     return out if m is None else (out, m)
-
-
-def slant_matrix(n: int, cfg: AugConfig, g: torch.Generator, device) -> torch.Tensor:
-    """N x 2 x 2 maps from output to input coordinates that squash a share ``slant_p`` of the batch along a
-    random direction to q in [1 - slant, 1] of its extent (a camera looking at the part off its axis;
-    affine, so the near side is not enlarged as in a true perspective); the identity for the rest."""
-    q = _uniform(n, 1 - cfg.slant, 1, g, device)
-    q = torch.where(_uniform(n, 0, 1, g, device) < cfg.slant_p, q, torch.ones_like(q))
-    beta = _uniform(n, 0, math.pi, g, device)
-    c, s = torch.cos(beta), torch.sin(beta)
-    rot = torch.stack([torch.stack([c, -s], 1), torch.stack([s, c], 1)], 1)
-    squash = torch.diag_embed(torch.stack([1 / q, torch.ones_like(q)], 1))
-    return rot @ squash @ rot.transpose(1, 2)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

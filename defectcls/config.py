@@ -80,9 +80,6 @@ class AugConfig:
     flip: bool = True            # horizontal and vertical
     scale: float = 0.15          # zoom in [1-scale, 1+scale]           (perturb: scale0.9, scale1.1)
     shift: float = 0.06          # translation, fraction of the side     (perturb: +-5%)
-    slant: float = 0.0           # a camera off the part's axis: the photo squashed along a random direction to
-                                 # as little as 1 - slant of its extent (a round part turns elliptical); 0: off
-    slant_p: float = 0.25        # share of the batch that gets the slant  (perturb: slant0.8, slant0.65)
     fill_border_p: float = 0.3   # share of the batch filled with the nearest border pixel instead of the border median
     fill_reflect_p: float = 0.0  # share filled with the photo's mirror image across its edge
     fill_const_p: float = 0.0    # share filled with a constant: black, white or a random grey, a third each
@@ -114,7 +111,7 @@ class AugConfig:
         s = float(min(max(s, 0.0), 1.0))
         if s >= 1.0:
             return self
-        scaled = {k: getattr(self, k) * s for k in ("scale", "shift", "slant", "brightness", "contrast", "gamma", "blur_p",
+        scaled = {k: getattr(self, k) * s for k in ("scale", "shift", "brightness", "contrast", "gamma", "blur_p",
                                                      "noise", "jpeg_p")}
         return replace(self, **scaled, jpeg_quality=round(95 - (95 - self.jpeg_quality) * s))
 
