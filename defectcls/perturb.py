@@ -123,13 +123,11 @@ def affine(img: np.ndarray, angle: float = 0.0, scale: float = 1.0, shift: tuple
     cos, sin = round(math.cos(a), 15) / scale, round(math.sin(a), 15) / scale
     # output -> input: in = M (out - c - t) + c, the matrix Pillow's own rotate() builds, divided by the zoom
     m = [cos, sin, 0.0, -sin, cos, 0.0]
-    if squash != 1.0:   # the output's coordinates are first stretched by 1/SQUASH along the direction
+    if squash != 1.0:   # the output's coordinates are first stretched by 1/SQUASH along the direction d
         b = math.radians(squash_angle)
-        u, v = math.cos(b), -math.sin(b)   # the direction in image coordinates (y down)
-        k = 1.0 / squash - 1.0
-        st = [1 + k * u * u, k * u * v, k * u * v, 1 + k * v * v]
-        m[0], m[1], m[3], m[4] = (m[0] * st[0] + m[1] * st[2], m[0] * st[1] + m[1] * st[3],
-                                  m[3] * st[0] + m[4] * st[2], m[3] * st[1] + m[4] * st[3])
+        d = np.array([math.cos(b), -math.sin(b)])    # in image coordinates (y down)
+        lin = np.array([m[:2], m[3:5]]) @ (np.eye(2) + (1.0 / squash - 1.0) * np.outer(d, d))
+        m[:2], m[3:5] = lin[0].tolist(), lin[1].tolist()
     m[2] = m[0] * (-cx - tx) + m[1] * (-cy - ty) + cx
     m[5] = m[3] * (-cx - tx) + m[4] * (-cy - ty) + cy
     m[2], m[5] = m[2] + pad, m[5] + pad     # the padded source starts PAD pixels earlier on both axes
@@ -216,14 +214,17 @@ def _fills() -> dict[str, Perturbation]:
     return P
 
 
+def _slanted(img: np.ndarray, rng: np.random.Generator, squash: float, turn: bool = False, **kw) -> np.ndarray:
+    """IMG squashed to SQUASH along a random direction (drawn first), with TURN also at a random angle."""
+    kw["squash_angle"] = float(rng.uniform(0.0, 180.0))
+    return _any_angle(img, rng, squash=squash, **kw) if turn else affine(img, squash=squash, **kw)
+
+
 def _slants() -> dict[str, Perturbation]:
     """The camera off the part's axis (opt-in group): each photo squashed along a random direction, so a
     round part looks elliptical, as in a photo taken at an angle (affine: the near side is not enlarged)."""
-    P: dict[str, Perturbation] = {}
-    for q in (0.9, 0.8, 0.65):
-        P[f"slant{q:g}"] = lambda im, r, q=q: affine(im, squash=q, squash_angle=float(r.uniform(0.0, 180.0)))
-    P["slant0.8+rotate_any+scale0.92"] = lambda im, r: _any_angle(im, r, scale=0.92, squash=0.8,
-                                                                  squash_angle=float(r.uniform(0.0, 180.0)))
+    P: dict[str, Perturbation] = {f"slant{q:g}": lambda im, r, q=q: _slanted(im, r, q) for q in (0.9, 0.8, 0.65)}
+    P["slant0.8+rotate_any+scale0.92"] = lambda im, r: _slanted(im, r, 0.8, turn=True, scale=0.92)
     return P
 
 
