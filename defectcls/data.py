@@ -187,18 +187,9 @@ def _otsu(q: np.ndarray) -> int:
     return int(np.nanargmax(between)) if np.isfinite(between).any() else 127
 
 
-def part_circle(arr: np.ndarray) -> tuple[float, float, float] | None:
-    """Centre (x, y) and radius, in pixels of ARR, of the round part; None where no part stands out.
-
-    On a copy about ``FRAME_GRID`` pixels wide: Otsu's threshold on the logarithm of the
-    brightness splits the photo in two; the side the border ring mostly falls on is the
-    background. The largest connected region of the other side, holes filled, is the part
-    (on the casting photos, the dark inner disc; on the emblems, the whole disc); the
-    radius is that of a disc of its area. In the log domain a change of gain or gamma
-    moves the threshold with the pixels, so light drift does not move the frame (measured
-    in docs/benchmarks.md: under brightness, contrast, gamma, blur, JPEG and noise the
-    radius moves < 1% and the centre < 1 px at 300 px).
-    """
+def _part_region(arr: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """The round part's region on a copy about ``FRAME_GRID`` pixels wide, and that copy's step in
+    pixels of ARR; None where no part stands out (``part_circle`` says how it is found)."""
     from scipy import ndimage as ndi
 
     g = arr.astype(np.float32) if arr.ndim == 2 else arr[..., :3].astype(np.float32).mean(axis=2)
@@ -222,11 +213,86 @@ def part_circle(arr: np.ndarray) -> tuple[float, float, float] | None:
     if n == 0:
         return None
     part = ndi.binary_fill_holes(lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
-    area = int(part.sum())
-    if not 0.005 <= area / part.size <= 0.9:
+    if not 0.005 <= part.sum() / part.size <= 0.9:
         return None
+    return part, k
+
+
+def part_circle(arr: np.ndarray) -> tuple[float, float, float] | None:
+    """Centre (x, y) and radius, in pixels of ARR, of the round part; None where no part stands out.
+
+    On a copy about ``FRAME_GRID`` pixels wide: Otsu's threshold on the logarithm of the
+    brightness splits the photo in two; the side the border ring mostly falls on is the
+    background. The largest connected region of the other side, holes filled, is the part
+    (on the casting photos, the dark inner disc; on the emblems, the whole disc); the
+    radius is that of a disc of its area. In the log domain a change of gain or gamma
+    moves the threshold with the pixels, so light drift does not move the frame (measured
+    in docs/benchmarks.md: under brightness, contrast, gamma, blur, JPEG and noise the
+    radius moves < 1% and the centre < 1 px at 300 px).
+    """
+    found = _part_region(arr)
+    if found is None:
+        return None
+    part, k = found
     ys, xs = np.nonzero(part)
-    return (float(xs.mean()) + 0.5) * k, (float(ys.mean()) + 0.5) * k, math.sqrt(area / math.pi) * k
+    return (float(xs.mean()) + 0.5) * k, (float(ys.mean()) + 0.5) * k, math.sqrt(xs.size / math.pi) * k
+
+
+OVAL_RATIO = 0.85   # minor / major axis of the part's outline under which a photo gets a note: the casting
+                    # folder's good photos measure 0.90-1.00 (median 0.97), the emblems 0.99; 0.85 is a camera
+                    # about 32 degrees off the axis of a round part (docs/benchmarks.md, "A camera off the part's axis")
+
+
+@dataclass(frozen=True)
+class PartOutline:
+    """Where the round part is and how round it looks, in pixels of the photo."""
+
+    cx: float
+    cy: float
+    radius: float        # of a disc of the region's area
+    axis_ratio: float    # minor / major axis of the region's second moments: 1 straight on, cos(tilt) tilted
+    minor_deg: float     # direction of the minor axis (the tilt's), degrees counter-clockwise from +x as in ``perturb``
+
+    @property
+    def tilt_deg(self) -> float:
+        """The camera's angle off the part's axis if the part is a disc, from ``axis_ratio``."""
+        return math.degrees(math.acos(min(1.0, max(0.0, self.axis_ratio))))
+
+
+def part_outline(arr: np.ndarray) -> PartOutline | None:
+    """The part's region of ``part_circle`` with the shape of its second moments; None where no part stands out."""
+    found = _part_region(arr)
+    if found is None:
+        return None
+    part, k = found
+    ys, xs = np.nonzero(part)
+    cov = np.cov(np.stack([xs, ys]).astype(np.float64))
+    ev, vec = np.linalg.eigh(cov)
+    ratio = math.sqrt(max(ev[0], 0.0) / ev[1]) if ev[1] > 0 else 1.0
+    minor = math.degrees(math.atan2(-vec[1, 0], vec[0, 0])) % 180.0
+    return PartOutline((float(xs.mean()) + 0.5) * k, (float(ys.mean()) + 0.5) * k, math.sqrt(xs.size / math.pi) * k,
+                       ratio, minor)
+
+
+def photo_notes(arr: np.ndarray) -> list[str]:
+    """What about the photo makes its verdict less sure than the model's numbers say; empty for a usual photo.
+
+    Advice only: a note never changes the verdict. Two are checked: that a round part stands out from
+    the background at all, and that its outline is round (an oval one means a camera off the part's axis,
+    which the models are not trained for: docs/benchmarks.md, "A camera off the part's axis").
+    """
+    o = part_outline(arr)
+    if o is None:
+        return ["no round part stands out from the background: is this a photo of the part?"]
+    if o.axis_ratio < OVAL_RATIO:
+        return [f"the part looks oval (axes {o.axis_ratio:.2f}, a camera about {o.tilt_deg:.0f} degrees off its axis): "
+                "tilted photos are judged less reliably; square the camera to the part"]
+    return []
+
+
+def notes_text(notes: list[str]) -> str:
+    """Photo notes as indented lines to follow a one-line verdict ('' for none)."""
+    return "".join(f"\n  note: {n}" for n in notes)
 
 
 def frame_box(arr: np.ndarray, frame_ref: float | None) -> tuple[int, int, int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -125,3 +126,31 @@ def test_framed_training_caches_what_inference_sees(framed_model, tiny_data, tmp
     with pytest.raises(DefectclsError, match="differs from the --init model"):
         train(TrainConfig(data=str(tiny_data), out=str(tmp_path / "x"), init=str(framed_model), frame="full",
                           epochs=1, img_size=48, progress=False))
+
+
+@pytest.mark.parametrize("fg,bg,hole", [(200, 20, 0.0), (40, 170, 0.35)])   # emblem on black; dark ring on light
+def test_part_outline_measures_how_oval_the_part_looks(fg, bg, hole):
+    img = _disc(r=80.0, fg=fg, bg=bg, hole=hole)
+    o = D.part_outline(img)
+    assert o.axis_ratio > 0.97 and o.tilt_deg < 15
+    assert (o.cx, o.cy, o.radius) == pytest.approx(D.part_circle(img))
+    assert D.photo_notes(img) == []
+    for q, angle in ((0.8, 0.0), (0.6, 60.0), (0.7, 135.0)):
+        tilted = P.affine(img, squash=q, squash_angle=angle)
+        o = D.part_outline(tilted)
+        assert o.axis_ratio == pytest.approx(q, abs=0.03)
+        assert min(abs(o.minor_deg - angle), 180 - abs(o.minor_deg - angle)) < 4
+        assert o.tilt_deg == pytest.approx(math.degrees(math.acos(q)), abs=3)
+        notes = D.photo_notes(tilted)
+        assert len(notes) == 1 and "oval" in notes[0] and f"{o.axis_ratio:.2f}" in notes[0]
+    # a mild tilt, light drift, blur and a turn are not worth a note
+    for changed in (P.affine(img, squash=0.95, squash_angle=20), P.brightness(img, 1.25), P.blur(img, 1.5),
+                    P.affine(img, angle=33, scale=0.9)):
+        assert D.photo_notes(changed) == []
+
+
+def test_photo_notes_say_when_no_part_stands_out():
+    for blank in (np.full((120, 120), 90, np.uint8), np.zeros((64, 64, 3), np.uint8)):
+        notes = D.photo_notes(blank)
+        assert len(notes) == 1 and notes[0].startswith("no round part")
+    assert D.notes_text([]) == "" and D.notes_text(["a", "b"]) == "\n  note: a\n  note: b"
