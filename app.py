@@ -234,7 +234,7 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
                    "model_id": p.model_id, "model": model_name or registry.default, "cam_method": method or "gradcam",
                    "sha256": sha, "image": {"name": name, "height": int(ex.image.shape[0]),
                                             "width": int(ex.image.shape[1])},
-                   "timings_ms": timings, "review": "queued as pending"}
+                   "timings_ms": timings, "review": "queued as pending", "notes": p.notes}
         label = {"verdict": p.label, "confidences": p.confidences}
         return label, heat, details
 
@@ -263,9 +263,10 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
         t = details["timings_ms"]
         steps = " · ".join(f"{k} {v:.0f} ms" for k, v in t.items())
         word = "BAD: defect suspected" if details["verdict"] == "bad" else "GOOD: no defect found"
+        notes = "".join(f"\n\n**Note:** {n}" for n in details.get("notes") or [])
         return (f"## {word}\nP(bad) **{details['p_bad']:.3f}** against threshold **{details['threshold']:.3f}** "
                 f"(bad when P(bad) >= threshold)  \nmodel `{details['model_id']}` · heat-map {details['cam_method']}  \n"
-                f"time: {steps}  \nimage `{details['sha256'][:12]}` queued for review")
+                f"time: {steps}  \nimage `{details['sha256'][:12]}` queued for review{notes}")
 
     # ------------------------------------------------------------------ Models
 

@@ -316,7 +316,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--cam-dir", help="also write a Grad-CAM overlay per image (JPEG) into this folder")
     p.add_argument("--cam-method", default="gradcam", help="gradcam, gradcam++ or eigencam")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="JSON lines: path, label, prob_bad, latency_ms (or path, error)")
+    p.add_argument("--json", action="store_true",
+                   help="JSON lines: path, label, prob_bad, threshold, latency_ms, model_id, notes (what makes the "
+                        "verdict less sure: an oval part, no part found; or path, error)")
     p.set_defaults(func=_run_predict)
 
 
@@ -329,6 +331,7 @@ def _safe_stem(path: str) -> str:
 
 
 def _run_predict(a) -> int:
+    from . import data as D
     from .errors import ImageLoadError
     from .inference import Predictor
 
@@ -356,11 +359,11 @@ def _run_predict(a) -> int:
             _emit({"path": path, "error": msg}, a.json, f"ERROR {msg}" if msg.startswith(str(path)) else f"{path}: ERROR {msg}")
             continue
         row = {"path": path, "label": r.label, "prob_bad": round(r.prob_bad, 6), "threshold": r.threshold,
-               "latency_ms": r.latency_ms, "model_id": r.model_id}
+               "latency_ms": r.latency_ms, "model_id": r.model_id, "notes": r.notes}
         if a.cam_dir:
             row["cam"] = str(cam_path)
         _emit(row, a.json, f"{path}: {r.label} (P(bad) {r.prob_bad:.4f}, threshold {r.threshold:.4f}, "
-                           f"{r.latency_ms:.1f} ms)" + (f" -> {row['cam']}" if a.cam_dir else ""))
+                           f"{r.latency_ms:.1f} ms)" + (f" -> {row['cam']}" if a.cam_dir else "") + D.notes_text(r.notes))
     if failed:
         print(f"{failed} of {len(a.images)} image(s) could not be judged", file=sys.stderr)
     return 1 if failed else 0

@@ -129,23 +129,26 @@ class EdgePredictor:
         out = session.run(names, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
         return out[0], (out[1] if len(out) > 1 else None)
 
-    def _result(self, p: float, ms: float) -> dict:
+    def _result(self, p: float, ms: float, img: np.ndarray) -> dict:
         return {"label": D.verdict(p, self.threshold), "prob_bad": float(p), "threshold": self.threshold,
-                "model_id": self.model_id, "latency_ms": round(ms, 3)}
+                "model_id": self.model_id, "latency_ms": round(ms, 3), "notes": D.photo_notes(img)}
 
     def predict(self, src: ImageSource) -> dict:
-        """{label, prob_bad, threshold, model_id, latency_ms} for one image."""
+        """{label, prob_bad, threshold, model_id, latency_ms, notes} for one image (notes: ``data.photo_notes``)."""
         t0 = time.perf_counter()
-        logits, _ = self.run(self.preprocess(src)[None])
+        img = self.load(src)
+        logits, _ = self.run(self.preprocess(img)[None])
         p = float(prob_bad_from_logits(logits, self.temperature)[0])
-        return self._result(p, (time.perf_counter() - t0) * 1e3)
+        return self._result(p, (time.perf_counter() - t0) * 1e3, img)
 
     def predict_batch(self, srcs: Sequence[ImageSource]) -> list[dict]:
         """Results in order; an unreadable image yields {"error": reason}."""
-        xs, slots, out = [], [], [None] * len(srcs)
+        xs, imgs, slots, out = [], [], [], [None] * len(srcs)
         for i, s in enumerate(srcs):
             try:
-                xs.append(self.preprocess(s))
+                img = self.load(s)
+                xs.append(self.preprocess(img))
+                imgs.append(img)
                 slots.append(i)
             except ImageLoadError as exc:
                 out[i] = {"error": str(exc)}
@@ -153,8 +156,8 @@ class EdgePredictor:
             t0 = time.perf_counter()
             ps = prob_bad_from_logits(self.run(np.stack(xs))[0], self.temperature)
             per = (time.perf_counter() - t0) * 1e3 / len(xs)
-            for i, p in zip(slots, ps, strict=True):
-                out[i] = self._result(float(p), per)
+            for i, p, img in zip(slots, ps, imgs, strict=True):
+                out[i] = self._result(float(p), per, img)
         return out
 
     def explain(self, src: ImageSource) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -167,7 +170,7 @@ class EdgePredictor:
         logits, raw = self.run(x, cam=True)
         cam = normalize_cam(raw, x.shape[-2:], self.cam_offset)[0]
         p = float(prob_bad_from_logits(logits, self.temperature)[0])
-        return self._result(p, (time.perf_counter() - t0) * 1e3), cam, img
+        return self._result(p, (time.perf_counter() - t0) * 1e3, img), cam, img
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: ERROR {row['error']}", flush=True)
         else:
             print(f"{path}: {row['label']} (P(bad) {row['prob_bad']:.4f}, threshold {row['threshold']:.4f}, "
-                  f"{row['latency_ms']:.1f} ms)" + (f" -> {row['cam']}" if "cam" in row else ""), flush=True)
+                  f"{row['latency_ms']:.1f} ms)" + (f" -> {row['cam']}" if "cam" in row else "")
+                  + D.notes_text(row["notes"]), flush=True)
     return 1 if failed else 0
 
 

@@ -62,6 +62,7 @@ class Prediction:
     model_id: str
     latency_ms: float = 0.0
     timings_ms: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)   # what makes this photo's verdict less sure (``data.photo_notes``)
 
     @property
     def confidences(self) -> dict[str, float]:
@@ -303,39 +304,45 @@ class Predictor:
         """Calibrated P(bad) for a float32 NxCxHxW batch."""
         return prob_bad_from_logits(self.logits(x), self.card.temperature)
 
-    def verdict(self, p: float, latency_ms: float, timings: dict) -> Prediction:
-        """A Prediction for calibrated P(bad) P at the card's threshold."""
+    def verdict(self, p: float, latency_ms: float, timings: dict, notes: list[str] | None = None) -> Prediction:
+        """A Prediction for calibrated P(bad) P at the card's threshold; NOTES: ``data.photo_notes`` of the photo."""
         return Prediction(label=D.verdict(p, self.threshold), prob_bad=float(p),
                           threshold=self.threshold, model_id=self.model_id, latency_ms=round(latency_ms, 3),
-                          timings_ms={k: round(v, 3) for k, v in timings.items()})
+                          timings_ms={k: round(v, 3) for k, v in timings.items()}, notes=list(notes or []))
 
     _verdict = verdict
 
     def predict(self, src: ImageSource) -> Prediction:
         """Verdict for one image; raises ImageLoadError for unusable input."""
         t0 = time.perf_counter()
-        x = self.preprocess(src)
+        img = self.load(src)
+        x = self.preprocess(img)
         t1 = time.perf_counter()
         p = float(self.probs(x[None])[0])
         t2 = time.perf_counter()
-        return self.verdict(p, (t2 - t0) * 1e3, {"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3})
+        notes = D.photo_notes(img)
+        t3 = time.perf_counter()
+        return self.verdict(p, (t3 - t0) * 1e3, {"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3,
+                                                 "photo_check": (t3 - t2) * 1e3}, notes)
 
     def predict_batch(self, srcs: Sequence[ImageSource], batch_size: int = 16) -> list[Prediction | ImageLoadError]:
         """Verdicts for many images, BATCH_SIZE per model call; an unusable one yields its ImageLoadError in its place."""
         results: list[Prediction | ImageLoadError | None] = [None] * len(srcs)
         for i in range(0, len(srcs), batch_size):
             t0 = time.perf_counter()
-            xs, slots = [], []
+            xs, slots, notes = [], [], []
             for j in range(i, min(i + batch_size, len(srcs))):
                 try:
-                    xs.append(self.preprocess(srcs[j]))
+                    img = self.load(srcs[j])
+                    xs.append(self.preprocess(img))
                     slots.append(j)
+                    notes.append(D.photo_notes(img))
                 except ImageLoadError as exc:
                     results[j] = exc
             ps = self.probs(np.stack(xs)) if xs else []
             per = (time.perf_counter() - t0) * 1e3 / max(1, min(batch_size, len(srcs) - i))
-            for j, p in zip(slots, ps, strict=True):
-                results[j] = self.verdict(float(p), per, {})
+            for j, p, n in zip(slots, ps, notes, strict=True):
+                results[j] = self.verdict(float(p), per, {}, n)
         return results
 
     def logits_cached(self, images_u8: np.ndarray, batch_size: int | None = None) -> np.ndarray:

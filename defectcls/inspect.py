@@ -53,7 +53,7 @@ OVERLAY_DIR = "overlays"
 REPORT_FILE = "report.html"
 LOCK_FILE = ".inspect.lock"
 FIELDS = ("seq", "file", "sha256", "size", "mtime_ns", "time", "verdict", "prob_bad", "threshold", "model_id",
-          "duration_ms", "overlay", "review", "error")
+          "duration_ms", "overlay", "review", "error", "notes")
 WATCH_EXTS = D.IMG_EXTS + (".gif", ".webp", ".svg")   # .svg is listed so that it is refused with a reason
 OVERLAY_SIDE = 512
 
@@ -213,7 +213,12 @@ class InspectionLog:
         if cpath.is_file():
             body, ctail = _split_tail(cpath.read_bytes())
             n_csv, csv_torn = max(0, body.count(b"\n") - 1), bool(ctail)
-            if n_csv > len(rows):
+            if body and not body.startswith(_csv_header()) and jpath.is_file():
+                keep = cpath.with_name(f"{LOG_CSV}.{time.strftime('%Y%m%dT%H%M%S')}.bak")
+                os.replace(cpath, keep)
+                n_csv = -1
+                rec.csv_rebuilt = f"its columns were not {', '.join(FIELDS)}; old copy kept as {keep.name}"
+            elif n_csv > len(rows):
                 if not jpath.is_file():
                     raise DefectclsError(f"{cpath} exists without {LOG_JSONL}, the log it is made from; move it away first")
                 keep = cpath.with_name(f"{LOG_CSV}.{time.strftime('%Y%m%dT%H%M%S')}.bak")
@@ -382,6 +387,7 @@ class _Decoded:
     changed: bool = False
     vanished: bool = False
     decode_ms: float = 0.0
+    notes: list[str] = field(default_factory=list)   # ``data.photo_notes`` of the decoded photo
 
 
 def _reason(exc: Exception) -> str:
@@ -458,6 +464,7 @@ def _decode(item: _Item, predictor, keep_bytes: bool, fast_png: bool = False) ->
     try:
         out.image = predictor.load(data, fast_png=fast_png)
         out.x = predictor.preprocess(out.image)
+        out.notes = D.photo_notes(out.image)
     except ImageLoadError as exc:
         out.error = _reason(exc)
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop the line
@@ -732,6 +739,7 @@ class _Run:
         lines = [f"#{seq}  {_printable(os.path.basename(d.item.path))}"[:90],
                  f"{verdict.upper()}  P(bad) {p:.4f}  threshold {self.p.threshold:.4f}",
                  f"{when[:19].replace('T', ' ')} UTC  {total:.0f} ms"]
+        lines += [f"note: {n.split(': ')[0]}"[:90] for n in d.notes]
         rel = f"{OVERLAY_DIR}/{seq:07d}_{verdict}_{_safe_stem(d.item.path)}.{'png' if self.fmt == 'png' else 'jpg'}"
         target = self.dir / rel
         if target.resolve().parent != (self.dir / OVERLAY_DIR).resolve():   # _safe_stem makes this impossible
@@ -751,7 +759,7 @@ class _Run:
         row = {"seq": seq, "file": d.item.path, "sha256": d.sha256 or None, "size": d.size, "mtime_ns": d.mtime_ns,
                "time": kw.pop("time", None) or _now_iso(), "verdict": "error", "prob_bad": None,
                "threshold": self.p.threshold, "model_id": self.p.model_id, "duration_ms": round(d.decode_ms, 2),
-               "overlay": None, "review": None, "error": None, "run": self.run_id}
+               "overlay": None, "review": None, "error": None, "notes": "; ".join(d.notes) or None, "run": self.run_id}
         row.update(kw)
         return row
 
@@ -1081,7 +1089,8 @@ def write_report(log_dir: str | os.PathLike, band: float = 0.1, max_images: int 
                      f'{float(r["prob_bad"]):.4f} (threshold {float(r["threshold"]):.4f})<br>'
                      f'{esc(str(r.get("time") or ""))} · {float(r.get("duration_ms") or 0):.0f} ms<br>'
                      f'<small title="{esc(r["file"])}">sha256 {esc(str(r.get("sha256") or "")[:16])}…</small>'
-                     '</figcaption></figure>')
+                     + (f'<br><i>note: {esc(str(r["notes"]))}</i>' if r.get("notes") else "")
+                     + '</figcaption></figure>')
     more = (f"<p>{len(shown) - max_images} more not shown; see log.csv.</p>" if len(shown) > max_images else "")
     good_rows = "".join(
         f"<tr><td>{esc(str(r.get('seq')))}</td><td>{esc(os.path.basename(r['file']))}</td><td>{float(r['prob_bad']):.4f}</td>"
@@ -1090,6 +1099,9 @@ def write_report(log_dir: str | os.PathLike, band: float = 0.1, max_images: int 
         for r in border_good[:max_images])
     err_rows = "".join(f"<tr><td>{esc(str(r.get('seq')))}</td><td>{esc(r['file'])}</td><td>{esc(str(r.get('error')))}</td>"
                        f"<td>{esc(str(r.get('time')))}</td></tr>" for r in errors[:500])
+    noted = [r for r in judged if r.get("notes")]
+    note_rows = "".join(f"<tr><td>{esc(str(r.get('seq')))}</td><td>{esc(os.path.basename(r['file']))}</td>"
+                        f"<td>{esc(r['verdict'])}</td><td>{esc(str(r['notes']))}</td></tr>" for r in noted[:500])
     slow = sorted(judged, key=lambda r: -float(r.get("duration_ms") or 0))[:10]
     slow_rows = "".join(f"<tr><td>{esc(os.path.basename(r['file']))}</td><td>{float(r['duration_ms']):.1f}</td></tr>"
                         for r in slow)
@@ -1110,14 +1122,17 @@ figcaption{{font-size:12px;word-break:break-all}} .tag{{background:#f4a261;paddi
 <h1>Inspection report</h1>
 <p>Log folder <code>{esc(str(root.resolve()))}</code>; model {esc(", ".join(models))}; {esc(times[0] if times else "")}
  to {esc(times[-1] if times else "")} (UTC).</p>
-<table><tr><th>rows</th><th>good</th><th>bad</th><th>errors</th><th>bad rate</th><th>borderline (±{band:g})</th></tr>
+<table><tr><th>rows</th><th>good</th><th>bad</th><th>errors</th><th>bad rate</th><th>borderline (±{band:g})</th>
+<th>with notes</th></tr>
 <tr><td>{len(rows)}</td><td>{len(judged) - len(bad)}</td><td>{len(bad)}</td><td>{len(errors)}</td><td>{rate}</td>
-<td>{n_border}</td></tr></table>{warn}
+<td>{n_border}</td><td>{len(noted)}</td></tr></table>{warn}
 <h2>Counts over time</h2>{_counts_svg(rows)}
 <h2>Bad parts ({len(shown)}), borderline first</h2>
 <div class="grid">{"".join(cards) or "<p>None.</p>"}</div>{more}
 <h2>Borderline good parts ({len(border_good)}): P(bad) within {band:g} of the threshold</h2>
 <table><tr><th>#</th><th>file</th><th>P(bad)</th><th>threshold</th><th>time</th><th></th></tr>{good_rows}</table>
+<h2>Photos with notes ({len(noted)}): verdicts less sure than their numbers (an oval part: a tilted camera)</h2>
+<table><tr><th>#</th><th>file</th><th>verdict</th><th>note</th></tr>{note_rows}</table>
 <h2>Unreadable files ({len(errors)})</h2>
 <table><tr><th>#</th><th>file</th><th>reason</th><th>time</th></tr>{err_rows}</table>
 <h2>Slowest images</h2><table><tr><th>file</th><th>ms</th></tr>{slow_rows}</table>

@@ -57,6 +57,7 @@ def test_predict_json_lines_and_error_lines(tmp_path, tiny_model, tiny_data):
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["path"] for row in rows] == [str(good), str(corpus["text.png"]), str(corpus["cmyk.jpg"])]
     assert rows[0]["label"] in ("good", "bad") and 0 <= rows[0]["prob_bad"] <= 1 and rows[0]["latency_ms"] > 0
+    assert rows[0]["notes"] == []                   # a round part straight on: nothing to add
     assert "error" in rows[1] and "not a recognised image" in rows[1]["error"]
     assert rows[2]["label"] in ("good", "bad")
     cams = list((tmp_path / "cams").glob("*.jpg"))

@@ -185,3 +185,23 @@ def test_library_methods_with_views_give_the_models_verdict(tiny_model_tta, tiny
     assert ex.prediction.prob_bad == pytest.approx(pred.predict(f).prob_bad, abs=1e-6)
     one = Predictor(tiny_model_tta, device="cpu", backend="torch", tta=1)
     assert abs(one.predict(f).prob_bad - ex.prediction.prob_bad) > 1e-6   # the views moved it
+
+
+def test_an_oval_part_gets_a_note_wherever_a_verdict_is_given(tiny_model, tiny_data, tmp_path, capsys):
+    from defectcls import data as D
+    from defectcls import perturb as P
+    from defectcls.cli import main
+
+    pred = Predictor(tiny_model, device="cpu", backend="torch")
+    straight = sorted((tiny_data / "good").glob("*.png"))[0]
+    tilted = tmp_path / "tilted.png"
+    Image.fromarray(P.affine(D.load_image(straight), squash=0.6, squash_angle=30)).save(tilted)
+    assert pred.predict(straight).notes == [] and explain(pred, straight).prediction.notes == []
+    batch = pred.predict_batch([straight, b"not an image", tilted])
+    for r in (pred.predict(tilted), explain(pred, tilted).prediction, batch[2]):
+        assert len(r.notes) == 1 and "oval" in r.notes[0] and r.to_dict()["notes"] == r.notes
+    assert batch[0].notes == []
+    assert main(["predict", str(straight), str(tilted), "--model", str(tiny_model)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{straight}: ") and out[1].startswith(f"{tilted}: ")
+    assert out[2].startswith("  note: the part looks oval") and len(out) == 3

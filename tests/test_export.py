@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from defectcls import data as D
+from defectcls import perturb as P
 from defectcls.edge import EdgePredictor
 from defectcls.explain import explain
 from defectcls.inference import Predictor
@@ -70,6 +72,7 @@ def test_edge_matches_predictor(exported, tiny_data, name):
     for f in files:
         r, s = edge.predict(f), same.predict(f)
         assert r["label"] == s.label and abs(r["prob_bad"] - s.prob_bad) <= 1e-9 and r["model_id"] == s.model_id
+        assert r["notes"] == s.notes == []
         if name == "model.onnx":
             p = ref.predict(f)
             assert r["label"] == p.label and abs(r["prob_bad"] - p.prob_bad) <= 1e-4
@@ -81,6 +84,9 @@ def test_edge_matches_predictor(exported, tiny_data, name):
     assert cam.shape == (64, 64) and img.shape == (96, 96)
     batch = edge.predict_batch([files[0], b"not an image", files[1]])
     assert "error" in batch[1] and batch[0]["label"] == edge.predict(files[0])["label"]
+    tilted = P.affine(D.load_image(files[0]), squash=0.6, squash_angle=30)      # a camera off the part's axis
+    for row in (edge.predict(tilted), edge.explain(tilted)[0], edge.predict_batch([tilted])[0]):
+        assert row["notes"] == same.predict(tilted).notes and "oval" in row["notes"][0]
 
 
 def test_edge_runs_without_torch(exported, tiny_data, tmp_path):

@@ -472,3 +472,43 @@ def test_caption_from_cached_glyphs_matches_pillow_text():
     a, b = np.asarray(ours, np.int16), np.asarray(ref, np.int16)
     assert (b != 16).any(axis=2).sum() > 300          # the reference drew a visible line of text
     assert np.abs(a - b).max() <= 2                    # same pixels (kerning-free font: within rounding)
+
+
+def test_an_oval_part_gets_a_note_in_the_row_the_overlay_and_the_report(pred, model, tiny_data, tmp_path):
+    from defectcls import data as D
+    from defectcls import perturb as P
+
+    inp, log = tmp_path / "in", tmp_path / "log"
+    inp.mkdir()
+    good = _images(tiny_data, 1, 0)[0]
+    shutil.copy(good, inp / "straight.png")
+    Image.fromarray(P.affine(D.load_image(good), squash=0.6, squash_angle=30)).save(inp / "tilted.png")
+    _run(pred, inp, log, save_good=True)
+    rows = {os.path.basename(r["file"]): r for r in _rows(log)}
+    assert rows["straight.png"]["notes"] is None and "oval" in rows["tilted.png"]["notes"]
+    crows = {os.path.basename(c["file"]): c for c in _csv_rows(log)}
+    assert crows["straight.png"]["notes"] == "" and crows["tilted.png"]["notes"] == rows["tilted.png"]["notes"]
+    with Image.open(log / rows["tilted.png"]["overlay"]) as a, Image.open(log / rows["straight.png"]["overlay"]) as b:
+        assert a.height > b.height                     # one caption line more: the note
+    page = I.write_report(log).read_text(encoding="utf-8")
+    assert "Photos with notes (1)" in page and html.escape(rows["tilted.png"]["notes"]) in page
+
+
+def test_a_log_csv_with_older_columns_is_rebuilt_from_the_jsonl_and_kept(pred, model, tiny_data, tmp_path):
+    inp, log = tmp_path / "in", tmp_path / "log"
+    inp.mkdir()
+    for src in _images(tiny_data, 2, 1):
+        shutil.copy(src, inp / src.name)
+    assert _run(pred, inp, log)["rows"] == 3
+    old_fields = [f for f in I.FIELDS if f != "notes"]          # a log written before the notes column
+    with open(log / I.LOG_CSV, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(old_fields)
+        w.writerows([[r[f] for f in old_fields] for r in _rows(log)])
+    old = (log / I.LOG_CSV).read_bytes()
+    shutil.copy(_images(tiny_data, 3, 0)[2], inp / "new.png")
+    s = _run(pred, inp, log)
+    assert s["rows"] == 1 and any("columns were not" in m for m in s["recovered"]["messages"])
+    crows = _csv_rows(log)
+    assert list(crows[0]) == list(I.FIELDS) and [c["seq"] for c in crows] == ["1", "2", "3", "4"]
+    assert [p.read_bytes() for p in log.glob("log.csv.*.bak")] == [old]
