@@ -8,6 +8,7 @@ once) and layers augmentation on top.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from .errors import DefectclsError, ImageLoadError
 
@@ -240,7 +241,12 @@ def part_circle(arr: np.ndarray) -> tuple[float, float, float] | None:
 
 OVAL_RATIO = 0.85   # minor / major axis of the part's outline under which a photo gets a note: the casting
                     # folder's good photos measure 0.90-1.00 (median 0.97), the emblems 0.99; 0.85 is a camera
-                    # about 32 degrees off the axis of a round part (docs/benchmarks.md, "A camera off the part's axis")
+                    # about 32 degrees off the axis of a round part
+ELLIPSE_FIT = 0.94   # overlap (IoU) of the outline with the ellipse of its moments over which the outline is an
+                     # ellipse (a disc seen at a slant) and its axes mean a tilt. Casting folder: 0.99 on straight
+                     # and slanted parts, 0.947 on a slanted one whose bright hub splits the region, 0.88-0.938
+                     # where the region ran into a dark patch on the rim (docs/benchmarks.md, "A camera off the
+                     # part's axis")
 
 
 @dataclass(frozen=True)
@@ -249,9 +255,10 @@ class PartOutline:
 
     cx: float
     cy: float
-    radius: float        # of a disc of the region's area
-    axis_ratio: float    # minor / major axis of the region's second moments: 1 straight on, cos(tilt) tilted
+    radius: float        # of a disc of the region's area (``part_circle``'s)
+    axis_ratio: float    # minor / major axis of the outline's second moments: 1 straight on, cos(tilt) tilted
     minor_deg: float     # direction of the minor axis (the tilt's), degrees counter-clockwise from +x as in ``perturb``
+    ellipse_fit: float   # IoU of the outline with the ellipse of its moments: near 1 where it is an ellipse
 
     @property
     def tilt_deg(self) -> float:
@@ -260,31 +267,48 @@ class PartOutline:
 
 
 def part_outline(arr: np.ndarray) -> PartOutline | None:
-    """The part's region of ``part_circle`` with the shape of its second moments; None where no part stands out."""
+    """The outline of ``part_circle``'s region (its convex hull: a bright hub or a mark that splits the
+    region does not dent it) with the shape of its second moments; None where no part stands out."""
+    from scipy.spatial import ConvexHull, QhullError
+
     found = _part_region(arr)
     if found is None:
         return None
     part, k = found
     ys, xs = np.nonzero(part)
-    cov = np.cov(np.stack([xs, ys]).astype(np.float64))
+    cx, cy, radius = (float(xs.mean()) + 0.5) * k, (float(ys.mean()) + 0.5) * k, math.sqrt(xs.size / math.pi) * k
+    hull = part.copy()
+    pts = np.stack([xs, ys], axis=1).astype(np.float64)
+    with contextlib.suppress(QhullError, ValueError):
+        poly = Image.new("L", part.shape[::-1], 0)
+        ImageDraw.Draw(poly).polygon([tuple(pts[v] + 0.5) for v in ConvexHull(pts).vertices], fill=1)
+        hull |= np.asarray(poly, dtype=bool)
+    hy, hx = np.nonzero(hull)
+    cov = np.cov(np.stack([hx, hy]).astype(np.float64))
     ev, vec = np.linalg.eigh(cov)
-    ratio = math.sqrt(max(ev[0], 0.0) / ev[1]) if ev[1] > 0 else 1.0
+    if ev[0] <= 0:
+        return PartOutline(cx, cy, radius, 0.0, 0.0, 0.0)
+    yy, xx = np.mgrid[0:part.shape[0], 0:part.shape[1]]
+    d = np.stack([xx - hx.mean(), yy - hy.mean()], axis=-1)
+    ellipse = np.einsum("...i,ij,...j->...", d, np.linalg.inv(cov), d) <= 4.0   # a uniform ellipse's moments
+    fit = float((ellipse & hull).sum() / (ellipse | hull).sum())
     minor = math.degrees(math.atan2(-vec[1, 0], vec[0, 0])) % 180.0
-    return PartOutline((float(xs.mean()) + 0.5) * k, (float(ys.mean()) + 0.5) * k, math.sqrt(xs.size / math.pi) * k,
-                       ratio, minor)
+    return PartOutline(cx, cy, radius, math.sqrt(ev[0] / ev[1]), minor, fit)
 
 
 def photo_notes(arr: np.ndarray) -> list[str]:
     """What about the photo makes its verdict less sure than the model's numbers say; empty for a usual photo.
 
     Advice only: a note never changes the verdict. Two are checked: that a round part stands out from
-    the background at all, and that its outline is round (an oval one means a camera off the part's axis,
-    which the models are not trained for: docs/benchmarks.md, "A camera off the part's axis").
+    the background at all, and that its outline, where it is an ellipse, is round (an oval one means a
+    camera off the part's axis, which the models are not trained for: docs/benchmarks.md, "A camera off
+    the part's axis"). An outline that is no ellipse (the region ran into a mark or a shadow) says
+    nothing about the camera and gets no note.
     """
     o = part_outline(arr)
     if o is None:
         return ["no round part stands out from the background: is this a photo of the part?"]
-    if o.axis_ratio < OVAL_RATIO:
+    if o.axis_ratio < OVAL_RATIO and o.ellipse_fit >= ELLIPSE_FIT:
         return [f"the part looks oval (axes {o.axis_ratio:.2f}, a camera about {o.tilt_deg:.0f} degrees off its axis): "
                 "tilted photos are judged less reliably; square the camera to the part"]
     return []

@@ -141,6 +141,7 @@ def test_part_outline_measures_how_oval_the_part_looks(fg, bg, hole):
         assert o.axis_ratio == pytest.approx(q, abs=0.03)
         assert min(abs(o.minor_deg - angle), 180 - abs(o.minor_deg - angle)) < 4
         assert o.tilt_deg == pytest.approx(math.degrees(math.acos(q)), abs=3)
+        assert o.ellipse_fit > 0.97
         notes = D.photo_notes(tilted)
         assert len(notes) == 1 and "oval" in notes[0] and f"{o.axis_ratio:.2f}" in notes[0]
     # a mild tilt, light drift, blur and a turn are not worth a note
@@ -154,3 +155,19 @@ def test_photo_notes_say_when_no_part_stands_out():
         notes = D.photo_notes(blank)
         assert len(notes) == 1 and notes[0].startswith("no round part")
     assert D.notes_text([]) == "" and D.notes_text(["a", "b"]) == "\n  note: a\n  note: b"
+
+
+def test_an_outline_that_is_no_ellipse_says_nothing_about_the_camera():
+    """A dark mark joined to the part's disc stretches the region (the casting folder's leaks into a rim
+    patch); its axes are not a tilt, so no note. A disc split by a bright hub is still seen as a disc."""
+    img = _disc(r=60.0, fg=40, bg=170)
+    img[135:165, 200:265] = 40                                   # a dark patch joined to the disc's edge
+    o = D.part_outline(img)
+    assert o.axis_ratio < D.OVAL_RATIO and o.ellipse_fit < D.ELLIPSE_FIT
+    assert D.photo_notes(img) == []
+    ring = _disc(r=70.0, fg=40, bg=170, hole=0.45)               # a bore in the middle: the hull closes it
+    ring[:150, 148:153] = 170                                    # and a bright spoke cuts it open, as a hub can
+    tilted = P.affine(ring, squash=0.7, squash_angle=0)
+    o = D.part_outline(tilted)
+    assert o.axis_ratio == pytest.approx(0.7, abs=0.04) and o.ellipse_fit >= D.ELLIPSE_FIT
+    assert len(D.photo_notes(tilted)) == 1
