@@ -377,7 +377,8 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
                    f"{float(cur['threshold']):.3f}, margin {cur['margin']:.3f}  \nmodel `{cur['model_id']}`{cam_note}  \n"
                    f"status **{cur['status']}**" + (f", label **{cur['label']}** by {cur['reviewer']}"
                                                      if cur["status"] == "reviewed" else "")
-                   + (f" · skipped {cur['skips']}x" if cur["skips"] else ""))
+                   + (f" · skipped {cur['skips']}x" if cur["skips"] else "")
+                   + "".join(f"\n\n**Photo note:** {n}" for n in cur.get("photo_notes") or []))
         return (cur["sha256"], img, heat, verdict, remain, table, shas, _stats_md(st),
                 gr.update(choices=model_choices))
 

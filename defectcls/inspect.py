@@ -840,7 +840,7 @@ class _Run:
         from .inference import Prediction
 
         pred = Prediction(label=verdict, prob_bad=p, threshold=self.p.threshold, model_id=self.p.model_id,
-                          latency_ms=round(dur, 3))
+                          latency_ms=round(dur, 3), notes=list(d.notes))
         try:
             self.queue.add_pending(d.data, pred, source="inspect")
         except Exception as exc:  # noqa: BLE001 - the review queue must never stop the line

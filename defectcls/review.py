@@ -214,7 +214,8 @@ class ReviewQueue:
                                       "decided_at": None, "note": "", "skips": 0, "skipped": False,
                                       "n_predictions": 0, "source": ev.get("source")}
             it.update(model_id=ev.get("model_id"), predicted=ev.get("predicted"), p_bad=ev.get("p_bad"),
-                      threshold=ev.get("threshold"), last_seen=ev.get("timestamp"))
+                      threshold=ev.get("threshold"), last_seen=ev.get("timestamp"),
+                      photo_notes=[str(n) for n in ev.get("photo_notes") or []])
             it["n_predictions"] += 1
             it["skipped"] = False
             return
@@ -270,7 +271,8 @@ class ReviewQueue:
         row = {"v": SCHEMA_VERSION, "event": "prediction", "timestamp": now_iso(), "sha256": sha,
                "image": f"{IMAGES_DIR}/{sha}{ext}", "model_id": prediction.model_id, "predicted": prediction.label,
                "p_bad": round(float(prediction.prob_bad), 6), "threshold": round(float(prediction.threshold), 6),
-               "decision": None, "label": None, "reviewer": None, "note": "", "source": _clean(source, 200)}
+               "decision": None, "label": None, "reviewer": None, "note": "", "source": _clean(source, 200),
+               "photo_notes": [_clean(n, 300) for n in getattr(prediction, "notes", [])]}
         with self._locked():
             st = self._refresh()
             it = st.items.get(sha)

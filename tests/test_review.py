@@ -368,3 +368,19 @@ def test_default_root_follows_env(tmp_path, monkeypatch):
     monkeypatch.setenv("DEFECTCLS_REVIEW_DIR", str(tmp_path / "from_env"))
     q = ReviewQueue(push_repo="")
     assert q.root == (tmp_path / "from_env").resolve() and (q.root / "images").is_dir()
+
+
+def test_photo_notes_reach_the_reviewer_and_older_rows_read_without_them(q):
+    note = "the part looks oval (axes 0.70, a camera about 46 degrees off its axis)"
+    tilted = Prediction(label="good", prob_bad=0.2, threshold=0.5, model_id="m@000000000001", notes=[note + "\n"])
+    a = q.add_pending(png(1), tilted)
+    b = q.add_pending(png(2), pred(0.4))
+    rows = log_rows(q.root)
+    assert rows[0]["photo_notes"] == [note] and rows[1]["photo_notes"] == []   # one printable line each
+    items = {i["sha256"]: i for i in q.items()}
+    assert items[a]["photo_notes"] == [note] and items[b]["photo_notes"] == []
+    old = {k: v for k, v in rows[1].items() if k != "photo_notes"}              # a row from before notes existed
+    old["sha256"] = "c" * 64
+    with open(q.root / LOG_FILE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(old) + "\n")
+    assert {i["sha256"]: i for i in ReviewQueue(q.root, push_repo="").items()}["c" * 64]["photo_notes"] == []

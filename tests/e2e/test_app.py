@@ -151,6 +151,25 @@ def test_model_switch_is_per_session_state(built):
     assert d["model"] == "mobilenet_v3_large_gray"
 
 
+def test_an_oval_part_carries_its_note_to_the_verdict_and_the_review_tab(built):
+    from defectcls import data as D
+    from defectcls import perturb as P
+
+    app, demo, tmp = built
+    img = D.load_image(part_png(2, size=160))
+    buf = io.BytesIO()
+    Image.fromarray(P.affine(img, squash=0.65, squash_angle=20)).save(buf, format="PNG")
+    _, _, details = handler(demo, "inspect")(upload(tmp, "tilted.png", buf.getvalue()), "gradcam", None)
+    assert len(details["notes"]) == 1 and "oval" in details["notes"][0]
+    assert "**Note:** the part looks oval" in handler(demo, "summary")(details)
+    _, _, straight = handler(demo, "inspect")(upload(tmp, "straight.png", part_png(4, size=160)), "gradcam", None)
+    assert straight["notes"] == [] and "Note:" not in handler(demo, "summary")(straight)
+    items = {i["sha256"]: i for i in handler(demo, "review_queue")("pending", "any", "any", None)["items"]}
+    assert items[details["sha256"]]["photo_notes"] == details["notes"] and items[straight["sha256"]]["photo_notes"] == []
+    view = handler(demo, "render_item")("pending", "any", "any", details["sha256"])
+    assert view[0] == details["sha256"] and "**Photo note:** the part looks oval" in view[3]
+
+
 def test_review_handlers_order_submit_and_reviewer_identity(built, models, tmp_path):
     app, demo, tmp = built
     inspect = handler(demo, "inspect")
