@@ -232,9 +232,11 @@ def part_circle(arr: np.ndarray) -> tuple[float, float, float] | None:
     radius moves < 1% and the centre < 1 px at 300 px).
     """
     found = _part_region(arr)
-    if found is None:
-        return None
-    part, k = found
+    return None if found is None else _circle(*found)
+
+
+def _circle(part: np.ndarray, k: int) -> tuple[float, float, float]:
+    """Centre and radius (of a disc of its area), in pixels of the photo, of a region found on a copy K times smaller."""
     ys, xs = np.nonzero(part)
     return (float(xs.mean()) + 0.5) * k, (float(ys.mean()) + 0.5) * k, math.sqrt(xs.size / math.pi) * k
 
@@ -275,8 +277,8 @@ def part_outline(arr: np.ndarray) -> PartOutline | None:
     if found is None:
         return None
     part, k = found
+    cx, cy, radius = _circle(part, k)
     ys, xs = np.nonzero(part)
-    cx, cy, radius = (float(xs.mean()) + 0.5) * k, (float(ys.mean()) + 0.5) * k, math.sqrt(xs.size / math.pi) * k
     hull = part.copy()
     pts = np.stack([xs, ys], axis=1).astype(np.float64)
     with contextlib.suppress(QhullError, ValueError):
