@@ -257,7 +257,8 @@ def _add_calibrate(sub) -> None:
                                "(no retraining)",
              "defectcls calibrate --model runs/my_model --target-fnr 0.01")
     p.add_argument("--model", required=True, help="model directory with its split.json")
-    p.add_argument("--target-fnr", type=float, required=True, help="missed-defect rate to guarantee, e.g. 0 or 0.01")
+    p.add_argument("--target-fnr", type=float, default=None,
+                   help="missed-defect rate to guarantee, e.g. 0 or 0.01 (required unless --photos-only)")
     p.add_argument("--threshold-method", choices=["conformal", "empirical"], default="conformal")
     p.add_argument("--data", default=None, help="the training folder, if it moved since training")
     p.add_argument("--tta", type=int, choices=[1, 4, 8], default=None,
@@ -267,14 +268,39 @@ def _add_calibrate(sub) -> None:
                    help="with test-time views: look at one view first; a part whose one-view P(bad) is below a "
                         "fifth of every flagged validation bad part's is good, one above every validation good "
                         "part's (and the threshold) is bad; only the parts between get all views")
+    p.add_argument("--photos-only", action="store_true",
+                   help="only measure what the training photos look like (sharpness, part size) and record it on "
+                        "the card, for the photo notes on softer photos and other part sizes; no scoring, the "
+                        "threshold stays (a threshold calibration records it too, on cards without it)")
     p.add_argument("--dry-run", action="store_true", help="print the new threshold and metrics, change nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_calibrate)
 
 
-def _run_calibrate(a) -> int:
-    from .scoring import recalibrate
+def _photo_range_text(r: dict | None) -> str:
+    if not r:
+        return "none"
+    size = r.get("part_size")
+    return (f"sharpness {r['sharpness'][0]:.3g}-{r['sharpness'][-1]:.3g}, part size "
+            + (f"{size[0]:.3g}-{size[-1]:.3g}" if size else "n/a") + f" of the frame ({r['n']} photos)")
 
+
+def _run_calibrate(a) -> int:
+    from .scoring import recalibrate, record_photo_range
+
+    if a.photos_only:
+        if a.target_fnr is not None or a.tta is not None or a.screen:
+            raise DefectclsError("--photos-only changes nothing but the photo range: drop --target-fnr, --tta and "
+                                 "--screen, or calibrate without it (which records the range too)")
+        res = record_photo_range(a.model, data_root=a.data, write=not a.dry_run)
+        lines = [f"{a.model}: training photos' look {_photo_range_text(res['before'])} -> "
+                 f"{_photo_range_text(res['photo_range'])}" + ("" if res["written"] else "  [dry run: not written]")]
+        if res["stale_exports"] and res["written"]:
+            lines.append(f"  exported {', '.join(res['stale_exports'])} still carry the old card: export again")
+        _emit(res, a.json, "\n".join(lines))
+        return 0
+    if a.target_fnr is None:
+        raise DefectclsError("calibrate needs --target-fnr (or --photos-only)")
     res = recalibrate(a.model, a.target_fnr, a.threshold_method, data_root=a.data, write=not a.dry_run, tta=a.tta,
                       screen=a.screen)
     pol, old = res["threshold_policy"], res["before"]
@@ -296,6 +322,8 @@ def _run_calibrate(a) -> int:
                      f"{sc['all_views_val_bad']:.1%} of bad parts")
     elif old["screen"]:
         lines.append("  screen removed (calibrate with --screen to choose one for this threshold)")
+    if res["photo_range"] != old["photo_range"]:
+        lines.append(f"  training photos' look recorded: {_photo_range_text(res['photo_range'])} (photo notes)")
     for name, m in res["metrics"].items():
         was = old["metrics"].get(name, {})
         lines.append(f"  {name}: FNR {was.get('fnr', float('nan')):.4f} -> {m['fnr']:.4f}   "

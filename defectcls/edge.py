@@ -131,7 +131,7 @@ class EdgePredictor:
 
     def _result(self, p: float, ms: float, img: np.ndarray) -> dict:
         return {"label": D.verdict(p, self.threshold), "prob_bad": float(p), "threshold": self.threshold,
-                "model_id": self.model_id, "latency_ms": round(ms, 3), "notes": D.photo_notes(img)}
+                "model_id": self.model_id, "latency_ms": round(ms, 3), "notes": self.prep.notes(img)}
 
     def predict(self, src: ImageSource) -> dict:
         """{label, prob_bad, threshold, model_id, latency_ms, notes} for one image (notes: ``data.photo_notes``)."""

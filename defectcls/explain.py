@@ -434,7 +434,7 @@ def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> 
     p = float(prob_bad_from_logits(logits, predictor.card.temperature)[0])
     ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "model_cam": (t3 - t2) * 1e3,
           "cam_scale": (t4 - t3) * 1e3}
-    notes = D.photo_notes(img)
+    notes = prep.notes(img) if prep is not None else D.photo_notes(img)
     ms["photo_check"] = (time.perf_counter() - t4) * 1e3
     pred = predictor.verdict(p, (t4 - t1) * 1e3, {"preprocess": ms["preprocess"], "model": ms["model_cam"]}, notes)
     return Explanation(pred, cam, img, {k: round(v, 3) for k, v in ms.items()}, offset, box)

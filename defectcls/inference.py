@@ -320,7 +320,7 @@ class Predictor:
         t1 = time.perf_counter()
         p = float(self.probs(x[None])[0])
         t2 = time.perf_counter()
-        notes = D.photo_notes(img)
+        notes = self.prep.notes(img)
         t3 = time.perf_counter()
         return self.verdict(p, (t3 - t0) * 1e3, {"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3,
                                                  "photo_check": (t3 - t2) * 1e3}, notes)
@@ -336,7 +336,7 @@ class Predictor:
                     img = self.load(srcs[j])
                     xs.append(self.preprocess(img))
                     slots.append(j)
-                    notes.append(D.photo_notes(img))
+                    notes.append(self.prep.notes(img))
                 except ImageLoadError as exc:
                     results[j] = exc
             ps = self.probs(np.stack(xs)) if xs else []

@@ -436,6 +436,12 @@ def _choose_decode(mode: str, prep: _Prep | None) -> str:
     return "processes" if prep is not None and multi and D._spng is not None else "threads"
 
 
+def _notes(predictor, img: np.ndarray) -> list[str]:
+    """``data.photo_notes`` of a decoded photo, against the training photos of the predictor's card where it has them."""
+    prep = predictor if isinstance(predictor, D.Preprocessing) else _prep_of(predictor)
+    return prep.notes(img) if prep is not None else D.photo_notes(img)
+
+
 def _decode(item: _Item, predictor, keep_bytes: bool, fast_png: bool = False) -> _Decoded:
     t0 = time.perf_counter()
     out = _Decoded(item, item.size, item.mtime_ns)
@@ -464,7 +470,7 @@ def _decode(item: _Item, predictor, keep_bytes: bool, fast_png: bool = False) ->
     try:
         out.image = predictor.load(data, fast_png=fast_png)
         out.x = predictor.preprocess(out.image)
-        out.notes = D.photo_notes(out.image)
+        out.notes = _notes(predictor, out.image)
     except ImageLoadError as exc:
         out.error = _reason(exc)
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop the line
@@ -1131,7 +1137,8 @@ figcaption{{font-size:12px;word-break:break-all}} .tag{{background:#f4a261;paddi
 <div class="grid">{"".join(cards) or "<p>None.</p>"}</div>{more}
 <h2>Borderline good parts ({len(border_good)}): P(bad) within {band:g} of the threshold</h2>
 <table><tr><th>#</th><th>file</th><th>P(bad)</th><th>threshold</th><th>time</th><th></th></tr>{good_rows}</table>
-<h2>Photos with notes ({len(noted)}): verdicts less sure than their numbers (an oval part: a tilted camera)</h2>
+<h2>Photos with notes ({len(noted)}): verdicts less sure than their numbers
+(a tilted camera, a photo out of focus, another distance)</h2>
 <table><tr><th>#</th><th>file</th><th>verdict</th><th>note</th></tr>{note_rows}</table>
 <h2>Unreadable files ({len(errors)})</h2>
 <table><tr><th>#</th><th>file</th><th>reason</th><th>time</th></tr>{err_rows}</table>

@@ -92,25 +92,18 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     if method not in ("conformal", "empirical"):
         raise DefectclsError(f"threshold method must be conformal or empirical, got {method!r}")
     model_dir = Path(model_dir)
-    split_path = model_dir / SPLIT_FILE
-    if not split_path.is_file():
-        raise DefectclsError(f"{model_dir} has no {SPLIT_FILE}: its validation part is unknown, so retrain with "
-                             "--target-fnr instead")
-    saved = json.loads(split_path.read_text())
+    saved, root, folder = _training_folder(model_dir, data_root)
     if not saved.get("val"):
         raise DefectclsError(f"{model_dir} has no validation part (a --folds ensemble): retrain with --target-fnr")
-    root = Path(data_root or saved["data_root"])
-    if not root.is_dir():
-        raise DefectclsError(f"training folder {root} not found: pass --data with where it is now")
-    folder = D.scan_folder(root)
-    if D.fingerprint(folder) != saved.get("data_fingerprint"):
-        raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
     card = read_card(model_dir)
     pred = Predictor(model_dir, backend="torch", tta=tta, screen=False)
     background = card.background
     if background is None:   # a card from before it: the training folder's background, as train estimates it
         background = D.estimate_background([x.path for x in folder], card.color, seed=int(card.train.get("seed", 0)))
         pred.prep = replace(pred.prep, background=tuple(background) if background else None)
+    photo_range = card.photo_range   # a card from before it: the training folder's, as train estimates it
+    if photo_range is None:
+        photo_range = D.estimate_photo_range([x.path for x in folder], card.color, seed=int(card.train.get("seed", 0)))
     views = pred.card.tta
     if screen and views == 1:
         raise DefectclsError("--screen needs test-time views to save: use it with --tta 4 or 8 (or a card with them)")
@@ -156,13 +149,54 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     for name, (y, p) in probs.items():
         metrics[name] = compute_metrics(y, p, thr)
     before = {"threshold": card.threshold, "threshold_policy": card.threshold_policy, "metrics": card.metrics,
-              "tta": card.tta, "temperature": card.temperature, "background": card.background, "screen": card.screen}
+              "tta": card.tta, "temperature": card.temperature, "background": card.background, "screen": card.screen,
+              "photo_range": card.photo_range}
     if write:
         card.threshold, card.threshold_policy, card.metrics = thr, policy, metrics
         card.tta, card.temperature, card.background, card.screen = views, temperature, background, screen_card
+        card.photo_range = photo_range
         write_card(card, model_dir)
     stale = sorted(p.name for p in model_dir.glob("*.onnx"))
     return {"model": str(model_dir), "written": write, "threshold": thr, "threshold_policy": policy,
             "tta": views, "temperature": temperature, "background": background, "screen": screen_card,
-            "metrics": metrics, "before": before,
+            "photo_range": photo_range, "metrics": metrics, "before": before,
             "stale_exports": stale}
+
+
+def _training_folder(model_dir: Path, data_root: str | os.PathLike | None) -> tuple[dict, Path, list[D.Sample]]:
+    """MODEL_DIR's split.json, its training folder (DATA_ROOT: where it is now) and that folder's samples,
+    checked to hold the files the model was trained on."""
+    split_path = model_dir / SPLIT_FILE
+    if not split_path.is_file():
+        raise DefectclsError(f"{model_dir} has no {SPLIT_FILE}: its training folder is unknown, so retrain "
+                             "instead")
+    saved = json.loads(split_path.read_text())
+    root = Path(data_root or saved["data_root"])
+    if not root.is_dir():
+        raise DefectclsError(f"training folder {root} not found: pass --data with where it is now")
+    folder = D.scan_folder(root)
+    if D.fingerprint(folder) != saved.get("data_fingerprint"):
+        raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
+    return saved, root, folder
+
+
+def record_photo_range(model_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,
+                       write: bool = True) -> dict:
+    """Measure what MODEL_DIR's training photos look like (``data.estimate_photo_range``, as ``train`` does) and
+    record it on its card, for photo notes; nothing else changes and nothing is scored. DATA_ROOT: where the
+    training folder is now (it must hold the same files). Returns {model, written, photo_range, before,
+    stale_exports}: an exported ONNX file carries the card it was exported with, so re-export it."""
+    from .models import read_card, write_card
+
+    model_dir = Path(model_dir)
+    _saved, _root, folder = _training_folder(model_dir, data_root)
+    card = read_card(model_dir)
+    photo_range = D.estimate_photo_range([x.path for x in folder], card.color, seed=int(card.train.get("seed", 0)))
+    if photo_range is None:
+        raise DefectclsError(f"no photo of {_root} could be read: nothing to measure")
+    before = card.photo_range
+    if write:
+        card.photo_range = photo_range
+        write_card(card, model_dir)
+    return {"model": str(model_dir), "written": write, "photo_range": photo_range, "before": before,
+            "stale_exports": sorted(p.name for p in model_dir.glob("*.onnx"))}

@@ -268,6 +268,7 @@ class _Data:
     background: list[float] | None = None   # the photos' background (``data.restore_fill``)
     masks: np.ndarray | None = None         # defect masks at working size (``data.load_masks``), with --masks
     mask_known: np.ndarray | None = None    # which images' masks are known (every good one; bad ones with a file)
+    photo_range: dict | None = None         # what the photos look like (``data.estimate_photo_range``)
 
 
 def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _Data:
@@ -283,6 +284,7 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
         _log(f"framing on the part: radius {frame_ref:.4f} of the side", rank)
     # what tells a tool's black or white fill from the photos' own background, at training and inference alike
     background = D.estimate_background([s.path for s in samples], cfg.color, seed=cfg.seed)
+    photo_range = D.estimate_photo_range([s.path for s in samples], cfg.color, seed=cfg.seed)   # for photo notes
     if distributed and rank != 0:
         torch.distributed.barrier()  # let rank 0 decode and fill the disk cache first
     images, ok, failed = D.decode_all(samples, cfg.img_size, cfg.color, cfg.workers, cfg.disk_cache,
@@ -306,7 +308,7 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
         _log(f"defect masks from {cfg.masks}: {n_bad - len(problems)} of {n_bad} bad images"
              + (f"; without a usable mask (no mask loss): {len(problems)}, e.g. {problems[0][1]}" if problems else ""),
              rank)
-    return _Data(root, samples, labels, images, failed, parts, frame_ref, background, masks, known)
+    return _Data(root, samples, labels, images, failed, parts, frame_ref, background, masks, known, photo_range)
 
 
 def _norm_stats(cfg: TrainConfig, x: np.ndarray) -> tuple[list[float], list[float]]:
@@ -591,7 +593,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     card = ModelCard(
         arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
         input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref,
-        background=data.background, threshold=thr,
+        background=data.background, photo_range=data.photo_range, threshold=thr,
         temperature=temperature,
         threshold_policy=policy, metrics=metrics,
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()),
@@ -749,7 +751,7 @@ def train_folds(cfg: TrainConfig) -> dict:
     card = ModelCard(
         arch=ENSEMBLE_ARCH, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
         input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref,
-        background=data.background, threshold=thr,
+        background=data.background, photo_range=data.photo_range, threshold=thr,
         temperature=temperature,
         threshold_policy=policy, metrics=metrics,
         members=[r["dir"] for r in member_rows],

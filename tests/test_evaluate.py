@@ -181,3 +181,44 @@ def test_calibrate_tta_changes_the_views_refits_temperature_and_marks_exports_st
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", str(m), "--target-fnr", "0", "--tta", "3"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_calibrate_records_the_training_photos_look_on_cards_without_it(tiny_model, tiny_data, tmp_path, capsys):
+    import json
+    import shutil
+
+    from defectcls import data as D
+    from defectcls.cli import main
+    from defectcls.scoring import recalibrate, record_photo_range
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model, m)
+    card0 = json.loads((m / "card.json").read_text())
+    recorded = card0.pop("photo_range")                                          # a card written before it
+    assert recorded == D.estimate_photo_range([s.path for s in D.scan_folder(tiny_data)], "gray", seed=0)
+    (m / "card.json").write_text(json.dumps(card0))
+    assert record_photo_range(m, write=False)["photo_range"] == recorded
+    assert main(["calibrate", "--model", str(m), "--photos-only", "--dry-run"]) == 0
+    assert "[dry run: not written]" in capsys.readouterr().out
+    assert json.loads((m / "card.json").read_text()) == card0                  # a dry run changes nothing
+    assert main(["calibrate", "--model", str(m), "--photos-only"]) == 0
+    out = capsys.readouterr().out
+    assert "training photos' look none -> sharpness" in out and f"({recorded['n']} photos)" in out
+    card = json.loads((m / "card.json").read_text())
+    assert card.pop("photo_range") == recorded and card == card0               # nothing else changed
+    # a threshold calibration records it too, on a card without it
+    (m / "card.json").write_text(json.dumps(card0))
+    res = recalibrate(m, 0.5, data_root=tiny_data)
+    assert res["photo_range"] == recorded and res["before"]["photo_range"] is None
+    assert json.loads((m / "card.json").read_text())["photo_range"] == recorded
+    # what cannot be done is said, and changes nothing
+    for argv, why in ((["--photos-only", "--target-fnr", "0.1"], "drop --target-fnr"),
+                      ([], "needs --target-fnr")):
+        assert main(["calibrate", "--model", str(m), *argv]) == 2
+        assert why in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    sorted((other / "good").glob("*.png"))[0].unlink()
+    assert main(["calibrate", "--model", str(m), "--photos-only", "--data", str(other)]) == 2
+    assert "does not hold the files" in capsys.readouterr().err
+    assert json.loads((m / "card.json").read_text())["photo_range"] == recorded

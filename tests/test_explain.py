@@ -205,3 +205,23 @@ def test_an_oval_part_gets_a_note_wherever_a_verdict_is_given(tiny_model, tiny_d
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{straight}: ") and out[1].startswith(f"{tilted}: ")
     assert out[2].startswith("  note: the part looks oval") and len(out) == 3
+
+
+def test_a_photo_softer_than_the_training_photos_gets_a_note(tiny_model, tiny_data, tmp_path):
+    """Training records what its photos look like on the card; every verdict compares the photo with it."""
+    from defectcls import data as D
+    from defectcls import perturb as P
+    from defectcls.models import read_card
+
+    card = read_card(tiny_model)
+    assert card.photo_range == D.estimate_photo_range([s.path for s in D.scan_folder(tiny_data)], "gray", seed=0)
+    pred = Predictor(tiny_model, device="cpu", backend="torch")
+    assert pred.prep.photo_range == card.photo_range
+    sharp = sorted((tiny_data / "good").glob("*.png"))[1]
+    soft = tmp_path / "soft.png"
+    Image.fromarray(P.blur(D.load_image(sharp), 3.0)).save(soft)      # out of focus
+    assert pred.predict(sharp).notes == [] and explain(pred, sharp).prediction.notes == []
+    for r in (pred.predict(soft), explain(pred, soft).prediction, pred.predict_batch([sharp, soft])[1]):
+        assert len(r.notes) == 1 and r.notes[0].startswith("the photo looks softer than in training")
+    pred.prep = D.Preprocessing.from_card({**card.to_dict(), "photo_range": None})   # a card from before it
+    assert pred.predict(soft).notes == []

@@ -142,6 +142,7 @@ def test_part_outline_measures_how_oval_the_part_looks(fg, bg, hole):
         assert min(abs(o.minor_deg - angle), 180 - abs(o.minor_deg - angle)) < 4
         assert o.tilt_deg == pytest.approx(math.degrees(math.acos(q)), abs=3)
         assert o.ellipse_fit > 0.97
+        assert D.look_at(tilted).part_size == pytest.approx(80 / 300, rel=0.02)   # a tilt does not shrink the part
         notes = D.photo_notes(tilted)
         assert len(notes) == 1 and "oval" in notes[0] and f"{o.axis_ratio:.2f}" in notes[0]
     # a mild tilt, light drift, blur and a turn are not worth a note
@@ -171,3 +172,50 @@ def test_an_outline_that_is_no_ellipse_says_nothing_about_the_camera():
     o = D.part_outline(tilted)
     assert o.axis_ratio == pytest.approx(0.7, abs=0.04) and o.ellipse_fit >= D.ELLIPSE_FIT
     assert len(D.photo_notes(tilted)) == 1
+
+
+def _emblems(n: int, seed: int, size: int = 384) -> list[np.ndarray]:
+    from defectcls.synth import image_seed, render_part
+
+    return [np.asarray(render_part(image_seed(seed, "good", i), False, size=size)[0].convert("L")) for i in range(n)]
+
+
+def test_sharpness_follows_focus_not_light():
+    for img in _emblems(3, 555):
+        s0 = D.sharpness(img)
+        assert 0.97 < D.sharpness(P.contrast(img, 0.7)) / s0 < 1.03          # a ratio of two detail bands
+        assert 0.85 < D.sharpness(P.brightness(img, 1.25)) / s0 < 1.0        # (clipped highlights lose a little)
+        assert 0.9 < D.sharpness(P.gamma(img, 1.4)) / s0 < 1.15
+        assert D.sharpness(P.blur(img, 0.75)) / s0 < 0.6 and D.sharpness(P.blur(img, 1.5)) / s0 < 0.3
+        assert D.sharpness(P.noise(img, 8, np.random.default_rng(0))) / s0 > 1.2
+        assert D.sharpness(P.affine(img, scale=1.2)) / s0 < 0.8             # enlarged: detail moves to coarser scales
+
+
+def test_photo_notes_compare_the_photo_with_the_training_photos(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i, img in enumerate(_emblems(16, 555)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(img).save(paths[-1])
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rng = D.estimate_photo_range([*paths, str(tmp_path / "broken.png")], seed=0, n=17)
+    assert rng["n"] == 16                                                     # the unreadable one is skipped
+    for key in ("sharpness", "part_size"):
+        lo, mid, hi = rng[key]
+        assert lo <= mid <= hi
+        assert lo == pytest.approx(min(D.look_at(D.load_image(p)).__getattribute__(key) for p in paths), rel=0.05)
+    for img in _emblems(4, 777):                                             # photos it did not measure
+        assert D.photo_notes(img, rng) == []
+        soft = D.photo_notes(P.blur(img, 1.5), rng)
+        assert len(soft) == 1 and soft[0].startswith("the photo looks softer than in training")
+        assert f"{D.sharpness(P.blur(img, 1.5)):.2f}" in soft[0] and f"{rng['sharpness'][0]:.2f}" in soft[0]
+        small = D.photo_notes(P.affine(img, scale=0.7), rng)
+        assert len(small) == 1 and small[0].startswith("the part looks smaller than in training")
+        closer = dict(rng, part_size=[0.25, 0.28, 0.31])                    # trained on parts shot from further away
+        large = D.photo_notes(img, closer)
+        assert len(large) == 1 and large[0].startswith("the part looks larger than in training")
+        assert f"radius {D.look_at(img).part_size:.2f} of the side, training 0.25-0.31" in large[0]
+        assert D.photo_notes(P.blur(img, 1.5)) == [] and D.photo_notes(P.affine(img, scale=0.7)) == []   # no range
+    assert D.estimate_photo_range([str(tmp_path / "broken.png")]) is None
+    assert D.photo_notes(np.full((120, 120), 90, np.uint8), rng)[0].startswith("no round part")

@@ -483,15 +483,17 @@ def test_an_oval_part_gets_a_note_in_the_row_the_overlay_and_the_report(pred, mo
     good = _images(tiny_data, 1, 0)[0]
     shutil.copy(good, inp / "straight.png")
     Image.fromarray(P.affine(D.load_image(good), squash=0.6, squash_angle=30)).save(inp / "tilted.png")
+    Image.fromarray(P.blur(D.load_image(good), 3.0)).save(inp / "soft.png")     # softer than the training photos
     _run(pred, inp, log, save_good=True)
     rows = {os.path.basename(r["file"]): r for r in _rows(log)}
     assert rows["straight.png"]["notes"] is None and "oval" in rows["tilted.png"]["notes"]
+    assert rows["soft.png"]["notes"].startswith("the photo looks softer than in training")
     crows = {os.path.basename(c["file"]): c for c in _csv_rows(log)}
     assert crows["straight.png"]["notes"] == "" and crows["tilted.png"]["notes"] == rows["tilted.png"]["notes"]
     with Image.open(log / rows["tilted.png"]["overlay"]) as a, Image.open(log / rows["straight.png"]["overlay"]) as b:
         assert a.height > b.height                     # one caption line more: the note
     page = I.write_report(log).read_text(encoding="utf-8")
-    assert "Photos with notes (1)" in page and html.escape(rows["tilted.png"]["notes"]) in page
+    assert "Photos with notes (2)" in page and html.escape(rows["tilted.png"]["notes"]) in page
 
 
 def test_a_log_csv_with_older_columns_is_rebuilt_from_the_jsonl_and_kept(pred, model, tiny_data, tmp_path):
