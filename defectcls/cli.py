@@ -269,8 +269,9 @@ def _add_calibrate(sub) -> None:
                         "fifth of every flagged validation bad part's is good, one above every validation good "
                         "part's (and the threshold) is bad; only the parts between get all views")
     p.add_argument("--photos-only", action="store_true",
-                   help="only measure what the training photos look like (sharpness, part size) and record it on "
-                        "the card, for the photo notes on softer photos and other part sizes; no scoring, the "
+                   help="only measure what the training photos look like (their sharpness) and record it on "
+                        "the card, for the photo note on softer photos; --data may then be any folder of photos "
+                        "like them (the card says whether they were the training files); no scoring, the "
                         "threshold stays (a threshold calibration records it too, on cards without it)")
     p.add_argument("--dry-run", action="store_true", help="print the new threshold and metrics, change nothing")
     p.add_argument("--json", action="store_true")
@@ -280,9 +281,7 @@ def _add_calibrate(sub) -> None:
 def _photo_range_text(r: dict | None) -> str:
     if not r:
         return "none"
-    size = r.get("part_size")
-    return (f"sharpness {r['sharpness'][0]:.3g}-{r['sharpness'][-1]:.3g}, part size "
-            + (f"{size[0]:.3g}-{size[-1]:.3g}" if size else "n/a") + f" of the frame ({r['n']} photos)")
+    return f"sharpness {r['sharpness'][0]:.3g}-{r['sharpness'][-1]:.3g} ({r['n']} photos)"
 
 
 def _run_calibrate(a) -> int:
@@ -295,6 +294,9 @@ def _run_calibrate(a) -> int:
         res = record_photo_range(a.model, data_root=a.data, write=not a.dry_run)
         lines = [f"{a.model}: training photos' look {_photo_range_text(res['before'])} -> "
                  f"{_photo_range_text(res['photo_range'])}" + ("" if res["written"] else "  [dry run: not written]")]
+        if not res["photo_range"]["training_files"]:
+            lines.append(f"  measured on {res['folder']}, which does not hold the files the model was trained on "
+                         "(fingerprint differs): photos like them stand in for them")
         if res["stale_exports"] and res["written"]:
             lines.append(f"  exported {', '.join(res['stale_exports'])} still carry the old card: export again")
         _emit(res, a.json, "\n".join(lines))

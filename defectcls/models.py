@@ -491,8 +491,8 @@ class ModelCard:
                                     # (``data.fit_frame``); None: the whole photo (cards before it)
     background: list[float] | None = None  # the training photos' background, 0-255 per channel: black or white
                                            # fills unlike it are a tool's (``data.restore_fill``); None: cards before it
-    photo_range: dict | None = None  # what the training photos look like (``data.estimate_photo_range``): photo
-                                     # notes for softer photos and other part sizes; None: cards before it
+    photo_range: dict | None = None  # what the training photos look like (``data.estimate_photo_range``): the
+                                     # photo note for softer photos; None: cards before it
     screen: dict | None = None  # one view first (``inference.Predictor``): one-view P(bad) below screen["below"] is
                                 # good, above screen["above"] bad, without the other views; None: all views always
 

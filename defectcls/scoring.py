@@ -104,6 +104,8 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     photo_range = card.photo_range   # a card from before it: the training folder's, as train estimates it
     if photo_range is None:
         photo_range = D.estimate_photo_range([x.path for x in folder], card.color, seed=int(card.train.get("seed", 0)))
+        if photo_range is not None:
+            photo_range["training_files"] = True   # the fingerprint was checked above
     views = pred.card.tta
     if screen and views == 1:
         raise DefectclsError("--screen needs test-time views to save: use it with --tta 4 or 8 (or a card with them)")
@@ -183,20 +185,32 @@ def _training_folder(model_dir: Path, data_root: str | os.PathLike | None) -> tu
 def record_photo_range(model_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,
                        write: bool = True) -> dict:
     """Measure what MODEL_DIR's training photos look like (``data.estimate_photo_range``, as ``train`` does) and
-    record it on its card, for photo notes; nothing else changes and nothing is scored. DATA_ROOT: where the
-    training folder is now (it must hold the same files). Returns {model, written, photo_range, before,
-    stale_exports}: an exported ONNX file carries the card it was exported with, so re-export it."""
+    record it on its card, for photo notes; nothing else changes and nothing is scored.
+
+    DATA_ROOT: a folder with good/ and bad/, by default the training folder named in split.json. A folder
+    that does not hold the files the model was trained on (another copy, re-encoded, or photos like them)
+    is measured all the same, and the range says so (``training_files`` false). Returns {model, written,
+    photo_range, before, stale_exports}: an exported ONNX file carries the card it was exported with, so
+    re-export it."""
     from .models import read_card, write_card
 
     model_dir = Path(model_dir)
-    _saved, _root, folder = _training_folder(model_dir, data_root)
+    split_path = model_dir / SPLIT_FILE
+    saved = json.loads(split_path.read_text()) if split_path.is_file() else {}
+    if data_root is None and not saved:
+        raise DefectclsError(f"{model_dir} has no {SPLIT_FILE}: pass --data with a folder of its kind of photos")
+    root = Path(data_root or saved["data_root"])
+    if not root.is_dir():
+        raise DefectclsError(f"folder {root} not found: pass --data with where the training photos are now")
+    folder = D.scan_folder(root)
     card = read_card(model_dir)
     photo_range = D.estimate_photo_range([x.path for x in folder], card.color, seed=int(card.train.get("seed", 0)))
     if photo_range is None:
-        raise DefectclsError(f"no photo of {_root} could be read: nothing to measure")
+        raise DefectclsError(f"no photo of {root} could be read: nothing to measure")
+    photo_range["training_files"] = D.fingerprint(folder) == saved.get("data_fingerprint")
     before = card.photo_range
     if write:
         card.photo_range = photo_range
         write_card(card, model_dir)
     return {"model": str(model_dir), "written": write, "photo_range": photo_range, "before": before,
-            "stale_exports": sorted(p.name for p in model_dir.glob("*.onnx"))}
+            "folder": str(root), "stale_exports": sorted(p.name for p in model_dir.glob("*.onnx"))}

@@ -285,6 +285,8 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
     # what tells a tool's black or white fill from the photos' own background, at training and inference alike
     background = D.estimate_background([s.path for s in samples], cfg.color, seed=cfg.seed)
     photo_range = D.estimate_photo_range([s.path for s in samples], cfg.color, seed=cfg.seed)   # for photo notes
+    if photo_range is not None:
+        photo_range["training_files"] = True
     if distributed and rank != 0:
         torch.distributed.barrier()  # let rank 0 decode and fill the disk cache first
     images, ok, failed = D.decode_all(samples, cfg.img_size, cfg.color, cfg.workers, cfg.disk_cache,

@@ -195,7 +195,8 @@ def test_calibrate_records_the_training_photos_look_on_cards_without_it(tiny_mod
     shutil.copytree(tiny_model, m)
     card0 = json.loads((m / "card.json").read_text())
     recorded = card0.pop("photo_range")                                          # a card written before it
-    assert recorded == D.estimate_photo_range([s.path for s in D.scan_folder(tiny_data)], "gray", seed=0)
+    measured = D.estimate_photo_range([s.path for s in D.scan_folder(tiny_data)], "gray", seed=0)
+    assert recorded == {**measured, "training_files": True}
     (m / "card.json").write_text(json.dumps(card0))
     assert record_photo_range(m, write=False)["photo_range"] == recorded
     assert main(["calibrate", "--model", str(m), "--photos-only", "--dry-run"]) == 0
@@ -216,9 +217,13 @@ def test_calibrate_records_the_training_photos_look_on_cards_without_it(tiny_mod
                       ([], "needs --target-fnr")):
         assert main(["calibrate", "--model", str(m), *argv]) == 2
         assert why in capsys.readouterr().err
+    # photos like the training ones stand in for them where those are gone, and the card says so
     other = tmp_path / "other"
     shutil.copytree(tiny_data, other)
     sorted((other / "good").glob("*.png"))[0].unlink()
-    assert main(["calibrate", "--model", str(m), "--photos-only", "--data", str(other)]) == 2
-    assert "does not hold the files" in capsys.readouterr().err
-    assert json.loads((m / "card.json").read_text())["photo_range"] == recorded
+    assert main(["calibrate", "--model", str(m), "--photos-only", "--data", str(other)]) == 0
+    assert "does not hold the files the model was trained on" in capsys.readouterr().out
+    stand_in = json.loads((m / "card.json").read_text())["photo_range"]
+    assert stand_in["training_files"] is False and stand_in["n"] == recorded["n"] - 1
+    assert main(["calibrate", "--model", str(m), "--photos-only", "--data", str(tmp_path / "gone")]) == 2
+    assert "not found" in capsys.readouterr().err
