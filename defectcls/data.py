@@ -306,9 +306,9 @@ def sharpness(arr: np.ndarray) -> float:
     variance of what lies between sigma 1.5 and 4 px, on a copy about ``SHARP_GRID`` pixels wide.
 
     A ratio of two detail bands, so a change of brightness or contrast leaves it as it is; focus blur lowers it
-    (on the casting photos blur of sigma 1.5 px at 300 px takes it to about a third: docs/benchmarks.md, "Softer
-    photos"), sensor
-    noise and JPEG raise it, and enlarging a photo lowers it as its detail moves to coarser scales.
+    (on the casting photos blur of sigma 1.5 px at 300 px takes it to about a third: docs/benchmarks.md,
+    "Softer photos"), sensor noise and JPEG raise it, and enlarging a photo lowers it as its detail moves to
+    coarser scales.
     """
     from scipy.ndimage import gaussian_filter
 

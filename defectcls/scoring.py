@@ -92,9 +92,19 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     if method not in ("conformal", "empirical"):
         raise DefectclsError(f"threshold method must be conformal or empirical, got {method!r}")
     model_dir = Path(model_dir)
-    saved, root, folder = _training_folder(model_dir, data_root)
+    split_path = model_dir / SPLIT_FILE
+    if not split_path.is_file():
+        raise DefectclsError(f"{model_dir} has no {SPLIT_FILE}: its validation part is unknown, so retrain with "
+                             "--target-fnr instead")
+    saved = json.loads(split_path.read_text())
     if not saved.get("val"):
         raise DefectclsError(f"{model_dir} has no validation part (a --folds ensemble): retrain with --target-fnr")
+    root = Path(data_root or saved["data_root"])
+    if not root.is_dir():
+        raise DefectclsError(f"training folder {root} not found: pass --data with where it is now")
+    folder = D.scan_folder(root)
+    if D.fingerprint(folder) != saved.get("data_fingerprint"):
+        raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
     card = read_card(model_dir)
     pred = Predictor(model_dir, backend="torch", tta=tta, screen=False)
     background = card.background
@@ -163,23 +173,6 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
             "tta": views, "temperature": temperature, "background": background, "screen": screen_card,
             "photo_range": photo_range, "metrics": metrics, "before": before,
             "stale_exports": stale}
-
-
-def _training_folder(model_dir: Path, data_root: str | os.PathLike | None) -> tuple[dict, Path, list[D.Sample]]:
-    """MODEL_DIR's split.json, its training folder (DATA_ROOT: where it is now) and that folder's samples,
-    checked to hold the files the model was trained on."""
-    split_path = model_dir / SPLIT_FILE
-    if not split_path.is_file():
-        raise DefectclsError(f"{model_dir} has no {SPLIT_FILE}: its training folder is unknown, so retrain "
-                             "instead")
-    saved = json.loads(split_path.read_text())
-    root = Path(data_root or saved["data_root"])
-    if not root.is_dir():
-        raise DefectclsError(f"training folder {root} not found: pass --data with where it is now")
-    folder = D.scan_folder(root)
-    if D.fingerprint(folder) != saved.get("data_fingerprint"):
-        raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
-    return saved, root, folder
 
 
 def record_photo_range(model_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,

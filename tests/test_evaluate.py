@@ -227,3 +227,8 @@ def test_calibrate_records_the_training_photos_look_on_cards_without_it(tiny_mod
     assert stand_in["training_files"] is False and stand_in["n"] == recorded["n"] - 1
     assert main(["calibrate", "--model", str(m), "--photos-only", "--data", str(tmp_path / "gone")]) == 2
     assert "not found" in capsys.readouterr().err
+    (m / "split.json").unlink()                                                 # no training folder on record
+    assert main(["calibrate", "--model", str(m), "--photos-only"]) == 2
+    assert "pass --data" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(m), "--photos-only", "--data", str(tiny_data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["photo_range"] == {**recorded, "training_files": False}
