@@ -126,6 +126,9 @@ def _add_train(sub) -> None:
     p.add_argument("--folds", type=int, default=d.folds,
                    help="K > 1: K-fold cross-validation; writes OUT/fold_0..K-1 and OUT as their ensemble")
     p.add_argument("--fp16-weights", action="store_true", help="store weights as float16 (half the size)")
+    p.add_argument("--no-focus-restore", action="store_true",
+                   help="do not sharpen photos softer than the training photos back before judging them (the "
+                        "default does: data.restore_focus)")
     p.add_argument("--aug", choices=["full", "light", "none"], default="full",
                    help="training augmentation: full (pose, light, blur, JPEG, noise), light (pose, mild light), none")
     p.add_argument("--no-aug", action="store_const", const="none", dest="aug", help="same as --aug none")
@@ -186,7 +189,8 @@ def _run_train(a) -> int:
                       max_minutes=a.max_minutes, ema=a.ema,
                       balance=a.balance, hard_share=a.hard_share, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
-                      folds=a.folds, fp16_weights=a.fp16_weights, workers=a.workers, disk_cache=not a.no_cache,
+                      folds=a.folds, fp16_weights=a.fp16_weights, focus_restore=not a.no_focus_restore,
+                      workers=a.workers, disk_cache=not a.no_cache,
                       progress=not a.json, aug=AugConfig.preset(a.aug), input_norm=a.input_norm, pool=a.pool, tta=a.tta,
                       frame=a.frame, masks=a.masks, mask_weight=a.mask_weight)
     if not 0 <= a.bad_degrade <= 1:
@@ -273,6 +277,9 @@ def _add_calibrate(sub) -> None:
                         "the card, for the photo note on softer photos; --data may then be any folder of photos "
                         "like them (the card says whether they were the training files); no scoring, the "
                         "threshold stays (a threshold calibration records it too, on cards without it)")
+    p.add_argument("--focus-restore", choices=["on", "off"], default=None,
+                   help="with --photos-only: sharpen photos softer than the training photos back before judging "
+                        "them (data.restore_focus; what training does by default), or not; default: as the card has it")
     p.add_argument("--dry-run", action="store_true", help="print the new threshold and metrics, change nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_calibrate)
@@ -291,9 +298,14 @@ def _run_calibrate(a) -> int:
         if a.target_fnr is not None or a.tta is not None or a.screen:
             raise DefectclsError("--photos-only changes nothing but the photo range: drop --target-fnr, --tta and "
                                  "--screen, or calibrate without it (which records the range too)")
-        res = record_photo_range(a.model, data_root=a.data, write=not a.dry_run)
-        lines = [f"{a.model}: training photos' look {_photo_range_text(res['before'])} -> "
+        res = record_photo_range(a.model, data_root=a.data, write=not a.dry_run,
+                                 focus_restore=None if a.focus_restore is None else a.focus_restore == "on")
+        old = res["before"]
+        lines = [f"{a.model}: training photos' look {_photo_range_text(old['photo_range'])} -> "
                  f"{_photo_range_text(res['photo_range'])}" + ("" if res["written"] else "  [dry run: not written]")]
+        lines.append(f"  focus restore: {'below ' + format(old['focus_below'], '.3g') if old['focus_below'] else 'off'} -> "
+                     + (f"photos of sharpness below {res['focus_below']:.3g} are sharpened back" if res["focus_below"]
+                        else "off"))
         if not res["photo_range"]["training_files"]:
             lines.append(f"  measured on {res['folder']}, which does not hold the files the model was trained on "
                          "(fingerprint differs): photos like them stand in for them")
@@ -303,6 +315,8 @@ def _run_calibrate(a) -> int:
         return 0
     if a.target_fnr is None:
         raise DefectclsError("calibrate needs --target-fnr (or --photos-only)")
+    if a.focus_restore is not None:
+        raise DefectclsError("--focus-restore goes with --photos-only")
     res = recalibrate(a.model, a.target_fnr, a.threshold_method, data_root=a.data, write=not a.dry_run, tta=a.tta,
                       screen=a.screen)
     pol, old = res["threshold_policy"], res["before"]

@@ -187,6 +187,8 @@ class TrainConfig:
                                       # temperature are chosen on its validation scores over the same views
     max_per_class: tuple[int, int] | None = None  # seeded subset (good, bad) of the training part
     folds: int = 1                    # K > 1: K-fold cross-validation, K members + their ensemble (train_folds)
+    focus_restore: bool = True        # photos softer than the training photos' low end are sharpened back before the
+                                      # model sees them (``data.restore_focus``; the card's ``focus_below``)
     fp16_weights: bool = False
     workers: int | None = None
     disk_cache: bool = True

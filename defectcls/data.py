@@ -348,6 +348,34 @@ def estimate_photo_range(paths: Sequence[str], color: str = "gray", n: int = 256
     return {"sharpness": [round(float(x), 5) for x in np.quantile(sharp, PHOTO_RANGE_Q)], "n": len(sharp)}
 
 
+FOCUS_GAIN, FOCUS_MAX = 0.5, 6.0   # ``restore_focus``: unsharp amount per unit of missing sharpness, and its cap
+
+
+def restore_focus(arr: np.ndarray, focus_below: float | None) -> np.ndarray:
+    """ARR sharpened back towards the training photos where it is softer than them; as it is otherwise.
+
+    FOCUS_BELOW is the training photos' low end of ``sharpness`` (a card's ``focus_below``; None: never).
+    A photo of sharpness s < FOCUS_BELOW gets an unsharp mask of sigma 1.5 px at 300 px and amount
+    ``FOCUS_GAIN`` x (FOCUS_BELOW / s - 1), at most ``FOCUS_MAX``: none at the training photos' low end,
+    more the softer the photo. On the casting photos (two seeds) it takes the good parts rejected under
+    focus blur of sigma 1.5 from 50 and 40 of 431 to 28 and 8, under sigma 2 from 157 and 102 to 61 and 34,
+    and misses no part more (docs/benchmarks.md, "Soft photos sharpened back"); a larger gain clears
+    more good parts and lets pin marks through.
+    """
+    if not focus_below:
+        return arr
+    s = sharpness(arr)
+    if s >= focus_below:
+        return arr
+    from scipy.ndimage import gaussian_filter
+
+    amount = min(FOCUS_MAX, FOCUS_GAIN * (focus_below / max(s, 1e-6) - 1.0))
+    g = arr.astype(np.float32)
+    sig = 1.5 * min(arr.shape[:2]) / SHARP_GRID
+    soft = gaussian_filter(g, (sig, sig) if arr.ndim == 2 else (sig, sig, 0), mode="nearest")
+    return np.clip(np.rint(g + amount * (g - soft)), 0, 255).astype(np.uint8)
+
+
 def photo_notes(arr: np.ndarray, photo_range: dict | None = None) -> list[str]:
     """What about the photo makes its verdict less sure than the model's numbers say; empty for a usual photo.
 
@@ -535,9 +563,10 @@ def fit_box(arr: np.ndarray, size: int, box: tuple[int, int, int] | None) -> np.
 
 
 def fit_frame(arr: np.ndarray, size: int, frame_ref: float | None = None,
-              background: Sequence[float] | None = None) -> np.ndarray:
-    """``fit_square`` of the part's square (``restore_fill`` first); with FRAME_REF None, of the whole photo."""
-    arr = restore_fill(arr, background)
+              background: Sequence[float] | None = None, focus_below: float | None = None) -> np.ndarray:
+    """``fit_square`` of the part's square (``restore_fill`` and ``restore_focus`` first); with FRAME_REF None,
+    of the whole photo."""
+    arr = restore_focus(restore_fill(arr, background), focus_below)
     return fit_box(arr, size, frame_box(arr, frame_ref))
 
 
@@ -575,11 +604,11 @@ def normalize(arr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
 
 def preprocess(src: str | os.PathLike | bytes | np.ndarray, img_size: int, color: str,
                mean: Sequence[float], std: Sequence[float], frame_ref: float | None = None,
-               background: Sequence[float] | None = None) -> np.ndarray:
+               background: Sequence[float] | None = None, focus_below: float | None = None) -> np.ndarray:
     """The one preprocessing path: file/bytes/array -> float32 CxHxW ready for the model."""
     arr = src if isinstance(src, np.ndarray) else load_image(src, color)
     arr = as_color(arr, color)
-    return normalize(fit_frame(arr, img_size, frame_ref, background), mean, std)
+    return normalize(fit_frame(arr, img_size, frame_ref, background, focus_below), mean, std)
 
 
 @dataclass(frozen=True)
@@ -596,6 +625,7 @@ class Preprocessing:
     frame_ref: float | None = None   # framing on the part (``fit_frame``); None: the whole photo
     background: tuple[float, ...] | None = None  # the training photos' background (``restore_fill``); None: as is
     photo_range: dict | None = field(default=None, compare=False)  # the training photos' look (``photo_notes``)
+    focus_below: float | None = None   # softer photos are sharpened back (``restore_focus``); None: never
 
     @classmethod
     def from_card(cls, card) -> Preprocessing:
@@ -604,7 +634,8 @@ class Preprocessing:
         ref, bg = get("frame_ref"), get("background")
         return cls(str(get("color")), int(get("img_size")), tuple(float(v) for v in get("mean")),
                    tuple(float(v) for v in get("std")), float(ref) if ref else None,
-                   tuple(float(v) for v in bg) if bg else None, get("photo_range") or None)
+                   tuple(float(v) for v in bg) if bg else None, get("photo_range") or None,
+                   float(get("focus_below")) if get("focus_below") else None)
 
     def notes(self, arr: np.ndarray) -> list[str]:
         """``photo_notes`` of a decoded photo against the card's training photos."""
@@ -616,7 +647,7 @@ class Preprocessing:
 
     def preprocess_boxed(self, arr: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int] | None]:
         """``preprocess`` of a decoded photo and the square it used (``box``), the part found once."""
-        arr = restore_fill(as_color(arr, self.color), self.background)
+        arr = restore_focus(restore_fill(as_color(arr, self.color), self.background), self.focus_below)
         box = frame_box(arr, self.frame_ref)
         return normalize(fit_box(arr, self.img_size, box), self.mean, self.std), box
 
@@ -731,11 +762,11 @@ def fingerprint(samples: Sequence[Sample]) -> str:
 
 # ---------------------------------------------------------------- decode cache
 
-def _decode_one(args: tuple[str, int, str, float | None, tuple[float, ...] | None]
+def _decode_one(args: tuple[str, int, str, float | None, tuple[float, ...] | None, float | None]
                 ) -> tuple[np.ndarray | None, str | None]:
-    path, size, color, frame_ref, background = args
+    path, size, color, frame_ref, background, focus_below = args
     try:
-        arr = fit_frame(load_image(path, color), size, frame_ref, background)
+        arr = fit_frame(load_image(path, color), size, frame_ref, background, focus_below)
     except ImageLoadError as exc:
         return None, str(exc)
     return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None
@@ -778,10 +809,11 @@ def load_masks(samples: Sequence[Sample], mask_dir: str | os.PathLike, size: int
 
 
 def cache_path(samples: Sequence[Sample], size: int, color: str, frame_ref: float | None = None,
-               background: Sequence[float] | None = None) -> Path:
+               background: Sequence[float] | None = None, focus_below: float | None = None) -> Path:
     root = Path(os.environ.get("DEFECTCLS_CACHE_DIR") or Path.home() / ".cache" / "defectcls")
     h = hashlib.sha256((f"{size}|{color}|" + (f"frame{frame_ref!r}|" if frame_ref else "")
-                        + (f"bg{list(background)!r}|" if background else "")).encode())
+                        + (f"bg{list(background)!r}|" if background else "")
+                        + (f"focus{focus_below!r}|" if focus_below else "")).encode())
     for s in samples:
         try:
             st = os.stat(s.path)
@@ -793,16 +825,17 @@ def cache_path(samples: Sequence[Sample], size: int, color: str, frame_ref: floa
 
 def decode_all(samples: Sequence[Sample], size: int, color: str = "gray", workers: int | None = None,
                use_disk_cache: bool = True, progress: bool = False,
-               frame_ref: float | None = None, background: Sequence[float] | None = None
-               ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+               frame_ref: float | None = None, background: Sequence[float] | None = None,
+               focus_below: float | None = None) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Decode every sample once to uint8 NxCxSxS at working size (framed on the part with FRAME_REF,
-    tools' fills given BACKGROUND's photo background: ``fit_frame``).
+    tools' fills given BACKGROUND's photo background, softer photos sharpened below FOCUS_BELOW:
+    ``fit_frame``).
 
     Returns (array of the readable ones, their indices into samples, [(path, reason)] of unreadable ones).
     A disk cache keyed by paths, sizes and mtimes makes re-runs skip decoding.
     """
     bg = tuple(background) if background else None
-    cpath = cache_path(samples, size, color, frame_ref, bg) if use_disk_cache else None
+    cpath = cache_path(samples, size, color, frame_ref, bg, focus_below) if use_disk_cache else None
     if cpath is not None and cpath.exists():
         try:
             with np.load(cpath, allow_pickle=False) as z:
@@ -811,7 +844,7 @@ def decode_all(samples: Sequence[Sample], size: int, color: str = "gray", worker
         except (OSError, ValueError, KeyError):
             pass
     workers = workers or min(4, os.cpu_count() or 1)
-    jobs = [(s.path, size, color, frame_ref, bg) for s in samples]
+    jobs = [(s.path, size, color, frame_ref, bg, focus_below) for s in samples]
     if workers > 1 and len(jobs) > 32:
         with ProcessPoolExecutor(workers) as pool:
             results = list(_progress(pool.map(_decode_one, jobs, chunksize=16), len(jobs), progress))

@@ -493,6 +493,8 @@ class ModelCard:
                                            # fills unlike it are a tool's (``data.restore_fill``); None: cards before it
     photo_range: dict | None = None  # what the training photos look like (``data.estimate_photo_range``): the
                                      # photo note for softer photos; None: cards before it
+    focus_below: float | None = None  # photos of ``data.sharpness`` under it are sharpened back before the model sees
+                                      # them (``data.restore_focus``): the training photos' low end; None: never
     screen: dict | None = None  # one view first (``inference.Predictor``): one-view P(bad) below screen["below"] is
                                 # good, above screen["above"] bad, without the other views; None: all views always
 

@@ -47,7 +47,8 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
     pred = predictor or Predictor(model_dir)
     samples, used = select_split(model_dir, data_root, D.scan_folder(data_root), split)
     images, ok, failed = D.decode_all(samples, pred.card.img_size, pred.card.color, use_disk_cache=False,
-                                      frame_ref=pred.prep.frame_ref, background=pred.prep.background)
+                                      frame_ref=pred.prep.frame_ref, background=pred.prep.background,
+                                      focus_below=pred.prep.focus_below)
     if not ok:
         raise DefectclsError(f"no readable images in {data_root}")
     y = np.array([samples[i].label for i in ok])
@@ -176,15 +177,16 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
 
 
 def record_photo_range(model_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,
-                       write: bool = True) -> dict:
+                       write: bool = True, focus_restore: bool | None = None) -> dict:
     """Measure what MODEL_DIR's training photos look like (``data.estimate_photo_range``, as ``train`` does) and
     record it on its card, for photo notes; nothing else changes and nothing is scored.
 
     DATA_ROOT: a folder with good/ and bad/, by default the training folder named in split.json. A folder
     that does not hold the files the model was trained on (another copy, re-encoded, or photos like them)
-    is measured all the same, and the range says so (``training_files`` false). Returns {model, written,
-    photo_range, before, stale_exports}: an exported ONNX file carries the card it was exported with, so
-    re-export it."""
+    is measured all the same, and the range says so (``training_files`` false). FOCUS_RESTORE True / False
+    turns sharpening softer photos back (the card's ``focus_below``, ``data.restore_focus``) on / off; None
+    keeps it as it is (on: at the new range's low end). Returns {model, written, photo_range, focus_below,
+    before, stale_exports}: an exported ONNX file carries the card it was exported with, so re-export it."""
     from .models import read_card, write_card
 
     model_dir = Path(model_dir)
@@ -201,9 +203,11 @@ def record_photo_range(model_dir: str | os.PathLike, data_root: str | os.PathLik
     if photo_range is None:
         raise DefectclsError(f"no photo of {root} could be read: nothing to measure")
     photo_range["training_files"] = D.fingerprint(folder) == saved.get("data_fingerprint")
-    before = card.photo_range
+    before = {"photo_range": card.photo_range, "focus_below": card.focus_below}
+    restore = bool(card.focus_below) if focus_restore is None else focus_restore
+    focus_below = photo_range["sharpness"][0] if restore else None
     if write:
-        card.photo_range = photo_range
+        card.photo_range, card.focus_below = photo_range, focus_below
         write_card(card, model_dir)
-    return {"model": str(model_dir), "written": write, "photo_range": photo_range, "before": before,
-            "folder": str(root), "stale_exports": sorted(p.name for p in model_dir.glob("*.onnx"))}
+    return {"model": str(model_dir), "written": write, "photo_range": photo_range, "focus_below": focus_below,
+            "before": before, "folder": str(root), "stale_exports": sorted(p.name for p in model_dir.glob("*.onnx"))}

@@ -269,6 +269,7 @@ class _Data:
     masks: np.ndarray | None = None         # defect masks at working size (``data.load_masks``), with --masks
     mask_known: np.ndarray | None = None    # which images' masks are known (every good one; bad ones with a file)
     photo_range: dict | None = None         # what the photos look like (``data.estimate_photo_range``)
+    focus_below: float | None = None        # softer photos are sharpened back (``data.restore_focus``)
 
 
 def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _Data:
@@ -287,10 +288,12 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
     photo_range = D.estimate_photo_range([s.path for s in samples], cfg.color, seed=cfg.seed)   # for photo notes
     if photo_range is not None:
         photo_range["training_files"] = True
+    focus_below = photo_range["sharpness"][0] if photo_range and cfg.focus_restore else None
     if distributed and rank != 0:
         torch.distributed.barrier()  # let rank 0 decode and fill the disk cache first
     images, ok, failed = D.decode_all(samples, cfg.img_size, cfg.color, cfg.workers, cfg.disk_cache,
-                                      progress=cfg.progress and rank == 0, frame_ref=frame_ref, background=background)
+                                      progress=cfg.progress and rank == 0, frame_ref=frame_ref, background=background,
+                                      focus_below=focus_below)
     if distributed and rank == 0:
         torch.distributed.barrier()
     for _path, reason in failed:
@@ -310,7 +313,8 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
         _log(f"defect masks from {cfg.masks}: {n_bad - len(problems)} of {n_bad} bad images"
              + (f"; without a usable mask (no mask loss): {len(problems)}, e.g. {problems[0][1]}" if problems else ""),
              rank)
-    return _Data(root, samples, labels, images, failed, parts, frame_ref, background, masks, known, photo_range)
+    return _Data(root, samples, labels, images, failed, parts, frame_ref, background, masks, known, photo_range,
+                 focus_below)
 
 
 def _norm_stats(cfg: TrainConfig, x: np.ndarray) -> tuple[list[float], list[float]]:
@@ -595,7 +599,8 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     card = ModelCard(
         arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
         input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref,
-        background=data.background, photo_range=data.photo_range, threshold=thr,
+        background=data.background, photo_range=data.photo_range, focus_below=data.focus_below,
+        threshold=thr,
         temperature=temperature,
         threshold_policy=policy, metrics=metrics,
         train={"config": cfg.to_dict(), "data_root": str(data.root.resolve()),
@@ -753,7 +758,8 @@ def train_folds(cfg: TrainConfig) -> dict:
     card = ModelCard(
         arch=ENSEMBLE_ARCH, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
         input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref,
-        background=data.background, photo_range=data.photo_range, threshold=thr,
+        background=data.background, photo_range=data.photo_range, focus_below=data.focus_below,
+        threshold=thr,
         temperature=temperature,
         threshold_policy=policy, metrics=metrics,
         members=[r["dir"] for r in member_rows],

@@ -207,6 +207,12 @@ def test_calibrate_records_the_training_photos_look_on_cards_without_it(tiny_mod
     assert "training photos' look none -> sharpness" in out and f"({recorded['n']} photos)" in out
     card = json.loads((m / "card.json").read_text())
     assert card.pop("photo_range") == recorded and card == card0               # nothing else changed
+    assert card["focus_below"] == recorded["sharpness"][0]                     # training sharpens softer photos back
+    assert main(["calibrate", "--model", str(m), "--photos-only", "--focus-restore", "off"]) == 0
+    assert "focus restore: below" in capsys.readouterr().out and json.loads((m / "card.json").read_text())["focus_below"] is None
+    assert main(["calibrate", "--model", str(m), "--photos-only", "--focus-restore", "on", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["focus_below"] == recorded["sharpness"][0]
+    assert json.loads((m / "card.json").read_text())["focus_below"] == recorded["sharpness"][0]
     # a threshold calibration records it too, on a card without it
     (m / "card.json").write_text(json.dumps(card0))
     res = recalibrate(m, 0.5, data_root=tiny_data)
@@ -214,7 +220,7 @@ def test_calibrate_records_the_training_photos_look_on_cards_without_it(tiny_mod
     assert json.loads((m / "card.json").read_text())["photo_range"] == recorded
     # what cannot be done is said, and changes nothing
     for argv, why in ((["--photos-only", "--target-fnr", "0.1"], "drop --target-fnr"),
-                      ([], "needs --target-fnr")):
+                      ([], "needs --target-fnr"), (["--target-fnr", "0.1", "--focus-restore", "on"], "with --photos-only")):
         assert main(["calibrate", "--model", str(m), *argv]) == 2
         assert why in capsys.readouterr().err
     # photos like the training ones stand in for them where those are gone, and the card says so

@@ -224,5 +224,15 @@ def test_a_photo_softer_than_the_training_photos_gets_a_note(tiny_model, tiny_da
     assert pred.predict(sharp).notes == [] and explain(pred, sharp).prediction.notes == []
     for r in (pred.predict(soft), explain(pred, soft).prediction, pred.predict_batch([sharp, soft])[1]):
         assert len(r.notes) == 1 and r.notes[0].startswith("the photo looks softer than in training")
+    # and judged sharpened back (data.restore_focus), the sharp photo as it is
+    assert card.focus_below == card.photo_range["sharpness"][0] and pred.prep.focus_below == card.focus_below
+    def p_bad(path, focus_below):
+        x = D.fit_frame(D.load_image(path), card.img_size, card.frame_ref, card.background, focus_below)
+        return float(pred.probs(D.normalize(x, card.mean, card.std)[None])[0])
+
+    assert abs(p_bad(soft, card.focus_below) - p_bad(soft, None)) > 1e-6
+    assert pred.predict(soft).prob_bad == pytest.approx(p_bad(soft, card.focus_below), abs=1e-6)
+    assert explain(pred, soft).prediction.prob_bad == pytest.approx(p_bad(soft, card.focus_below), abs=1e-5)
+    assert pred.predict(sharp).prob_bad == pytest.approx(p_bad(sharp, None), abs=1e-6)
     pred.prep = D.Preprocessing.from_card({**card.to_dict(), "photo_range": None})   # a card from before it
     assert pred.predict(soft).notes == []

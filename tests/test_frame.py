@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from defectcls import data as D
 from defectcls import perturb as P
@@ -191,8 +192,6 @@ def test_sharpness_follows_focus_not_light():
 
 
 def test_photo_notes_compare_the_photo_with_the_training_photos(tmp_path):
-    from PIL import Image
-
     paths = []
     for i, img in enumerate(_emblems(16, 555)):
         paths.append(str(tmp_path / f"{i}.png"))
@@ -216,3 +215,25 @@ def test_photo_notes_compare_the_photo_with_the_training_photos(tmp_path):
     assert [n.split(" (")[0] for n in tilted_soft] == ["the part looks oval", "the photo looks softer than in training"]
     assert D.estimate_photo_range([str(tmp_path / "broken.png")]) is None
     assert D.photo_notes(np.full((120, 120), 90, np.uint8), rng)[0].startswith("no round part")
+
+
+def test_restore_focus_sharpens_only_photos_softer_than_the_training_photos(tmp_path):
+    img = _emblems(1, 555)[0]
+    low = 0.8 * D.sharpness(img)                                            # a training range this photo is within
+    assert D.restore_focus(img, low) is img and D.restore_focus(img, None) is img
+    for sigma in (1.0, 1.5, 2.0):
+        soft = P.blur(img, sigma)
+        back = D.restore_focus(soft, low)
+        assert back.shape == soft.shape and back.dtype == np.uint8
+        assert D.sharpness(soft) * 1.5 < D.sharpness(back) < D.sharpness(img) * 1.2    # back towards, not past, the range
+    rgb = np.stack([P.blur(img, 1.5)] * 3, axis=-1)
+    assert D.restore_focus(rgb, low).shape == rgb.shape and (D.restore_focus(rgb, low)[..., 0] != rgb[..., 0]).any()
+    # one path: decoding for training and scoring, and the predictors' preprocessing, sharpen alike
+    path = tmp_path / "soft.png"
+    Image.fromarray(P.blur(img, 1.5)).save(path)
+    prep = D.Preprocessing("gray", 64, (0.5,), (0.25,), focus_below=low)
+    decoded, ok, _ = D.decode_all([D.Sample(str(path), 0)], 64, "gray", workers=1, use_disk_cache=False, focus_below=low)
+    assert ok == [0] and np.array_equal(decoded[0, 0], D.fit_frame(D.load_image(path), 64, focus_below=low))
+    assert np.array_equal(prep.preprocess(str(path)), D.normalize(decoded[0, 0], (0.5,), (0.25,)))
+    assert not np.array_equal(prep.preprocess(str(path)), D.Preprocessing("gray", 64, (0.5,), (0.25,)).preprocess(str(path)))
+    assert D.cache_path([], 64, "gray", focus_below=low) != D.cache_path([], 64, "gray")

@@ -416,7 +416,9 @@ def test_decode_mode_choice(pred, monkeypatch):
 
     prep = I._prep_of(pred)
     assert prep == I._Prep(pred.card.color, pred.card.img_size, tuple(pred.card.mean), tuple(pred.card.std),
-                           background=tuple(pred.card.background))   # decode processes mend fills as the card says
+                           background=tuple(pred.card.background),   # decode processes mend fills as the card says
+                           focus_below=pred.card.focus_below)        # and sharpen soft photos back as it says
+    assert prep.focus_below and prep.photo_range == pred.card.photo_range
     assert I._prep_of(object()) is None                    # a predictor with its own preprocessing
     assert I._choose_decode("threads", prep) == "threads"
     monkeypatch.setattr(D, "_spng", None)                  # no libspng: processes would buy nothing

@@ -228,11 +228,13 @@ def test_sigterm_ends_the_loop_and_saves_the_best_epoch_so_far(tiny_data, tmp_pa
     out = tmp_path / "m"
     rc = main(["train", "--data", str(tiny_data), "--out", str(out), "--arch", "mobilenet_v3_small", "--epochs", "4",
                "--img-size", "32", "--batch-size", "16", "--epoch-size", "0", "--tta", "1", "--workers", "1",
-               "--no-cache", "--json"])
+               "--no-cache", "--no-focus-restore", "--json"])
     assert rc == 130   # saved, and the command (or an experiment around the training) stops there
     assert f"interrupted: the best epoch so far (1) is saved in {out}" in capsys.readouterr().err
     t = json.loads((out / "card.json").read_text())["train"]
     assert t["stopped"] == "interrupted" and t["epochs_run"] == 1 and t["best_epoch"] == 1
+    card = json.loads((out / "card.json").read_text())
+    assert card["photo_range"]["sharpness"] and card["focus_below"] is None    # --no-focus-restore: measured, not used
     assert (out / "model.safetensors").is_file() and (out / "split.json").is_file()
     assert signal.getsignal(signal.SIGTERM) is before   # the handler is the training loop's alone
 
