@@ -335,14 +335,7 @@ SOFT_FACTOR = 0.7    # a photo whose sharpness is under this share of the traini
 def estimate_photo_range(paths: Sequence[str], color: str = "gray", n: int = 256, seed: int = 0) -> dict | None:
     """What the training photos look like, for photo notes: the ``PHOTO_RANGE_Q`` quantiles of ``sharpness``
     over up to N seeded photos of PATHS, and how many were measured. None when none of them decodes."""
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(paths), size=min(n, len(paths)), replace=False) if len(paths) else []
-    sharp = []
-    for i in pick:
-        try:
-            sharp.append(sharpness(load_image(paths[int(i)], color)))
-        except ImageLoadError:
-            continue
+    sharp = measure_sample(paths, sharpness, color, n, seed)
     if not sharp:
         return None
     return {"sharpness": [round(float(x), 5) for x in np.quantile(sharp, PHOTO_RANGE_Q)], "n": len(sharp)}
@@ -528,17 +521,23 @@ def restore_fill(arr: np.ndarray, background: Sequence[float] | None) -> np.ndar
     return out
 
 
+def measure_sample(paths: Sequence[str], measure, color: str = "gray", n: int = 256, seed: int = 0) -> list:
+    """MEASURE of each decodable one of up to N seeded photos of PATHS (what training records on the card)."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(paths), size=min(n, len(paths)), replace=False) if len(paths) else []
+    out = []
+    for i in pick:
+        try:
+            out.append(measure(load_image(paths[int(i)], color)))
+        except ImageLoadError:
+            continue
+    return out
+
+
 def estimate_background(paths: Sequence[str], color: str = "gray", n: int = 256, seed: int = 0) -> list[float] | None:
     """The per-channel median of the border medians of up to N seeded photos of PATHS (0-255): what
     ``restore_fill`` tells a tool's fill from. None when none of them decodes."""
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(paths), size=min(n, len(paths)), replace=False) if len(paths) else []
-    meds = []
-    for i in pick:
-        try:
-            meds.append(border_median(load_image(paths[int(i)], color)))
-        except ImageLoadError:
-            continue
+    meds = measure_sample(paths, border_median, color, n, seed)
     return [round(float(v), 1) for v in np.median(meds, axis=0)] if meds else None
 
 
