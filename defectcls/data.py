@@ -14,6 +14,7 @@ import hashlib
 import io
 import math
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -344,7 +345,7 @@ def estimate_photo_range(paths: Sequence[str], color: str = "gray", n: int = 256
 FOCUS_GAIN, FOCUS_MAX = 0.5, 6.0   # ``restore_focus``: unsharp amount per unit of missing sharpness, and its cap
 
 
-def restore_focus(arr: np.ndarray, focus_below: float | None) -> np.ndarray:
+def restore_focus(arr: np.ndarray, focus_below: float | None, sharp: float | None = None) -> np.ndarray:
     """ARR sharpened back towards the training photos where it is softer than them; as it is otherwise.
 
     FOCUS_BELOW is the training photos' low end of ``sharpness`` (a card's ``focus_below``; None: never).
@@ -353,11 +354,11 @@ def restore_focus(arr: np.ndarray, focus_below: float | None) -> np.ndarray:
     more the softer the photo. On the casting photos (two seeds) it takes the good parts rejected under
     focus blur of sigma 1.5 from 50 and 40 of 431 to 28 and 8, under sigma 2 from 157 and 102 to 61 and 34,
     and misses no part more (docs/benchmarks.md, "Soft photos sharpened back"); a larger gain clears
-    more good parts and lets pin marks through.
+    more good parts and lets pin marks through. SHARP: ``sharpness(arr)`` where the caller has it already.
     """
     if not focus_below:
         return arr
-    s = sharpness(arr)
+    s = sharpness(arr) if sharp is None else sharp
     if s >= focus_below:
         return arr
     from scipy.ndimage import gaussian_filter
@@ -369,7 +370,7 @@ def restore_focus(arr: np.ndarray, focus_below: float | None) -> np.ndarray:
     return np.clip(np.rint(g + amount * (g - soft)), 0, 255).astype(np.uint8)
 
 
-def photo_notes(arr: np.ndarray, photo_range: dict | None = None) -> list[str]:
+def photo_notes(arr: np.ndarray, photo_range: dict | None = None, sharp: float | None = None) -> list[str]:
     """What about the photo makes its verdict less sure than the model's numbers say; empty for a usual photo.
 
     Advice only: a note never changes the verdict. Checked: that a round part stands out from the
@@ -379,6 +380,7 @@ def photo_notes(arr: np.ndarray, photo_range: dict | None = None) -> list[str]:
     nothing about the camera and gets no note. With PHOTO_RANGE (a card's, ``estimate_photo_range``)
     also that the photo is not much softer than the photos the model was trained on (``SOFT_FACTOR``):
     out of focus is where false alarms gather under drift (docs/benchmarks.md, "Softer photos").
+    SHARP: ``sharpness(arr)`` where the caller has it already.
     """
     o = part_outline(arr)
     if o is None:
@@ -387,12 +389,12 @@ def photo_notes(arr: np.ndarray, photo_range: dict | None = None) -> list[str]:
     if o.axis_ratio < OVAL_RATIO and o.ellipse_fit >= ELLIPSE_FIT:
         notes.append(f"the part looks oval (axes {o.axis_ratio:.2f}, a camera about {o.tilt_deg:.0f} degrees off its "
                      "axis): tilted photos are judged less reliably; square the camera to the part")
-    sharp = (photo_range or {}).get("sharpness")
-    if sharp:
-        s = sharpness(arr)
-        if s < SOFT_FACTOR * sharp[0]:
-            notes.append(f"the photo looks softer than in training (sharpness {s:.2f}, training {sharp[0]:.2f}-"
-                         f"{sharp[-1]:.2f}): out of focus, enlarged, or another camera; its verdict is less reliable: "
+    lim = (photo_range or {}).get("sharpness")
+    if lim:
+        s = sharpness(arr) if sharp is None else sharp
+        if s < SOFT_FACTOR * lim[0]:
+            notes.append(f"the photo looks softer than in training (sharpness {s:.2f}, training {lim[0]:.2f}-"
+                         f"{lim[-1]:.2f}): out of focus, enlarged, or another camera; its verdict is less reliable: "
                          "check the focus")
     return notes
 
@@ -611,6 +613,17 @@ def preprocess(src: str | os.PathLike | bytes | np.ndarray, img_size: int, color
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """A decoded photo made ready for the model (``Preprocessing.prepare``): input, square, notes, and their times."""
+
+    x: np.ndarray                          # float32 CxHxW
+    box: tuple[int, int, int] | None       # the square of the photo the model sees; None: the whole photo
+    notes: list[str]                       # ``photo_notes``
+    preprocess_ms: float
+    check_ms: float                        # the notes' own time
+
+
+@dataclass(frozen=True)
 class Preprocessing:
     """A model card's preprocessing (colour mode, size, mean/std), picklable for decode processes.
 
@@ -636,19 +649,29 @@ class Preprocessing:
                    tuple(float(v) for v in bg) if bg else None, get("photo_range") or None,
                    float(get("focus_below")) if get("focus_below") else None)
 
-    def notes(self, arr: np.ndarray) -> list[str]:
-        """``photo_notes`` of a decoded photo against the card's training photos."""
-        return photo_notes(arr, self.photo_range)
-
     def box(self, arr: np.ndarray) -> tuple[int, int, int] | None:
         """The square (x0, y0, side) of the decoded photo the model sees; None: the whole photo."""
         return frame_box(restore_fill(arr, self.background), self.frame_ref) if self.frame_ref else None
 
-    def preprocess_boxed(self, arr: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int] | None]:
-        """``preprocess`` of a decoded photo and the square it used (``box``), the part found once."""
-        arr = restore_focus(restore_fill(as_color(arr, self.color), self.background), self.focus_below)
+    def _boxed(self, filled: np.ndarray, sharp: float | None = None) -> tuple[np.ndarray, tuple[int, int, int] | None]:
+        """Model input of a photo whose fills are mended, and the square of it the model sees (``box``)."""
+        arr = restore_focus(filled, self.focus_below, sharp)
         box = frame_box(arr, self.frame_ref)
         return normalize(fit_box(arr, self.img_size, box), self.mean, self.std), box
+
+    def prepare(self, arr: np.ndarray) -> Prepared:
+        """``preprocess`` of a decoded photo, the square it used (``box``, the part found once) and its
+        ``photo_notes`` against the card's training photos. On a card that both sharpens soft photos back
+        and checks their sharpness, the photo's sharpness is measured once for both (the notes judge the
+        photo as it came: where a fill was mended first, they measure it apart)."""
+        t0 = time.perf_counter()
+        img = as_color(arr, self.color)
+        filled = restore_fill(img, self.background)
+        sharp = sharpness(filled) if self.focus_below else None
+        x, box = self._boxed(filled, sharp)
+        t1 = time.perf_counter()
+        notes = photo_notes(img, self.photo_range, sharp if filled is img else None)
+        return Prepared(x, box, notes, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
 
     def load(self, src: str | os.PathLike | bytes | np.ndarray, fast_png: bool = True) -> np.ndarray:
         """Decode to uint8 in the model's colour mode (arrays are converted, not copied when possible)."""
@@ -658,7 +681,7 @@ class Preprocessing:
 
     def preprocess(self, src: str | os.PathLike | bytes | np.ndarray) -> np.ndarray:
         """File/bytes/array -> float32 CxHxW; the same function training and export use."""
-        return self.preprocess_boxed(self.load(src))[0]
+        return self._boxed(restore_fill(as_color(self.load(src), self.color), self.background))[0]
 
 
 def as_color(arr: np.ndarray, color: str) -> np.ndarray:

@@ -129,26 +129,26 @@ class EdgePredictor:
         out = session.run(names, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
         return out[0], (out[1] if len(out) > 1 else None)
 
-    def _result(self, p: float, ms: float, img: np.ndarray) -> dict:
+    def _result(self, p: float, ms: float, notes: list[str]) -> dict:
         return {"label": D.verdict(p, self.threshold), "prob_bad": float(p), "threshold": self.threshold,
-                "model_id": self.model_id, "latency_ms": round(ms, 3), "notes": self.prep.notes(img)}
+                "model_id": self.model_id, "latency_ms": round(ms, 3), "notes": notes}
 
     def predict(self, src: ImageSource) -> dict:
         """{label, prob_bad, threshold, model_id, latency_ms, notes} for one image (notes: ``data.photo_notes``)."""
         t0 = time.perf_counter()
-        img = self.load(src)
-        logits, _ = self.run(self.preprocess(img)[None])
+        ready = self.prep.prepare(self.load(src))
+        logits, _ = self.run(ready.x[None])
         p = float(prob_bad_from_logits(logits, self.temperature)[0])
-        return self._result(p, (time.perf_counter() - t0) * 1e3, img)
+        return self._result(p, (time.perf_counter() - t0) * 1e3, ready.notes)
 
     def predict_batch(self, srcs: Sequence[ImageSource]) -> list[dict]:
         """Results in order; an unreadable image yields {"error": reason}."""
-        xs, imgs, slots, out = [], [], [], [None] * len(srcs)
+        xs, notes, slots, out = [], [], [], [None] * len(srcs)
         for i, s in enumerate(srcs):
             try:
-                img = self.load(s)
-                xs.append(self.preprocess(img))
-                imgs.append(img)
+                ready = self.prep.prepare(self.load(s))
+                xs.append(ready.x)
+                notes.append(ready.notes)
                 slots.append(i)
             except ImageLoadError as exc:
                 out[i] = {"error": str(exc)}
@@ -156,8 +156,8 @@ class EdgePredictor:
             t0 = time.perf_counter()
             ps = prob_bad_from_logits(self.run(np.stack(xs))[0], self.temperature)
             per = (time.perf_counter() - t0) * 1e3 / len(xs)
-            for i, p, img in zip(slots, ps, imgs, strict=True):
-                out[i] = self._result(float(p), per, img)
+            for i, p, n in zip(slots, ps, notes, strict=True):
+                out[i] = self._result(float(p), per, n)
         return out
 
     def explain(self, src: ImageSource) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -166,11 +166,12 @@ class EdgePredictor:
             raise DefectclsError(f"{self.path}: this export has no heat-map output")
         t0 = time.perf_counter()
         img = self.load(src)
-        x = self.preprocess(img)[None]
+        ready = self.prep.prepare(img)
+        x = ready.x[None]
         logits, raw = self.run(x, cam=True)
         cam = normalize_cam(raw, x.shape[-2:], self.cam_offset)[0]
         p = float(prob_bad_from_logits(logits, self.temperature)[0])
-        return self._result(p, (time.perf_counter() - t0) * 1e3, img), cam, img
+        return self._result(p, (time.perf_counter() - t0) * 1e3, ready.notes), cam, img
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -417,7 +417,11 @@ def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> 
     img = predictor.load(src)
     t1 = time.perf_counter()
     prep = getattr(predictor, "prep", None)
-    x, box = prep.preprocess_boxed(img) if prep is not None else (predictor.preprocess(img), None)
+    if prep is not None:
+        ready = prep.prepare(img)
+        x, box, notes, check_ms = ready.x, ready.box, ready.notes, ready.check_ms
+    else:   # a predictor without a card's preprocessing: notes measured on their own
+        x, box, notes, check_ms = predictor.preprocess(img), None, None, 0.0
     x = x[None]
     t2 = time.perf_counter()
     if method == "gradcam" and predictor.has_fast_cam:
@@ -432,9 +436,13 @@ def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> 
         cam = maps[0].astype(np.float32)
     t4 = time.perf_counter()
     p = float(prob_bad_from_logits(logits, predictor.card.temperature)[0])
-    ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "model_cam": (t3 - t2) * 1e3,
+    ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3 - check_ms, "model_cam": (t3 - t2) * 1e3,
           "cam_scale": (t4 - t3) * 1e3}
-    notes = prep.notes(img) if prep is not None else D.photo_notes(img)
-    ms["photo_check"] = (time.perf_counter() - t4) * 1e3
-    pred = predictor.verdict(p, (t4 - t1) * 1e3, {"preprocess": ms["preprocess"], "model": ms["model_cam"]}, notes)
+    if notes is None:
+        t5 = time.perf_counter()
+        notes = D.photo_notes(img)
+        check_ms = (time.perf_counter() - t5) * 1e3
+    ms["photo_check"] = check_ms
+    pred = predictor.verdict(p, ms["preprocess"] + ms["model_cam"] + ms["cam_scale"],
+                             {"preprocess": ms["preprocess"], "model": ms["model_cam"]}, notes)
     return Explanation(pred, cam, img, {k: round(v, 3) for k, v in ms.items()}, offset, box)

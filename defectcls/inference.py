@@ -316,14 +316,13 @@ class Predictor:
         """Verdict for one image; raises ImageLoadError for unusable input."""
         t0 = time.perf_counter()
         img = self.load(src)
-        x = self.preprocess(img)
         t1 = time.perf_counter()
-        p = float(self.probs(x[None])[0])
+        ready = self.prep.prepare(img)
         t2 = time.perf_counter()
-        notes = self.prep.notes(img)
+        p = float(self.probs(ready.x[None])[0])
         t3 = time.perf_counter()
-        return self.verdict(p, (t3 - t0) * 1e3, {"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3,
-                                                 "photo_check": (t3 - t2) * 1e3}, notes)
+        return self.verdict(p, (t3 - t0) * 1e3, {"preprocess": (t1 - t0) * 1e3 + ready.preprocess_ms,
+                                                 "model": (t3 - t2) * 1e3, "photo_check": ready.check_ms}, ready.notes)
 
     def predict_batch(self, srcs: Sequence[ImageSource], batch_size: int = 16) -> list[Prediction | ImageLoadError]:
         """Verdicts for many images, BATCH_SIZE per model call; an unusable one yields its ImageLoadError in its place."""
@@ -333,10 +332,10 @@ class Predictor:
             xs, slots, notes = [], [], []
             for j in range(i, min(i + batch_size, len(srcs))):
                 try:
-                    img = self.load(srcs[j])
-                    xs.append(self.preprocess(img))
+                    ready = self.prep.prepare(self.load(srcs[j]))
+                    xs.append(ready.x)
                     slots.append(j)
-                    notes.append(self.prep.notes(img))
+                    notes.append(ready.notes)
                 except ImageLoadError as exc:
                     results[j] = exc
             ps = self.probs(np.stack(xs)) if xs else []

@@ -436,10 +436,14 @@ def _choose_decode(mode: str, prep: _Prep | None) -> str:
     return "processes" if prep is not None and multi and D._spng is not None else "threads"
 
 
-def _notes(predictor, img: np.ndarray) -> list[str]:
-    """``data.photo_notes`` of a decoded photo, against the training photos of the predictor's card where it has them."""
+def _prepare(predictor, img: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Model input and ``data.photo_notes`` of a decoded photo, against the training photos of the
+    predictor's card where it has them (``Preprocessing.prepare``: its sharpness measured once)."""
     prep = predictor if isinstance(predictor, D.Preprocessing) else _prep_of(predictor)
-    return prep.notes(img) if prep is not None else D.photo_notes(img)
+    if prep is None:
+        return predictor.preprocess(img), D.photo_notes(img)
+    ready = prep.prepare(img)
+    return ready.x, ready.notes
 
 
 def _decode(item: _Item, predictor, keep_bytes: bool, fast_png: bool = False) -> _Decoded:
@@ -469,8 +473,7 @@ def _decode(item: _Item, predictor, keep_bytes: bool, fast_png: bool = False) ->
     out.sha256 = hashlib.sha256(data).hexdigest()
     try:
         out.image = predictor.load(data, fast_png=fast_png)
-        out.x = predictor.preprocess(out.image)
-        out.notes = _notes(predictor, out.image)
+        out.x, out.notes = _prepare(predictor, out.image)
     except ImageLoadError as exc:
         out.error = _reason(exc)
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop the line

@@ -237,3 +237,25 @@ def test_restore_focus_sharpens_only_photos_softer_than_the_training_photos(tmp_
     assert np.array_equal(prep.preprocess(str(path)), D.normalize(decoded[0, 0], (0.5,), (0.25,)))
     assert not np.array_equal(prep.preprocess(str(path)), D.Preprocessing("gray", 64, (0.5,), (0.25,)).preprocess(str(path)))
     assert D.cache_path([], 64, "gray", focus_below=low) != D.cache_path([], 64, "gray")
+
+
+def test_prepare_gives_the_preprocessed_input_and_notes_measuring_sharpness_once(monkeypatch):
+    img = _emblems(1, 555)[0]
+    s0 = D.sharpness(img)
+    rng = {"sharpness": [0.9 * s0, s0, 1.1 * s0], "n": 1}
+    calls = []
+    measure = D.sharpness
+    monkeypatch.setattr(D, "sharpness", lambda a: calls.append(1) or measure(a))
+    corners = P.affine(_disc(fg=40, bg=170, hole=0.35), angle=30, scale=0.8, fill="black")   # a tool's black corners
+    assert D.restore_fill(corners, (160.0,)) is not corners                  # (mended on a light background)
+    for focus in (None, 0.9 * s0):
+        prep = D.Preprocessing("gray", 64, (0.5,), (0.25,), background=(160.0,), photo_range=rng, focus_below=focus)
+        for photo in (img, P.blur(img, 1.5), corners, P.blur(corners, 1.5)):
+            calls.clear()
+            ready = prep.prepare(photo)
+            mended = D.restore_fill(photo, prep.background) is not photo
+            assert len(calls) == (1 if focus is None else 1 + mended)     # once, unless a fill changed the photo
+            assert np.array_equal(ready.x, prep.preprocess(photo)) and ready.box is None
+            assert ready.notes == D.photo_notes(photo, rng)
+            assert ready.preprocess_ms >= 0 and ready.check_ms >= 0
+    assert prep.prepare(P.blur(img, 1.5)).notes[0].startswith("the photo looks softer than in training")
