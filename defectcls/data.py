@@ -651,7 +651,9 @@ class Preprocessing:
 
     def box(self, arr: np.ndarray) -> tuple[int, int, int] | None:
         """The square (x0, y0, side) of the decoded photo the model sees; None: the whole photo."""
-        return frame_box(restore_fill(arr, self.background), self.frame_ref) if self.frame_ref else None
+        if not self.frame_ref:
+            return None
+        return frame_box(restore_focus(restore_fill(arr, self.background), self.focus_below), self.frame_ref)
 
     def _boxed(self, filled: np.ndarray, sharp: float | None = None) -> tuple[np.ndarray, tuple[int, int, int] | None]:
         """Model input of a photo whose fills are mended, and the square of it the model sees (``box``)."""

@@ -259,3 +259,6 @@ def test_prepare_gives_the_preprocessed_input_and_notes_measuring_sharpness_once
             assert ready.notes == D.photo_notes(photo, rng)
             assert ready.preprocess_ms >= 0 and ready.check_ms >= 0
     assert prep.prepare(P.blur(img, 1.5)).notes[0].startswith("the photo looks softer than in training")
+    framed = D.Preprocessing("gray", 64, (0.5,), (0.25,), frame_ref=0.3, photo_range=rng, focus_below=0.9 * s0)
+    for photo in (img, P.blur(img, 1.5)):                                   # the overlay's square is the input's
+        assert framed.prepare(photo).box is not None and framed.prepare(photo).box == framed.box(photo)
