@@ -336,7 +336,10 @@ SOFT_FACTOR = 0.7    # a photo whose sharpness is under this share of the traini
 def estimate_photo_range(paths: Sequence[str], color: str = "gray", n: int = 256, seed: int = 0) -> dict | None:
     """What the training photos look like, for photo notes: the ``PHOTO_RANGE_Q`` quantiles of ``sharpness``
     over up to N seeded photos of PATHS, and how many were measured. None when none of them decodes."""
-    sharp = measure_sample(paths, sharpness, color, n, seed)
+    return _photo_range_of(measure_sample(paths, sharpness, color, n, seed))
+
+
+def _photo_range_of(sharp: list[float]) -> dict | None:
     if not sharp:
         return None
     return {"sharpness": [round(float(x), 5) for x in np.quantile(sharp, PHOTO_RANGE_Q)], "n": len(sharp)}
@@ -539,8 +542,18 @@ def measure_sample(paths: Sequence[str], measure, color: str = "gray", n: int = 
 def estimate_background(paths: Sequence[str], color: str = "gray", n: int = 256, seed: int = 0) -> list[float] | None:
     """The per-channel median of the border medians of up to N seeded photos of PATHS (0-255): what
     ``restore_fill`` tells a tool's fill from. None when none of them decodes."""
-    meds = measure_sample(paths, border_median, color, n, seed)
+    return _background_of(measure_sample(paths, border_median, color, n, seed))
+
+
+def _background_of(meds: list[np.ndarray]) -> list[float] | None:
     return [round(float(v), 1) for v in np.median(meds, axis=0)] if meds else None
+
+
+def estimate_look(paths: Sequence[str], color: str = "gray", n: int = 256,
+                  seed: int = 0) -> tuple[list[float] | None, dict | None]:
+    """``estimate_background`` and ``estimate_photo_range`` of the same seeded photos, each decoded once."""
+    both = measure_sample(paths, lambda a: (border_median(a), sharpness(a)), color, n, seed)
+    return _background_of([b for b, _ in both]), _photo_range_of([s for _, s in both])
 
 
 def crop_square(arr: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:

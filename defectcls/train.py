@@ -284,8 +284,8 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
         frame_ref = init_ref or D.estimate_frame_ref([s.path for s in samples], cfg.color, seed=cfg.seed)
         _log(f"framing on the part: radius {frame_ref:.4f} of the side", rank)
     # what tells a tool's black or white fill from the photos' own background, at training and inference alike
-    background = D.estimate_background([s.path for s in samples], cfg.color, seed=cfg.seed)
-    photo_range = D.estimate_photo_range([s.path for s in samples], cfg.color, seed=cfg.seed)   # for photo notes
+    # and what the photos look like, for photo notes and sharpening soft ones back (one decode of 256 photos)
+    background, photo_range = D.estimate_look([s.path for s in samples], cfg.color, seed=cfg.seed)
     if photo_range is not None:
         photo_range["training_files"] = True
     focus_below = photo_range["sharpness"][0] if photo_range and cfg.focus_restore else None

@@ -223,6 +223,10 @@ def test_preprocessing_restores_fills_by_the_cards_background(tiny_data):
     bg = D.estimate_background([str(s.path) for s in D.scan_folder(tiny_data)], "gray", n=12)
     assert len(bg) == 1 and bg[0] < 40                          # the synthetic emblems lie on black
     assert D.estimate_background([], "gray") is None
+    paths = [str(s.path) for s in D.scan_folder(tiny_data)]                  # training's one pass over the photos
+    assert D.estimate_look(paths, "gray", n=12, seed=4) == (D.estimate_background(paths, "gray", n=12, seed=4),
+                                                           D.estimate_photo_range(paths, "gray", n=12, seed=4))
+    assert D.estimate_look([], "gray") == (None, None)
 
 
 def test_label_csv_merge(tmp_path, tiny_data):
