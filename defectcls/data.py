@@ -189,16 +189,23 @@ def _otsu(q: np.ndarray) -> int:
     return int(np.nanargmax(between)) if np.isfinite(between).any() else 127
 
 
+def _gray_blocks(arr: np.ndarray, k: int) -> np.ndarray:
+    """The means of ARR's k x k blocks (and of its first three channels), float32: a copy k times smaller.
+    Summed in integers, then divided: 2-3x faster than averaging floats."""
+    x = arr if arr.ndim == 2 else arr[..., :3]
+    rows, cols = x.shape[0] // k, x.shape[1] // k
+    s = x[: rows * k, : cols * k].astype(np.uint32).reshape(rows, k, cols * k, *x.shape[2:]).sum(axis=1)
+    s = s.reshape(rows, cols, k, *x.shape[2:]).sum(axis=2)
+    return (s if x.ndim == 2 else s.sum(axis=2)).astype(np.float32) / float(k * k * (1 if x.ndim == 2 else x.shape[2]))
+
+
 def _part_region(arr: np.ndarray) -> tuple[np.ndarray, int] | None:
     """The round part's region on a copy about ``FRAME_GRID`` pixels wide, and that copy's step in
     pixels of ARR; None where no part stands out (``part_circle`` says how it is found)."""
     from scipy import ndimage as ndi
 
-    g = arr.astype(np.float32) if arr.ndim == 2 else arr[..., :3].astype(np.float32).mean(axis=2)
-    h, w = g.shape
-    k = max(1, min(h, w) // FRAME_GRID)
-    small = g[: h // k * k, : w // k * k].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
-    log = np.log(small + 4.0)
+    k = max(1, min(arr.shape[:2]) // FRAME_GRID)
+    log = np.log(_gray_blocks(arr, k) + 4.0)
     lo, hi = float(log.min()), float(log.max())
     if hi - lo < 1e-3:
         return None
@@ -313,13 +320,7 @@ def sharpness(arr: np.ndarray) -> float:
     """
     from scipy.ndimage import gaussian_filter
 
-    x = arr if arr.ndim == 2 else arr[..., :3]
-    k = max(1, min(x.shape[:2]) // SHARP_GRID)
-    rows, cols = x.shape[0] // k, x.shape[1] // k
-    # k x k blocks (and channels) summed in integers, then averaged: 2-3x faster than averaging floats
-    s = x[: rows * k, : cols * k].astype(np.uint32).reshape(rows, k, cols * k, *x.shape[2:]).sum(axis=1)
-    s = s.reshape(rows, cols, k, *x.shape[2:]).sum(axis=2)
-    g = (s if x.ndim == 2 else s.sum(axis=2)).astype(np.float32) / float(k * k * (1 if x.ndim == 2 else x.shape[2]))
+    g = _gray_blocks(arr, max(1, min(arr.shape[:2]) // SHARP_GRID))
     u = min(g.shape) / SHARP_GRID
     fine = gaussian_filter(g, 1.5 * u, mode="nearest")
     coarse = gaussian_filter(fine, math.sqrt(4.0 ** 2 - 1.5 ** 2) * u, mode="nearest")   # sigma 4 in all
@@ -586,20 +587,15 @@ def fit_frame(arr: np.ndarray, size: int, frame_ref: float | None = None,
 
 def estimate_frame_ref(paths: Sequence[str], color: str = "gray", n: int = 256, seed: int = 0) -> float:
     """The median part radius / photo side over up to N seeded photos of PATHS (unlabelled geometry only)."""
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(paths), size=min(n, len(paths)), replace=False) if paths else []
-    ratios = []
-    for i in pick:
-        try:
-            arr = load_image(paths[int(i)], color)
-        except ImageLoadError:
-            continue
+    def ratio(arr: np.ndarray) -> float | None:
         c = part_circle(arr)
-        if c is not None:
-            ratios.append(c[2] / max(arr.shape[:2]))
-    if len(ratios) < max(1, len(pick) // 2):
-        raise DefectclsError(f"--frame part: no round part stands out from the background in {len(pick) - len(ratios)} "
-                             f"of {len(pick)} sampled photos; train with --frame full")
+        return None if c is None else c[2] / max(arr.shape[:2])
+
+    picked = min(n, len(paths))
+    ratios = [r for r in measure_sample(paths, ratio, color, n, seed) if r is not None]
+    if len(ratios) < max(1, picked // 2):
+        raise DefectclsError(f"--frame part: no round part stands out from the background in {picked - len(ratios)} "
+                             f"of {picked} sampled photos; train with --frame full")
     return round(float(np.median(ratios)), 5)
 
 

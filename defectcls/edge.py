@@ -162,6 +162,10 @@ class EdgePredictor:
 
     def explain(self, src: ImageSource) -> tuple[dict, np.ndarray, np.ndarray]:
         """(result, heat-map HxW in [0, 1] at model input size, decoded image) from one pass."""
+        return self._explain(src)[:3]
+
+    def _explain(self, src: ImageSource) -> tuple[dict, np.ndarray, np.ndarray, tuple[int, int, int] | None]:
+        """``explain`` and the square of the photo the model saw (``data.Prepared.box``), for its overlay."""
         if not self.has_cam:
             raise DefectclsError(f"{self.path}: this export has no heat-map output")
         t0 = time.perf_counter()
@@ -171,7 +175,7 @@ class EdgePredictor:
         logits, raw = self.run(x, cam=True)
         cam = normalize_cam(raw, x.shape[-2:], self.cam_offset)[0]
         p = float(prob_bad_from_logits(logits, self.temperature)[0])
-        return self._result(p, (time.perf_counter() - t0) * 1e3, ready.notes), cam, img
+        return self._result(p, (time.perf_counter() - t0) * 1e3, ready.notes), cam, img, ready.box
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in a.images:
         try:
             if a.cam_dir:
-                row, cam, img = ep.explain(path)
+                row, cam, img, box = ep._explain(path)
                 row["cam"] = str(Path(a.cam_dir) / f"{Path(path).stem}_{row['label']}.jpg")
-                Path(row["cam"]).write_bytes(encode_jpeg(overlay(img, cam, size=a.cam_size, box=ep.prep.box(img))))
+                Path(row["cam"]).write_bytes(encode_jpeg(overlay(img, cam, size=a.cam_size, box=box)))
             else:
                 row = ep.predict(path)
         except DefectclsError as exc:

@@ -388,6 +388,7 @@ class _Decoded:
     vanished: bool = False
     decode_ms: float = 0.0
     notes: list[str] = field(default_factory=list)   # ``data.photo_notes`` of the decoded photo
+    box: tuple[int, int, int] | None = None          # the square of the photo the model saw (``Prepared.box``)
 
 
 def _reason(exc: Exception) -> str:
@@ -436,14 +437,15 @@ def _choose_decode(mode: str, prep: _Prep | None) -> str:
     return "processes" if prep is not None and multi and D._spng is not None else "threads"
 
 
-def _prepare(predictor, img: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Model input and ``data.photo_notes`` of a decoded photo, against the training photos of the
-    predictor's card where it has them (``Preprocessing.prepare``: its sharpness measured once)."""
+def _prepare(predictor, img: np.ndarray) -> tuple[np.ndarray, list[str], tuple[int, int, int] | None]:
+    """Model input, ``data.photo_notes`` and the square the model sees of a decoded photo, against the
+    training photos of the predictor's card where it has them (``Preprocessing.prepare``: the part found
+    and the sharpness measured once)."""
     prep = predictor if isinstance(predictor, D.Preprocessing) else _prep_of(predictor)
     if prep is None:
-        return predictor.preprocess(img), D.photo_notes(img)
+        return predictor.preprocess(img), D.photo_notes(img), None
     ready = prep.prepare(img)
-    return ready.x, ready.notes
+    return ready.x, ready.notes, ready.box
 
 
 def _decode(item: _Item, predictor, keep_bytes: bool, fast_png: bool = False) -> _Decoded:
@@ -473,7 +475,7 @@ def _decode(item: _Item, predictor, keep_bytes: bool, fast_png: bool = False) ->
     out.sha256 = hashlib.sha256(data).hexdigest()
     try:
         out.image = predictor.load(data, fast_png=fast_png)
-        out.x, out.notes = _prepare(predictor, out.image)
+        out.x, out.notes, out.box = _prepare(predictor, out.image)
     except ImageLoadError as exc:
         out.error = _reason(exc)
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop the line
@@ -740,8 +742,7 @@ class _Run:
         t1 = time.perf_counter()
         side = self.overlay_size           # small photos are scaled up too, so that the caption stays legible
         if cam is not None:
-            prep = getattr(self.p, "prep", None)
-            rgb = overlay(d.image, cam, size=side, box=prep.box(d.image) if prep is not None else None)
+            rgb = overlay(d.image, cam, size=side, box=d.box)
         else:
             rgb = np.asarray(Image.fromarray(D.fit_square(d.image, side)).convert("RGB"))
         total = dur_ms + (t1 - t0) * 1e3

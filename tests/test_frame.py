@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from defectcls import data as D
+from defectcls import inspect as inspect_mod
 from defectcls import perturb as P
 from defectcls.errors import DefectclsError
 from defectcls.explain import explain, overlay
@@ -123,6 +124,8 @@ def test_framed_training_caches_what_inference_sees(framed_model, tiny_data, tmp
     # the heat-map is drawn over the square the model saw
     ex = explain(pred, samples[0].path)
     assert ex.box == pred.prep.box(pred.load(samples[0].path)) and ex.box is not None
+    # and the factory line's decode keeps that square for its overlay (the part found once)
+    assert inspect_mod._prepare(pred, pred.load(samples[0].path))[2] == ex.box
     # a warm start keeps the framing; asking for the other one is refused
     with pytest.raises(DefectclsError, match="differs from the --init model"):
         train(TrainConfig(data=str(tiny_data), out=str(tmp_path / "x"), init=str(framed_model), frame="full",
