@@ -40,7 +40,8 @@ METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "thr
 # settings that make two training runs the same run (for --reuse)
 _SAME_RUN = ("data", "arch", "epochs", "img_size", "batch_size", "lr", "weight_decay", "color", "seed", "target_fnr",
              "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug",
-             "input_norm", "pool", "ema", "epoch_size", "hard_share")
+             "input_norm", "pool", "ema", "epoch_size", "hard_share", "frame", "focus_restore", "masks", "mask_weight",
+             "extra_labels", "init")
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -92,6 +93,11 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
         have.setdefault("hard_share", 0.0)   # models trained before the option
         have.setdefault("ema", 0.0)   # models trained before the option
         have.setdefault("epoch_size", 0)   # before it, an epoch was one pass
+        have.setdefault("focus_restore", False)   # models trained before the option did not sharpen soft photos
+        for key, off in (("frame", "full"), ("masks", None), ("extra_labels", None), ("init", None)):
+            have.setdefault(key, off)   # models trained before the option
+        if not have["masks"]:
+            have["mask_weight"] = want["mask_weight"]   # the weight of a mask loss that was not there
         n_train = (card.train or {}).get("n", {}).get("train", 0)
         if epoch_samples(n_train, have["epoch_size"]) == epoch_samples(n_train, want["epoch_size"]):
             have["epoch_size"] = want["epoch_size"]   # the same epochs (a set larger than either size)
