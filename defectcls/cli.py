@@ -292,6 +292,7 @@ def _photo_range_text(r: dict | None) -> str:
 
 
 def _run_calibrate(a) -> int:
+    from .evaluate import lone_threshold_warning
     from .scoring import recalibrate, record_photo_range
 
     if a.photos_only:
@@ -323,6 +324,8 @@ def _run_calibrate(a) -> int:
     lines = [f"{a.model}: threshold {old['threshold']:.6g} -> {res['threshold']:.6g} "
              f"({pol['method']}, target FNR {pol['target_fnr']}, guaranteed {pol['guaranteed_fnr']}, "
              f"{pol['n_bad_val']} bad parts in validation)" + ("" if res["written"] else "  [dry run: not written]")]
+    if warning := lone_threshold_warning(pol):
+        lines.append(f"  warning: {warning}")
     if res["background"] != old["background"]:
         lines.append(f"  background {res['background']} recorded: black or white corners a tool left get it "
                      "(data.restore_fill)")

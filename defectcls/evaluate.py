@@ -91,7 +91,7 @@ def fpr_at_fnr(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: flo
 
 
 def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float = 0.01,
-                     method: str = "conformal") -> dict:
+                     method: str = "conformal", names: Sequence[str] | None = None) -> dict:
     """Pick the decision threshold on validation scores so that FNR on *new* parts meets TARGET_FNR.
 
     method='conformal': split-conformal on the bad-class scores. With n validation bad
@@ -101,11 +101,14 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     guarantee; we then take s_1 (the lowest bad score, minus a margin) and report the
     guarantee that holds, 1/(n+1).
     method='empirical': the largest threshold with validation FNR <= target (optimistic).
-    Returns {threshold, method, target_fnr, guaranteed_fnr, n_bad_val, val_fnr, val_fpr}.
+    Returns {threshold, method, target_fnr, guaranteed_fnr, n_bad_val, val_fnr, val_fpr, set_by}: SET_BY
+    is the validation bad part the threshold rests on (its name from NAMES, its score) and the score
+    of the next one up (``lone_threshold_warning``).
     """
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
-    bad = np.sort(p[y == 1])
+    order = np.flatnonzero(y == 1)[np.argsort(p[y == 1], kind="stable")]
+    bad = p[order]
     n = len(bad)
     if n == 0:
         return {"threshold": 0.5, "method": "default", "target_fnr": target_fnr, "guaranteed_fnr": None,
@@ -117,17 +120,40 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
         t = bad[max(k, 1) - 1]
         if k == 0:
             t = t * 0.5
+        at = max(k, 1) - 1
     elif method == "empirical":
         k = int(math.floor(target_fnr * n))
         t = bad[k]
+        at = k
         guaranteed = None
     else:
         raise ValueError(f"unknown threshold method {method!r}")
     t = float(min(max(t, 1e-6), 1.0))
     c = confusion(y, p, t)
     n_good = c["tn"] + c["fp"]
+    set_by = {"name": None if names is None else str(names[order[at]]), "prob_bad": float(bad[at]),
+              "next_prob_bad": float(bad[at + 1]) if at + 1 < n else None}
     return {"threshold": t, "method": method, "target_fnr": target_fnr, "guaranteed_fnr": guaranteed,
-            "n_bad_val": n, "val_fnr": c["fn"] / n, "val_fpr": c["fp"] / n_good if n_good else None}
+            "n_bad_val": n, "val_fnr": c["fn"] / n, "val_fpr": c["fp"] / n_good if n_good else None,
+            "set_by": set_by}
+
+
+LONE_RATIO = 10.0   # the next validation bad part scoring this many times the one a threshold rests on: a lone outlier
+
+
+def lone_threshold_warning(policy: dict) -> str | None:
+    """A warning when the threshold rests on one validation bad part scored far below the next one up: that
+    one photo then sets the false alarms (on the casting photos, one photo taken 42 degrees off the part's
+    axis scored 0.00003 against 0.021 for the next, and a seed-regime model rejected 92% of good parts:
+    docs/benchmarks.md, section 4). None otherwise."""
+    sb = policy.get("set_by") or {}
+    low, nxt = sb.get("prob_bad"), sb.get("next_prob_bad")
+    if low is None or nxt is None or nxt < LONE_RATIO * max(low, 1e-12):
+        return None
+    who = sb.get("name") or "one validation bad part"
+    return (f"the threshold rests on {who}, P(bad) {low:.3g}; the next validation bad part scores {nxt:.3g}. "
+            "Every good part above the threshold is a false alarm: look at that photo (a slanted camera, a "
+            "mislabel, another kind of defect) and calibrate again once it is dealt with")
 
 
 def fit_temperature(logits: np.ndarray, y_true: Sequence[int]) -> float:

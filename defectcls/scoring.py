@@ -123,19 +123,21 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     one = Predictor(model_dir, backend="torch", tta=1, screen=False) if screen else None   # the screen's view
     if one is not None:
         one.prep = pred.prep
-    metrics, parts, z1 = {}, {}, {}
+    metrics, parts, z1, val_names = {}, {}, {}, None
     for name in [n for n in ("val", "test") if saved.get(n)]:
         res = evaluate_model(model_dir, root, split=name, predictor=pred, also=(one,) if one else ())
         if res["skipped"]:
             bad = res["skipped"][0]
             raise DefectclsError(f"{len(res['skipped'])} {name} image(s) unreadable now, e.g. {bad['path']}: {bad['error']}")
         parts[name] = (np.array(res["y_true"]), np.array(res["logits"], dtype=np.float32))
+        if name == "val":
+            val_names = [os.path.relpath(path, root) for path in res["paths"]]
         if one is not None:
             z1[name] = np.array(res["also_logits"][0], dtype=np.float32)
     temperature = card.temperature if views == card.tta else fit_temperature(parts["val"][1], parts["val"][0])
     probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
     y_val, p_val = probs["val"]
-    policy = choose_threshold(y_val, p_val, target_fnr, method)
+    policy = choose_threshold(y_val, p_val, target_fnr, method, names=val_names)
     thr = policy["threshold"]
     screen_card = None
     if screen:

@@ -24,7 +24,7 @@ from . import data as D
 from .augment import augment
 from .config import TrainConfig, resolve_device, seed_everything
 from .errors import DefectclsError
-from .evaluate import choose_threshold, compute_metrics, fit_temperature, fpr_at_fnr, prob_bad_from_logits
+from .evaluate import choose_threshold, compute_metrics, fit_temperature, fpr_at_fnr, lone_threshold_warning, prob_bad_from_logits
 from .models import (
     INPUT_NORMS,
     POOLS,
@@ -587,7 +587,8 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     logits_val = predict_logits(scorer, data.images[val_idx], mean_t, std_t, device)
     temperature = fit_temperature(logits_val, y_val)
     prob_val = prob_bad_from_logits(logits_val, temperature)
-    policy = choose_threshold(y_val, prob_val, cfg.target_fnr, cfg.threshold_method)
+    policy = choose_threshold(y_val, prob_val, cfg.target_fnr, cfg.threshold_method,
+                              names=[os.path.relpath(data.samples[i].path, data.root) for i in val_idx])
     thr = policy["threshold"]
     metrics = {"val": compute_metrics(y_val, prob_val, thr)}
     if test_idx:
@@ -618,6 +619,8 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     _log(f"saved {saved}: threshold {thr:.4f} ({policy['method']}), T {temperature:.3f}; "
          f"{'test' if 'test' in metrics else 'val'} FNR {t['fnr']:.4f} FPR {t['fpr']:.4f} AUROC {t['auroc']:.4f} "
          f"ECE {t['ece']:.4f} in {duration:.0f}s")
+    if warning := lone_threshold_warning(policy):
+        _log(f"warning: {warning}")
     return {"out": str(saved), "threshold": thr, "temperature": temperature, "metrics": metrics,
             "best_epoch": best_epoch, "stopped": card.train["stopped"], "duration_s": round(duration, 1)}
 
@@ -745,7 +748,8 @@ def train_folds(cfg: TrainConfig) -> dict:
     ensemble = Ensemble(members, [cfg.arch] * len(members)).to(device)
     temperature = fit_temperature(oof_logits, y_pool)
     prob_oof = prob_bad_from_logits(oof_logits, temperature)
-    policy = choose_threshold(y_pool, prob_oof, cfg.target_fnr, cfg.threshold_method)
+    policy = choose_threshold(y_pool, prob_oof, cfg.target_fnr, cfg.threshold_method,
+                              names=[os.path.relpath(data.samples[i].path, data.root) for i in pool])
     policy["chosen_on"] = "out-of-fold predictions: each part scored by the member that did not train on it"
     thr = policy["threshold"]
     metrics = {"oof": compute_metrics(y_pool, prob_oof, thr)}
@@ -781,6 +785,8 @@ def train_folds(cfg: TrainConfig) -> dict:
          f"T {temperature:.3f}; {'test' if 'test' in metrics else 'out-of-fold'} FNR {t['fnr']:.4f} FPR {t['fpr']:.4f} "
          f"AUROC {t['auroc']:.4f} ECE {t['ece']:.4f}; out-of-fold FNR {metrics['oof']['fnr']:.4f} "
          f"FPR {metrics['oof']['fpr']:.4f} in {duration:.0f}s")
+    if warning := lone_threshold_warning(policy):
+        _log(f"warning: {warning}")
     return {"out": str(saved), "threshold": thr, "temperature": temperature, "metrics": metrics,
             "members": [str(saved / r["dir"]) for r in member_rows], "folds": member_rows,
             "duration_s": round(duration, 1)}

@@ -67,6 +67,24 @@ def test_threshold_with_few_bad_parts_reports_its_real_guarantee():
     assert emp["threshold"] == pytest.approx(0.6)
 
 
+def test_threshold_names_the_bad_part_it_rests_on_and_warns_when_it_is_a_lone_outlier():
+    y = np.array([0] * 6 + [1] * 4)
+    names = [f"good/{i}.png" for i in range(6)] + ["bad/a.png", "bad/slanted.png", "bad/c.png", "bad/d.png"]
+    p = np.array([0.001, 0.002, 0.004, 0.01, 0.03, 0.05, 0.9, 0.00003, 0.02, 0.95])
+    t = E.choose_threshold(y, p, target_fnr=0.0, names=names)
+    assert t["set_by"] == {"name": "bad/slanted.png", "prob_bad": 0.00003, "next_prob_bad": 0.02}
+    assert t["threshold"] == pytest.approx(0.000015) and t["val_fpr"] == 1.0   # one photo rejects every good part
+    warning = E.lone_threshold_warning(t)
+    assert "bad/slanted.png" in warning and "0.02" in warning
+    p[7] = 0.015                                             # the lowest close to the next: no warning
+    t = E.choose_threshold(y, p, target_fnr=0.0, names=names)
+    assert t["set_by"]["name"] == "bad/slanted.png" and E.lone_threshold_warning(t) is None
+    assert E.choose_threshold(y, p, target_fnr=0.0)["set_by"]["name"] is None      # no names given
+    assert E.lone_threshold_warning({"threshold": 0.5}) is None                   # cards from before set_by
+    one = E.choose_threshold(np.array([0, 1]), np.array([0.1, 0.5]), target_fnr=0.0)
+    assert one["set_by"]["next_prob_bad"] is None and E.lone_threshold_warning(one) is None
+
+
 def test_temperature_recovers_known_scale():
     rng = np.random.default_rng(1)
     n = 4000
