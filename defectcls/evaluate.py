@@ -153,7 +153,7 @@ def lone_threshold_warning(policy: dict) -> str | None:
     who = sb.get("name") or "one validation bad part"
     return (f"the threshold rests on {who}, P(bad) {low:.3g}; the next validation bad part scores {nxt:.3g}. "
             "Every good part above the threshold is a false alarm: look at that photo (a slanted camera, a "
-            "mislabel, another kind of defect) and calibrate again once it is dealt with")
+            "mislabel, another kind of defect); if the line will not see its like, correct or remove it and train again")
 
 
 def fit_temperature(logits: np.ndarray, y_true: Sequence[int]) -> float:
