@@ -90,12 +90,11 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
         have["data"] = os.path.realpath(have.get("data", ""))
         have["input_norm"] = card.input_norm
         have["pool"] = card.pool
-        have.setdefault("hard_share", 0.0)   # models trained before the option
-        have.setdefault("ema", 0.0)   # models trained before the option
-        have.setdefault("epoch_size", 0)   # before it, an epoch was one pass
-        have.setdefault("focus_restore", False)   # models trained before the option did not sharpen soft photos
-        for key, off in (("frame", "full"), ("masks", None), ("extra_labels", None), ("init", None)):
-            have.setdefault(key, off)   # models trained before the option
+        # cards from before an option were trained as it is off (before --epoch-size an epoch was one pass;
+        # before the focus restore soft photos were judged as they came)
+        for key, off in (("hard_share", 0.0), ("ema", 0.0), ("epoch_size", 0), ("focus_restore", False),
+                         ("frame", "full"), ("masks", None), ("extra_labels", None), ("init", None)):
+            have.setdefault(key, off)
         if not have["masks"]:
             have["mask_weight"] = want["mask_weight"]   # the weight of a mask loss that was not there
         n_train = (card.train or {}).get("n", {}).get("train", 0)

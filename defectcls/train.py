@@ -271,6 +271,10 @@ class _Data:
     photo_range: dict | None = None         # what the photos look like (``data.estimate_photo_range``)
     focus_below: float | None = None        # softer photos are sharpened back (``data.restore_focus``)
 
+    def rel(self, i: int) -> str:
+        """Sample I's path relative to the folder, as split.json and the threshold policy name it."""
+        return os.path.relpath(self.samples[i].path, self.root)
+
 
 def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _Data:
     root = Path(cfg.data)
@@ -568,9 +572,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
 
 
 def _write_split(out: Path, data: _Data, seed: int, fingerprint: str, parts: dict[str, list[int]], **extra) -> None:
-    rel = lambda i: os.path.relpath(data.samples[i].path, data.root)  # noqa: E731
     split = {"data_root": str(data.root.resolve()), "data_fingerprint": fingerprint, "seed": seed,
-             **{k: [[rel(i), int(data.labels[i])] for i in parts[k]] for k in ("train", "val", "test")}, **extra}
+             **{k: [[data.rel(i), int(data.labels[i])] for i in parts[k]] for k in ("train", "val", "test")}, **extra}
     (out / SPLIT_FILE).write_text(json.dumps(split) + "\n", encoding="utf-8")
 
 
@@ -588,7 +591,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     temperature = fit_temperature(logits_val, y_val)
     prob_val = prob_bad_from_logits(logits_val, temperature)
     policy = choose_threshold(y_val, prob_val, cfg.target_fnr, cfg.threshold_method,
-                              names=[os.path.relpath(data.samples[i].path, data.root) for i in val_idx])
+                              names=[data.rel(i) for i in val_idx])
     thr = policy["threshold"]
     metrics = {"val": compute_metrics(y_val, prob_val, thr)}
     if test_idx:
@@ -749,7 +752,7 @@ def train_folds(cfg: TrainConfig) -> dict:
     temperature = fit_temperature(oof_logits, y_pool)
     prob_oof = prob_bad_from_logits(oof_logits, temperature)
     policy = choose_threshold(y_pool, prob_oof, cfg.target_fnr, cfg.threshold_method,
-                              names=[os.path.relpath(data.samples[i].path, data.root) for i in pool])
+                              names=[data.rel(i) for i in pool])
     policy["chosen_on"] = "out-of-fold predictions: each part scored by the member that did not train on it"
     thr = policy["threshold"]
     metrics = {"oof": compute_metrics(y_pool, prob_oof, thr)}
@@ -774,12 +777,11 @@ def train_folds(cfg: TrainConfig) -> dict:
                "n": {"train": len(pool), "val": 0, "test": len(test_idx)}},
     )
     saved = save_model_dir(ensemble.cpu(), card, out, fp16=cfg.fp16_weights)
-    rel = lambda i: os.path.relpath(data.samples[i].path, data.root)  # noqa: E731
     fold_of = np.empty(len(pool), int)
     for k, val_pos in enumerate(folds):
         fold_of[val_pos] = k
     _write_split(saved, data, cfg.seed, fingerprint, {"train": pool.tolist(), "val": [], "test": test_idx},
-                 folds=[[rel(i), int(labels[i]), int(f)] for i, f in zip(pool, fold_of, strict=True)])
+                 folds=[[data.rel(i), int(labels[i]), int(f)] for i, f in zip(pool, fold_of, strict=True)])
     t = metrics.get("test", metrics["oof"])
     _log(f"saved ensemble of {cfg.folds} folds {saved}: threshold {thr:.4f} ({policy['method']}, out-of-fold), "
          f"T {temperature:.3f}; {'test' if 'test' in metrics else 'out-of-fold'} FNR {t['fnr']:.4f} FPR {t['fpr']:.4f} "
