@@ -234,7 +234,7 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
                    "model_id": p.model_id, "model": model_name or registry.default, "cam_method": method or "gradcam",
                    "sha256": sha, "image": {"name": name, "height": int(ex.image.shape[0]),
                                             "width": int(ex.image.shape[1])},
-                   "timings_ms": timings, "review": "queued as pending", "notes": p.notes}
+                   "timings_ms": timings, "review": "queued as pending", "notes": p.notes, "held": p.held}
         label = {"verdict": p.label, "confidences": p.confidences}
         return label, heat, details
 
@@ -262,7 +262,8 @@ def build_demo(model_dirs: Sequence[str | os.PathLike] | None = None, review_roo
             return ""
         t = details["timings_ms"]
         steps = " · ".join(f"{k} {v:.0f} ms" for k, v in t.items())
-        word = "BAD: defect suspected" if details["verdict"] == "bad" else "GOOD: no defect found"
+        word = ("BAD: held for a person (the model cannot judge this photo; see the note)" if details.get("held")
+                else "BAD: defect suspected" if details["verdict"] == "bad" else "GOOD: no defect found")
         notes = "".join(f"\n\n**Note:** {n}" for n in details.get("notes") or [])
         return (f"## {word}\nP(bad) **{details['p_bad']:.3f}** against threshold **{details['threshold']:.3f}** "
                 f"(bad when P(bad) >= threshold)  \nmodel `{details['model_id']}` · heat-map {details['cam_method']}  \n"

@@ -243,7 +243,7 @@ def _run_evaluate(a) -> int:
     m = res["metrics"]
     if a.report_dir:
         res["report_files"] = write_report(a.report_dir, res["y_true"], res["prob_bad"], m, title=res["model_id"],
-                                           paths=res["paths"])
+                                           paths=res["paths"], held=res["held"])
     out = {**m, "model_id": res["model_id"], "split": res["split"], "skipped": res["skipped"],
            **({"report_files": res["report_files"]} if a.report_dir else {})}
     text = (f"{res['model_id']} on {a.data} ({res['split']}, n={m['n']}): threshold {m['threshold']:.4f}\n"
@@ -251,6 +251,8 @@ def _run_evaluate(a) -> int:
             f"({m['fp']}/{m['n_good']} good parts rejected)\n"
             f"  precision {m['precision']:.4f} recall {m['recall']:.4f} AUROC {m['auroc']:.4f} AP {m['ap']:.4f} "
             f"ECE {m['ece']:.4f}\n  confusion [[tn fp] [fn tp]] = {m['confusion_matrix']}"
+            + (f"\n  held (judged bad whatever the model says: no part seen, or a slanted camera): "
+               f"{m['held_bad']} bad, {m['held_good']} good" if m["held_bad"] or m["held_good"] else "")
             + (f"\n  skipped {len(res['skipped'])} unreadable file(s)" if res["skipped"] else ""))
     _emit(out, a.json, text)
     return 0
@@ -365,7 +367,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true",
                    help="JSON lines: path, label, prob_bad, threshold, latency_ms, model_id, notes (what makes the "
-                        "verdict less sure: an oval part, no part found; or path, error)")
+                        "verdict less sure: an oval part, no part found), held (bad whatever prob_bad says: an oval "
+                        "part, no part found); or path, error")
     p.set_defaults(func=_run_predict)
 
 
@@ -406,10 +409,11 @@ def _run_predict(a) -> int:
             _emit({"path": path, "error": msg}, a.json, f"ERROR {msg}" if msg.startswith(str(path)) else f"{path}: ERROR {msg}")
             continue
         row = {"path": path, "label": r.label, "prob_bad": round(r.prob_bad, 6), "threshold": r.threshold,
-               "latency_ms": r.latency_ms, "model_id": r.model_id, "notes": r.notes}
+               "latency_ms": r.latency_ms, "model_id": r.model_id, "notes": r.notes, "held": r.held}
         if a.cam_dir:
             row["cam"] = str(cam_path)
-        _emit(row, a.json, f"{path}: {r.label} (P(bad) {r.prob_bad:.4f}, threshold {r.threshold:.4f}, "
+        _emit(row, a.json, f"{path}: {r.label}{' (held)' if r.held else ''} (P(bad) {r.prob_bad:.4f}, "
+                           f"threshold {r.threshold:.4f}, "
                            f"{r.latency_ms:.1f} ms)" + (f" -> {row['cam']}" if a.cam_dir else "") + D.notes_text(r.notes))
     if failed:
         print(f"{failed} of {len(a.images)} image(s) could not be judged", file=sys.stderr)
@@ -430,7 +434,8 @@ def _add_inspect(sub) -> None:
     p.add_argument("--watch", action="store_true", help="keep judging new files until Ctrl-C / SIGTERM")
     p.add_argument("--save-good", action="store_true", help="also write overlays for good parts")
     p.add_argument("--png", action="store_true", help="overlays as PNG instead of JPEG")
-    p.add_argument("--to-review", action="store_true", help="send borderline parts to the app's review queue")
+    p.add_argument("--to-review", action="store_true",
+                   help="send borderline and held parts (a slanted camera, no part in sight) to the app's review queue")
     p.add_argument("--band", type=float, default=0.1, help="borderline: |P(bad) - threshold| <= BAND")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--decode", choices=["auto", "threads", "processes"], default="auto",

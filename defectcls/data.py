@@ -41,9 +41,10 @@ MAX_PIXELS = 50_000_000  # ~7000x7000; larger is refused before decoding (decomp
 MAX_BYTES = 50 * 1024 * 1024
 
 
-def verdict(prob_bad: float, threshold: float) -> str:
-    """The one decision rule: a part is bad when P(bad) >= its model's threshold."""
-    return LABELS[int(prob_bad >= threshold)]
+def verdict(prob_bad: float, threshold: float, held: bool = False) -> str:
+    """The one decision rule: a part is bad when P(bad) >= its model's threshold, or when its photo is held
+    (``photo_check``: one the model cannot judge is not passed as good)."""
+    return LABELS[int(held or prob_bad >= threshold)]
 
 
 @dataclass(frozen=True)
@@ -374,25 +375,31 @@ def restore_focus(arr: np.ndarray, focus_below: float | None, sharp: float | Non
     return np.clip(np.rint(g + amount * (g - soft)), 0, 255).astype(np.uint8)
 
 
-def photo_notes(arr: np.ndarray, photo_range: dict | None = None, sharp: float | None = None) -> list[str]:
-    """What about the photo makes its verdict less sure than the model's numbers say; empty for a usual photo.
+def photo_check(arr: np.ndarray, photo_range: dict | None = None, sharp: float | None = None
+                ) -> tuple[list[str], bool]:
+    """What about the photo makes its verdict less sure than the model's numbers say (notes; empty for a
+    usual photo), and whether the photo is held: judged bad whatever the model says (``verdict``).
 
-    Advice only: a note never changes the verdict. Checked: that a round part stands out from the
-    background at all, and that its outline, where it is an ellipse, is round (an oval one means a
-    camera off the part's axis, which the models are not trained for: docs/benchmarks.md, "A camera off
-    the part's axis"). An outline that is no ellipse (the region ran into a mark or a shadow) says
-    nothing about the camera and gets no note. With PHOTO_RANGE (a card's, ``estimate_photo_range``)
-    also that the photo is not much softer than the photos the model was trained on (``SOFT_FACTOR``):
-    out of focus is where false alarms gather under drift (docs/benchmarks.md, "Softer photos").
-    SHARP: ``sharpness(arr)`` where the caller has it already.
+    Held, as the model cannot judge it and a part it cannot judge must not pass as good: no round part
+    stands out from the background (a lamp off, a wrong photo), or its outline, where it is an ellipse,
+    is oval (a camera off the part's axis, which the models are not trained for: docs/benchmarks.md,
+    "A camera off the part's axis"; none of the casting folder's 2875 good photos, clean or under the
+    line's variations, is held). An outline that is no ellipse (the region ran into a mark or a shadow)
+    says nothing about the camera and is not held. Advice only, with PHOTO_RANGE (a card's,
+    ``estimate_photo_range``): that the photo is much softer than the photos the model was trained on
+    (``SOFT_FACTOR``): out of focus is where false alarms gather under drift (docs/benchmarks.md,
+    "Softer photos"). SHARP: ``sharpness(arr)`` where the caller has it already.
     """
     o = part_outline(arr)
     if o is None:
-        return ["no round part stands out from the background: is this a photo of the part?"]
-    notes = []
+        return ["no round part stands out from the background: is this a photo of the part? Judged bad until "
+                "a person looks"], True
+    notes, held = [], False
     if o.axis_ratio < OVAL_RATIO and o.ellipse_fit >= ELLIPSE_FIT:
         notes.append(f"the part looks oval (axes {o.axis_ratio:.2f}, a camera about {o.tilt_deg:.0f} degrees off its "
-                     "axis): tilted photos are judged less reliably; square the camera to the part")
+                     "axis): the model is not trained for tilted photos, so the part is judged bad until a person "
+                     "looks; square the camera to the part")
+        held = True
     lim = (photo_range or {}).get("sharpness")
     if lim:
         s = sharpness(arr) if sharp is None else sharp
@@ -400,7 +407,35 @@ def photo_notes(arr: np.ndarray, photo_range: dict | None = None, sharp: float |
             notes.append(f"the photo looks softer than in training (sharpness {s:.2f}, training {lim[0]:.2f}-"
                          f"{lim[-1]:.2f}): out of focus, enlarged, or another camera; its verdict is less reliable: "
                          "check the focus")
-    return notes
+    return notes, held
+
+
+def photo_notes(arr: np.ndarray, photo_range: dict | None = None, sharp: float | None = None) -> list[str]:
+    """``photo_check``'s notes alone."""
+    return photo_check(arr, photo_range, sharp)[0]
+
+
+def photo_held(arr: np.ndarray) -> bool:
+    """``photo_check``'s hold alone (no sharpness measured)."""
+    return photo_check(arr)[1]
+
+
+def _held_one(args: tuple[str, str]) -> bool:
+    try:
+        return photo_held(load_image(*args))
+    except ImageLoadError:
+        return False
+
+
+def held_all(paths: Sequence[str], color: str = "gray", workers: int | None = None) -> np.ndarray:
+    """``photo_held`` of each photo of PATHS (bool array; an unreadable one is not held), decoded in WORKERS
+    processes: what scoring needs to count verdicts as the product gives them."""
+    jobs = [(str(p), color) for p in paths]
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers > 1 and len(jobs) > 32:
+        with ProcessPoolExecutor(workers) as pool:
+            return np.fromiter(pool.map(_held_one, jobs, chunksize=16), bool, len(jobs))
+    return np.fromiter(map(_held_one, jobs), bool, len(jobs))
 
 
 def notes_text(notes: list[str]) -> str:
@@ -627,9 +662,10 @@ class Prepared:
 
     x: np.ndarray                          # float32 CxHxW
     box: tuple[int, int, int] | None       # the square of the photo the model sees; None: the whole photo
-    notes: list[str]                       # ``photo_notes``
+    notes: list[str]                       # ``photo_check``'s
     preprocess_ms: float
-    check_ms: float                        # the notes' own time
+    check_ms: float                        # the check's own time
+    held: bool = False                     # ``photo_check``: judged bad whatever the model says
 
 
 @dataclass(frozen=True)
@@ -681,8 +717,8 @@ class Preprocessing:
         sharp = sharpness(filled) if self.focus_below else None
         x, box = self._boxed(filled, sharp)
         t1 = time.perf_counter()
-        notes = photo_notes(img, self.photo_range, sharp if filled is img else None)
-        return Prepared(x, box, notes, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
+        notes, held = photo_check(img, self.photo_range, sharp if filled is img else None)
+        return Prepared(x, box, notes, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, held)
 
     def load(self, src: str | os.PathLike | bytes | np.ndarray, fast_png: bool = True) -> np.ndarray:
         """Decode to uint8 in the model's colour mode (arrays are converted, not copied when possible)."""

@@ -129,26 +129,27 @@ class EdgePredictor:
         out = session.run(names, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
         return out[0], (out[1] if len(out) > 1 else None)
 
-    def _result(self, p: float, ms: float, notes: list[str]) -> dict:
-        return {"label": D.verdict(p, self.threshold), "prob_bad": float(p), "threshold": self.threshold,
-                "model_id": self.model_id, "latency_ms": round(ms, 3), "notes": notes}
+    def _result(self, p: float, ms: float, ready: D.Prepared) -> dict:
+        return {"label": D.verdict(p, self.threshold, ready.held), "prob_bad": float(p), "threshold": self.threshold,
+                "model_id": self.model_id, "latency_ms": round(ms, 3), "notes": ready.notes, "held": ready.held}
 
     def predict(self, src: ImageSource) -> dict:
-        """{label, prob_bad, threshold, model_id, latency_ms, notes} for one image (notes: ``data.photo_notes``)."""
+        """{label, prob_bad, threshold, model_id, latency_ms, notes, held} for one image (notes, held:
+        ``data.photo_check``)."""
         t0 = time.perf_counter()
         ready = self.prep.prepare(self.load(src))
         logits, _ = self.run(ready.x[None])
         p = float(prob_bad_from_logits(logits, self.temperature)[0])
-        return self._result(p, (time.perf_counter() - t0) * 1e3, ready.notes)
+        return self._result(p, (time.perf_counter() - t0) * 1e3, ready)
 
     def predict_batch(self, srcs: Sequence[ImageSource]) -> list[dict]:
         """Results in order; an unreadable image yields {"error": reason}."""
-        xs, notes, slots, out = [], [], [], [None] * len(srcs)
+        xs, readies, slots, out = [], [], [], [None] * len(srcs)
         for i, s in enumerate(srcs):
             try:
                 ready = self.prep.prepare(self.load(s))
                 xs.append(ready.x)
-                notes.append(ready.notes)
+                readies.append(ready)
                 slots.append(i)
             except ImageLoadError as exc:
                 out[i] = {"error": str(exc)}
@@ -156,8 +157,8 @@ class EdgePredictor:
             t0 = time.perf_counter()
             ps = prob_bad_from_logits(self.run(np.stack(xs))[0], self.temperature)
             per = (time.perf_counter() - t0) * 1e3 / len(xs)
-            for i, p, n in zip(slots, ps, notes, strict=True):
-                out[i] = self._result(float(p), per, n)
+            for i, p, r in zip(slots, ps, readies, strict=True):
+                out[i] = self._result(float(p), per, r)
         return out
 
     def explain(self, src: ImageSource) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -175,7 +176,7 @@ class EdgePredictor:
         logits, raw = self.run(x, cam=True)
         cam = normalize_cam(raw, x.shape[-2:], self.cam_offset)[0]
         p = float(prob_bad_from_logits(logits, self.temperature)[0])
-        return self._result(p, (time.perf_counter() - t0) * 1e3, ready.notes), cam, img, ready.box
+        return self._result(p, (time.perf_counter() - t0) * 1e3, ready), cam, img, ready.box
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,10 +13,14 @@ import numpy as np
 from .data import LABELS, verdict
 
 
-def confusion(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float) -> dict[str, int]:
-    """Counts with 'bad' as the positive class; a part is bad when prob_bad >= threshold (``data.verdict``)."""
+def confusion(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float,
+              held: Sequence[bool] | None = None) -> dict[str, int]:
+    """Counts with 'bad' as the positive class; a part is bad when prob_bad >= threshold or its photo is
+    HELD (``data.verdict``)."""
     y = np.asarray(y_true, dtype=int)
     pred = np.asarray(prob_bad, dtype=float) >= threshold
+    if held is not None:
+        pred |= np.asarray(held, dtype=bool)
     return {"tp": int(np.sum(pred & (y == 1))), "fp": int(np.sum(pred & (y == 0))),
             "tn": int(np.sum(~pred & (y == 0))), "fn": int(np.sum(~pred & (y == 1)))}
 
@@ -51,18 +55,21 @@ def clopper_pearson_upper(k: int, n: int, conf: float = 0.95) -> float:
     return float(beta.ppf(conf, k + 1, n - k))
 
 
-def compute_metrics(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float) -> dict:
-    """FNR, FPR, precision, recall, AUROC, AP, ECE and the confusion matrix at THRESHOLD."""
+def compute_metrics(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float,
+                    held: Sequence[bool] | None = None) -> dict:
+    """FNR, FPR, precision, recall, AUROC, AP, ECE and the confusion matrix of the verdicts at THRESHOLD
+    (HELD photos judged bad, ``data.verdict``); AUROC, AP and ECE are the model's scores' own."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
-    c = confusion(y, p, threshold)
+    h = np.zeros(len(y), bool) if held is None else np.asarray(held, dtype=bool)
+    c = confusion(y, p, threshold, h)
     n_bad, n_good = c["tp"] + c["fn"], c["tn"] + c["fp"]
     both = n_bad > 0 and n_good > 0
     out = {
         "n": int(len(y)), "n_bad": n_bad, "n_good": n_good, **c,
-        "threshold": float(threshold),
+        "threshold": float(threshold), "held_bad": int(np.sum(h & (y == 1))), "held_good": int(np.sum(h & (y == 0))),
         "fnr": c["fn"] / n_bad if n_bad else float("nan"),
         "fpr": c["fp"] / n_good if n_good else float("nan"),
         "precision": c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else float("nan"),
@@ -91,7 +98,8 @@ def fpr_at_fnr(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: flo
 
 
 def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float = 0.01,
-                     method: str = "conformal", names: Sequence[str] | None = None) -> dict:
+                     method: str = "conformal", names: Sequence[str] | None = None,
+                     held: Sequence[bool] | None = None) -> dict:
     """Pick the decision threshold on validation scores so that FNR on *new* parts meets TARGET_FNR.
 
     method='conformal': split-conformal on the bad-class scores. With n validation bad
@@ -101,18 +109,26 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     guarantee; we then take s_1 (the lowest bad score, minus a margin) and report the
     guarantee that holds, 1/(n+1).
     method='empirical': the largest threshold with validation FNR <= target (optimistic).
-    Returns {threshold, method, target_fnr, guaranteed_fnr, n_bad_val, val_fnr, val_fpr, set_by}: SET_BY
+    HELD: parts whose photos are held (``data.photo_check``): judged bad whatever their score, so the
+    threshold has only the others to catch; their bad parts are left out of the choice (a photo taken
+    at a slant can score near 0 and would set every false alarm) and counted in ``held_bad_val``.
+    Returns {threshold, method, target_fnr, guaranteed_fnr, n_bad_val (those not held), held_bad_val,
+    val_fnr, val_fpr (of the verdicts), set_by}: SET_BY
     is the validation bad part the threshold rests on (its name from NAMES, its score) and the score
     of the next one up (``lone_threshold_warning``).
     """
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
-    order = np.flatnonzero(y == 1)[np.argsort(p[y == 1], kind="stable")]
+    h = np.zeros(len(y), bool) if held is None else np.asarray(held, dtype=bool)
+    judged = (y == 1) & ~h
+    order = np.flatnonzero(judged)[np.argsort(p[judged], kind="stable")]
     bad = p[order]
     n = len(bad)
     if n == 0:
         return {"threshold": 0.5, "method": "default", "target_fnr": target_fnr, "guaranteed_fnr": None,
-                "n_bad_val": 0, "note": "no bad parts in validation: threshold left at 0.5"}
+                "n_bad_val": 0, "held_bad_val": int((h & (y == 1)).sum()),
+                "note": "no bad parts in validation" + (" that are not held" if h.any() else "")
+                        + ": threshold left at 0.5"}
     if method == "conformal":
         k = int(math.floor(target_fnr * (n + 1)))
         guaranteed = max(k, 1) / (n + 1)
@@ -129,13 +145,13 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     else:
         raise ValueError(f"unknown threshold method {method!r}")
     t = float(min(max(t, 1e-6), 1.0))
-    c = confusion(y, p, t)
+    c = confusion(y, p, t, h)
     n_good = c["tn"] + c["fp"]
     set_by = {"name": None if names is None else str(names[order[at]]), "prob_bad": float(bad[at]),
               "next_prob_bad": float(bad[at + 1]) if at + 1 < n else None}
     return {"threshold": t, "method": method, "target_fnr": target_fnr, "guaranteed_fnr": guaranteed,
-            "n_bad_val": n, "val_fnr": c["fn"] / n, "val_fpr": c["fp"] / n_good if n_good else None,
-            "set_by": set_by}
+            "n_bad_val": n, "held_bad_val": int((h & (y == 1)).sum()), "val_fnr": c["fn"] / (c["fn"] + c["tp"]),
+            "val_fpr": c["fp"] / n_good if n_good else None, "set_by": set_by}
 
 
 LONE_RATIO = 10.0   # the next validation bad part scoring this many times the one a threshold rests on: a lone outlier
@@ -215,9 +231,11 @@ def write_scores_csv(path: str | os.PathLike, paths: Sequence[str], labels: Sequ
 
 
 def write_report(report_dir: str | os.PathLike, y_true: Sequence[int], prob_bad: Sequence[float],
-                 metrics: dict, title: str = "", paths: Sequence[str] | None = None) -> list[str]:
+                 metrics: dict, title: str = "", paths: Sequence[str] | None = None,
+                 held: Sequence[bool] | None = None) -> list[str]:
     """ROC, confusion-matrix and reliability plots (PNG) plus metrics.json, and with PATHS (the photos
-    in the order of Y_TRUE) scores.csv: each photo's P(bad) and verdict. Returns the files written."""
+    in the order of Y_TRUE) scores.csv: each photo's P(bad), whether it is HELD, and its verdict.
+    Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,7 +295,9 @@ def write_report(report_dir: str | os.PathLike, y_true: Sequence[int], prob_bad:
     (out / "metrics.json").write_text(to_json(metrics) + "\n", encoding="utf-8")
     files.append(str(out / "metrics.json"))
     if paths is not None:
+        h = np.zeros(len(y), bool) if held is None else np.asarray(held, dtype=bool)
         write_scores_csv(out / "scores.csv", paths, y,
-                         {"p_bad": p, "verdict": [verdict(v, metrics["threshold"]) for v in p]})
+                         {"p_bad": p, "held": ["yes" if v else "no" for v in h],
+                          "verdict": [verdict(v, metrics["threshold"], hv) for v, hv in zip(p, h, strict=True)]})
         files.append(str(out / "scores.csv"))
     return files

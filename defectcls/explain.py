@@ -419,9 +419,9 @@ def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> 
     prep = getattr(predictor, "prep", None)
     if prep is not None:
         ready = prep.prepare(img)
-        x, box, notes, check_ms = ready.x, ready.box, ready.notes, ready.check_ms
-    else:   # a predictor without a card's preprocessing: notes measured on their own
-        x, box, notes, check_ms = predictor.preprocess(img), None, None, 0.0
+        x, box, notes, held, check_ms = ready.x, ready.box, ready.notes, ready.held, ready.check_ms
+    else:   # a predictor without a card's preprocessing: the photo checked on its own
+        x, box, notes, held, check_ms = predictor.preprocess(img), None, None, False, 0.0
     x = x[None]
     t2 = time.perf_counter()
     if method == "gradcam" and predictor.has_fast_cam:
@@ -440,9 +440,9 @@ def explain(predictor: Predictor, src: ImageSource, method: str = "gradcam") -> 
           "cam_scale": (t4 - t3) * 1e3}
     if notes is None:
         t5 = time.perf_counter()
-        notes = D.photo_notes(img)
+        notes, held = D.photo_check(img)
         check_ms = (time.perf_counter() - t5) * 1e3
     ms["photo_check"] = check_ms
     pred = predictor.verdict(p, ms["preprocess"] + ms["model_cam"] + ms["cam_scale"],
-                             {"preprocess": ms["preprocess"], "model": ms["model_cam"]}, notes)
+                             {"preprocess": ms["preprocess"], "model": ms["model_cam"]}, notes, held)
     return Explanation(pred, cam, img, {k: round(v, 3) for k, v in ms.items()}, offset, box)

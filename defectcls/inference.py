@@ -62,7 +62,8 @@ class Prediction:
     model_id: str
     latency_ms: float = 0.0
     timings_ms: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)   # what makes this photo's verdict less sure (``data.photo_notes``)
+    notes: list[str] = field(default_factory=list)   # what makes this photo's verdict less sure (``data.photo_check``)
+    held: bool = False   # the photo is one the model cannot judge (``data.photo_check``): bad whatever prob_bad says
 
     @property
     def confidences(self) -> dict[str, float]:
@@ -304,11 +305,14 @@ class Predictor:
         """Calibrated P(bad) for a float32 NxCxHxW batch."""
         return prob_bad_from_logits(self.logits(x), self.card.temperature)
 
-    def verdict(self, p: float, latency_ms: float, timings: dict, notes: list[str] | None = None) -> Prediction:
-        """A Prediction for calibrated P(bad) P at the card's threshold; NOTES: ``data.photo_notes`` of the photo."""
-        return Prediction(label=D.verdict(p, self.threshold), prob_bad=float(p),
+    def verdict(self, p: float, latency_ms: float, timings: dict, notes: list[str] | None = None,
+                held: bool = False) -> Prediction:
+        """A Prediction for calibrated P(bad) P at the card's threshold; NOTES and HELD: ``data.photo_check``
+        of the photo."""
+        return Prediction(label=D.verdict(p, self.threshold, held), prob_bad=float(p),
                           threshold=self.threshold, model_id=self.model_id, latency_ms=round(latency_ms, 3),
-                          timings_ms={k: round(v, 3) for k, v in timings.items()}, notes=list(notes or []))
+                          timings_ms={k: round(v, 3) for k, v in timings.items()}, notes=list(notes or []),
+                          held=bool(held))
 
     _verdict = verdict
 
@@ -322,26 +326,27 @@ class Predictor:
         p = float(self.probs(ready.x[None])[0])
         t3 = time.perf_counter()
         return self.verdict(p, (t3 - t0) * 1e3, {"preprocess": (t1 - t0) * 1e3 + ready.preprocess_ms,
-                                                 "model": (t3 - t2) * 1e3, "photo_check": ready.check_ms}, ready.notes)
+                                                 "model": (t3 - t2) * 1e3, "photo_check": ready.check_ms}, ready.notes,
+                            ready.held)
 
     def predict_batch(self, srcs: Sequence[ImageSource], batch_size: int = 16) -> list[Prediction | ImageLoadError]:
         """Verdicts for many images, BATCH_SIZE per model call; an unusable one yields its ImageLoadError in its place."""
         results: list[Prediction | ImageLoadError | None] = [None] * len(srcs)
         for i in range(0, len(srcs), batch_size):
             t0 = time.perf_counter()
-            xs, slots, notes = [], [], []
+            xs, slots, checks = [], [], []
             for j in range(i, min(i + batch_size, len(srcs))):
                 try:
                     ready = self.prep.prepare(self.load(srcs[j]))
                     xs.append(ready.x)
                     slots.append(j)
-                    notes.append(ready.notes)
+                    checks.append((ready.notes, ready.held))
                 except ImageLoadError as exc:
                     results[j] = exc
             ps = self.probs(np.stack(xs)) if xs else []
             per = (time.perf_counter() - t0) * 1e3 / max(1, min(batch_size, len(srcs) - i))
-            for j, p, n in zip(slots, ps, notes, strict=True):
-                results[j] = self.verdict(float(p), per, {}, n)
+            for j, p, (n, h) in zip(slots, ps, checks, strict=True):
+                results[j] = self.verdict(float(p), per, {}, n, h)
         return results
 
     def logits_cached(self, images_u8: np.ndarray, batch_size: int | None = None) -> np.ndarray:

@@ -387,7 +387,8 @@ class _Decoded:
     changed: bool = False
     vanished: bool = False
     decode_ms: float = 0.0
-    notes: list[str] = field(default_factory=list)   # ``data.photo_notes`` of the decoded photo
+    notes: list[str] = field(default_factory=list)   # ``data.photo_check`` of the decoded photo
+    held: bool = False                               # ``data.photo_check``: bad whatever the model says
     box: tuple[int, int, int] | None = None          # the square of the photo the model saw (``Prepared.box``)
 
 
@@ -437,15 +438,15 @@ def _choose_decode(mode: str, prep: _Prep | None) -> str:
     return "processes" if prep is not None and multi and D._spng is not None else "threads"
 
 
-def _prepare(predictor, img: np.ndarray) -> tuple[np.ndarray, list[str], tuple[int, int, int] | None]:
-    """Model input, ``data.photo_notes`` and the square the model sees of a decoded photo, against the
+def _prepare(predictor, img: np.ndarray) -> D.Prepared:
+    """Model input, ``data.photo_check`` and the square the model sees of a decoded photo, against the
     training photos of the predictor's card where it has them (``Preprocessing.prepare``: the part found
     and the sharpness measured once)."""
     prep = predictor if isinstance(predictor, D.Preprocessing) else _prep_of(predictor)
     if prep is None:
-        return predictor.preprocess(img), D.photo_notes(img), None
-    ready = prep.prepare(img)
-    return ready.x, ready.notes, ready.box
+        notes, held = D.photo_check(img)
+        return D.Prepared(predictor.preprocess(img), None, notes, 0.0, 0.0, held)
+    return prep.prepare(img)
 
 
 def _decode(item: _Item, predictor, keep_bytes: bool, fast_png: bool = False) -> _Decoded:
@@ -475,7 +476,8 @@ def _decode(item: _Item, predictor, keep_bytes: bool, fast_png: bool = False) ->
     out.sha256 = hashlib.sha256(data).hexdigest()
     try:
         out.image = predictor.load(data, fast_png=fast_png)
-        out.x, out.notes, out.box = _prepare(predictor, out.image)
+        ready = _prepare(predictor, out.image)
+        out.x, out.notes, out.box, out.held = ready.x, ready.notes, ready.box, ready.held
     except ImageLoadError as exc:
         out.error = _reason(exc)
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop the line
@@ -827,7 +829,7 @@ class _Run:
 
     def _judge_one(self, d: _Decoded, p: float, raw: np.ndarray | None, model_ms: float) -> None:
         self.t["decode"].append(d.decode_ms)
-        verdict = D.verdict(p, self.p.threshold)
+        verdict = D.verdict(p, self.p.threshold, d.held)
         when = _now_iso()
         dur = d.decode_ms + model_ms
         overlay_rel, review = None, None
@@ -841,7 +843,7 @@ class _Run:
                 self.t["cam"].append(cam_ms)
                 self.t["overlay"].append(ov_ms)
                 dur += cam_ms + ov_ms
-        if self.queue is not None and abs(p - self.p.threshold) <= self.band:
+        if self.queue is not None and (d.held or abs(p - self.p.threshold) <= self.band):
             review = self._to_review(d, p, verdict, dur)
         self._commit(d, self._row(d, time=when, verdict=verdict, prob_bad=round(p, 6), duration_ms=round(dur, 2),
                                   overlay=overlay_rel, review=review, error=problem))
@@ -850,7 +852,7 @@ class _Run:
         from .inference import Prediction
 
         pred = Prediction(label=verdict, prob_bad=p, threshold=self.p.threshold, model_id=self.p.model_id,
-                          latency_ms=round(dur, 3), notes=list(d.notes))
+                          latency_ms=round(dur, 3), notes=list(d.notes), held=d.held)
         try:
             self.queue.add_pending(d.data, pred, source="inspect")
         except Exception as exc:  # noqa: BLE001 - the review queue must never stop the line

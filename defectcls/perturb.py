@@ -35,7 +35,7 @@ from .errors import DefectclsError, ImageLoadError
 Perturbation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 CLEAN = "clean"
 BORDER_FRAC = 0.02     # width of the border ring that estimates the background, fraction of the side
-ROW_KEYS = ("fnr", "fpr", "fn", "fp", "n_bad", "n_good", "auroc", "ece")
+ROW_KEYS = ("fnr", "fpr", "fn", "fp", "n_bad", "n_good", "held_bad", "held_good", "auroc", "ece")
 
 
 # ---------------------------------------------------------------- primitives
@@ -275,9 +275,10 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
     The images are those ``scoring.select_split`` picks (with 'auto', the model's own held-out
     test part when DATA_ROOT is its training folder). Each image is decoded once; every
     perturbation works on that decoded array in memory and goes through the model's own
-    preprocessing. Returns {model_id, split, threshold, seed, n, rows: [{name, fnr, fpr, fn, fp,
-    n_bad, n_good, auroc, ece}], worst: {fnr, fpr}, skipped, seconds, scores}; rows[0] is ``clean``.
-    ``scores`` holds each photo's path, label and P(bad) per perturbation (``write_report`` puts it
+    preprocessing and photo check (held photos judged bad: ``data.photo_check``). Returns {model_id,
+    split, threshold, seed, n, rows: [{name, fnr, fpr, fn, fp, n_bad, n_good, held_bad, held_good, auroc,
+    ece}], worst: {fnr, fpr}, skipped, seconds, scores}; rows[0] is ``clean``.
+    ``scores`` holds each photo's path, label, P(bad) and hold per perturbation (``write_report`` puts it
     in perturb_scores.csv: which parts flip, and under what).
     """
     from .evaluate import compute_metrics
@@ -289,6 +290,7 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
     cols = [CLEAN, *resolve_names(names)]
     samples, used = select_split(model_dir, data_root, D.scan_folder(data_root), split)
     probs: dict[str, list[np.ndarray]] = {n: [] for n in cols}
+    holds: dict[str, list[np.ndarray]] = {n: [] for n in cols}
     ys: list[int] = []
     paths: list[str] = []
     skipped: list[dict] = []
@@ -311,16 +313,18 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
         if not imgs:
             continue
         for name in cols:
-            x = np.stack([pred.preprocess(apply(name, img, perturbation_rng(seed, name, k)))
-                          for img, k in zip(imgs, keys, strict=True)])
-            probs[name].append(pred.probs(x))
+            ready = [pred.prep.prepare(apply(name, img, perturbation_rng(seed, name, k)))
+                     for img, k in zip(imgs, keys, strict=True)]
+            probs[name].append(pred.probs(np.stack([r.x for r in ready])))
+            holds[name].append(np.array([r.held for r in ready], bool))
     if not ys:
         raise DefectclsError(f"no readable images in {data_root}")
     y = np.asarray(ys)
     thr = pred.threshold if threshold is None else float(threshold)
     rows, p_bad = [], {name: np.concatenate(probs[name]) for name in cols}
+    held = {name: np.concatenate(holds[name]) for name in cols}
     for name in cols:
-        m = compute_metrics(y, p_bad[name], thr)
+        m = compute_metrics(y, p_bad[name], thr, held[name])
         rows.append({"name": name, **{k: m[k] for k in ROW_KEYS}})
     worst = {}
     for k in ("fnr", "fpr"):
@@ -331,7 +335,7 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
     return {"model_id": pred.model_id, "model_dir": str(model_dir), "data": str(data_root), "split": used,
             "threshold": thr, "seed": seed, "n": int(len(y)), "rows": rows, "worst": worst,
             "skipped": skipped, "seconds": round(time.perf_counter() - t0, 1),
-            "scores": {"path": paths, "label": ys, "p_bad": p_bad}}
+            "scores": {"path": paths, "label": ys, "p_bad": p_bad, "held": held}}
 
 
 def _nan_low(v: float) -> float:
@@ -351,11 +355,12 @@ def format_table(res: dict) -> str:
     """The perturbation result as a markdown table (one row per perturbation, clean first)."""
     lines = [f"{res['model_id']} on {res['data']} ({res['split']}, n={res['n']}), threshold {res['threshold']:.4f}, "
              f"seed {res['seed']}", "",
-             "| perturbation | FNR | missed bad | FPR | rejected good | AUROC |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| perturbation | FNR | missed bad | FPR | rejected good | held bad / good | AUROC |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         lines.append(f"| {r['name']} | {_fmt(r['fnr'])} | {r['fn']}/{r['n_bad']} | {_fmt(r['fpr'])} | "
-                     f"{r['fp']}/{r['n_good']} | {_fmt(r['auroc'])} |")
+                     f"{r['fp']}/{r['n_good']} | {r.get('held_bad', 0)} / {r.get('held_good', 0)} | "
+                     f"{_fmt(r['auroc'])} |")
     w = res.get("worst") or {}
     if w:
         lines += ["", f"worst FNR {_fmt(w['fnr']['value'])} ({worst_name(w['fnr'])}), "
@@ -387,7 +392,10 @@ def write_report(res: dict, report_dir: str | os.PathLike) -> list[str]:
     (out / "perturb.json").write_text(to_json(summary(res)) + "\n", encoding="utf-8")
     names = [r["name"] for r in res["rows"]]
     sc = res["scores"]
-    write_scores_csv(out / "perturb_scores.csv", sc["path"], sc["label"], {n: sc["p_bad"][n] for n in names})
+    held = sc.get("held") or {}
+    write_scores_csv(out / "perturb_scores.csv", sc["path"], sc["label"],
+                     {**{n: sc["p_bad"][n] for n in names},
+                      **{f"{n} held": ["yes" if v else "no" for v in held[n]] for n in names if np.any(held.get(n, []))}})
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names)), 4))
     xs = np.arange(len(names))
     for off, key, label in ((-0.2, "fnr", "FNR (bad parts missed)"), (0.2, "fpr", "FPR (good parts rejected)")):

@@ -42,8 +42,9 @@ def select_split(model_dir: str | os.PathLike, data_root: str | os.PathLike, sam
 def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, split: str = "auto",
                    threshold: float | None = None, predictor: Predictor | None = None,
                    also: Sequence[Predictor] = ()) -> dict:
-    """Metrics of MODEL_DIR on DATA_ROOT at the card's threshold (or THRESHOLD); ALSO: more predictors with
-    the same preprocessing, scored on the same decoded photos ("also_logits")."""
+    """Metrics of MODEL_DIR on DATA_ROOT at the card's threshold (or THRESHOLD), held photos judged bad
+    (``data.photo_check``; "held" per photo); ALSO: more predictors with the same preprocessing, scored
+    on the same decoded photos ("also_logits")."""
     pred = predictor or Predictor(model_dir)
     samples, used = select_split(model_dir, data_root, D.scan_folder(data_root), split)
     images, ok, failed = D.decode_all(samples, pred.card.img_size, pred.card.color, use_disk_cache=False,
@@ -52,10 +53,12 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
     if not ok:
         raise DefectclsError(f"no readable images in {data_root}")
     y = np.array([samples[i].label for i in ok])
+    held = D.held_all([samples[i].path for i in ok], pred.card.color)
     z = pred.logits_cached(images)
     p = prob_bad_from_logits(z, pred.card.temperature)
     thr = pred.threshold if threshold is None else threshold
-    return {"metrics": compute_metrics(y, p, thr), "y_true": y.tolist(), "prob_bad": p.tolist(), "logits": z.tolist(),
+    return {"metrics": compute_metrics(y, p, thr, held), "y_true": y.tolist(), "prob_bad": p.tolist(),
+            "held": held.tolist(), "logits": z.tolist(),
             "paths": [samples[i].path for i in ok], "model_id": pred.model_id, "split": used,
             "skipped": [{"path": path, "error": err} for path, err in failed],
             "also_logits": [other.logits_cached(images).tolist() for other in also]}
@@ -123,13 +126,14 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     one = Predictor(model_dir, backend="torch", tta=1, screen=False) if screen else None   # the screen's view
     if one is not None:
         one.prep = pred.prep
-    metrics, parts, z1, val_names = {}, {}, {}, None
+    metrics, parts, held, z1, val_names = {}, {}, {}, {}, None
     for name in [n for n in ("val", "test") if saved.get(n)]:
         res = evaluate_model(model_dir, root, split=name, predictor=pred, also=(one,) if one else ())
         if res["skipped"]:
             bad = res["skipped"][0]
             raise DefectclsError(f"{len(res['skipped'])} {name} image(s) unreadable now, e.g. {bad['path']}: {bad['error']}")
         parts[name] = (np.array(res["y_true"]), np.array(res["logits"], dtype=np.float32))
+        held[name] = np.array(res["held"], dtype=bool)
         if name == "val":
             val_names = [os.path.relpath(path, root) for path in res["paths"]]
         if one is not None:
@@ -137,7 +141,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     temperature = card.temperature if views == card.tta else fit_temperature(parts["val"][1], parts["val"][0])
     probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
     y_val, p_val = probs["val"]
-    policy = choose_threshold(y_val, p_val, target_fnr, method, names=val_names)
+    policy = choose_threshold(y_val, p_val, target_fnr, method, names=val_names, held=held["val"])
     thr = policy["threshold"]
     screen_card = None
     if screen:
@@ -162,7 +166,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
                        "all_views_val_bad": float(np.mean(all_views["val"][y_val == 1]))}
         probs = {name: (y, np.where(all_views[name], p, p1[name])) for name, (y, p) in probs.items()}
     for name, (y, p) in probs.items():
-        metrics[name] = compute_metrics(y, p, thr)
+        metrics[name] = compute_metrics(y, p, thr, held[name])
     before = {"threshold": card.threshold, "threshold_policy": card.threshold_policy, "metrics": card.metrics,
               "tta": card.tta, "temperature": card.temperature, "background": card.background, "screen": card.screen,
               "photo_range": card.photo_range}

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import types
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -271,9 +271,20 @@ class _Data:
     photo_range: dict | None = None         # what the photos look like (``data.estimate_photo_range``)
     focus_below: float | None = None        # softer photos are sharpened back (``data.restore_focus``)
 
+    held_known: dict[int, bool] = field(default_factory=dict)   # ``held``'s answers so far
+
     def rel(self, i: int) -> str:
         """Sample I's path relative to the folder, as split.json and the threshold policy name it."""
         return os.path.relpath(self.samples[i].path, self.root)
+
+    def held(self, idx) -> np.ndarray:
+        """Whether the photos of samples IDX are held (``data.photo_check``: judged bad whatever the model
+        says), each photo checked once: the threshold and the metrics count verdicts as the product gives them."""
+        todo = [int(i) for i in idx if int(i) not in self.held_known]
+        if todo:
+            color = "gray" if self.images.shape[1] == 1 else "rgb"
+            self.held_known.update(zip(todo, D.held_all([self.samples[i].path for i in todo], color).tolist(), strict=True))
+        return np.array([self.held_known[int(i)] for i in idx], bool)
 
 
 def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _Data:
@@ -590,14 +601,15 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     logits_val = predict_logits(scorer, data.images[val_idx], mean_t, std_t, device)
     temperature = fit_temperature(logits_val, y_val)
     prob_val = prob_bad_from_logits(logits_val, temperature)
+    held_val = data.held(val_idx)
     policy = choose_threshold(y_val, prob_val, cfg.target_fnr, cfg.threshold_method,
-                              names=[data.rel(i) for i in val_idx])
+                              names=[data.rel(i) for i in val_idx], held=held_val)
     thr = policy["threshold"]
-    metrics = {"val": compute_metrics(y_val, prob_val, thr)}
+    metrics = {"val": compute_metrics(y_val, prob_val, thr, held_val)}
     if test_idx:
         prob_test = prob_bad_from_logits(predict_logits(scorer, data.images[test_idx], mean_t, std_t, device),
                                          temperature)
-        metrics["test"] = compute_metrics(data.labels[test_idx], prob_test, thr)
+        metrics["test"] = compute_metrics(data.labels[test_idx], prob_test, thr, data.held(test_idx))
     duration = time.perf_counter() - t0
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
@@ -751,15 +763,16 @@ def train_folds(cfg: TrainConfig) -> dict:
     ensemble = Ensemble(members, [cfg.arch] * len(members)).to(device)
     temperature = fit_temperature(oof_logits, y_pool)
     prob_oof = prob_bad_from_logits(oof_logits, temperature)
+    held_pool = data.held(pool)
     policy = choose_threshold(y_pool, prob_oof, cfg.target_fnr, cfg.threshold_method,
-                              names=[data.rel(i) for i in pool])
+                              names=[data.rel(i) for i in pool], held=held_pool)
     policy["chosen_on"] = "out-of-fold predictions: each part scored by the member that did not train on it"
     thr = policy["threshold"]
-    metrics = {"oof": compute_metrics(y_pool, prob_oof, thr)}
+    metrics = {"oof": compute_metrics(y_pool, prob_oof, thr, held_pool)}
     if test_idx:
         prob_test = prob_bad_from_logits(predict_logits(with_tta(ensemble, cfg.tta), images[test_idx], mean_t, std_t,
                                                         device), temperature)
-        metrics["test"] = compute_metrics(labels[test_idx], prob_test, thr)
+        metrics["test"] = compute_metrics(labels[test_idx], prob_test, thr, data.held(test_idx))
     duration = time.perf_counter() - t0
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(

@@ -49,19 +49,26 @@ def test_synth_is_byte_identical_and_sized(tmp_path):
 
 
 def test_predict_json_lines_and_error_lines(tmp_path, tiny_model, tiny_data):
+    from PIL import Image
+
     corpus = write_corpus(tmp_path / "odd")
     good = sorted((tiny_data / "good").glob("*.png"))[0]
+    dark = tmp_path / "lamp_off.png"                  # no part in sight: held, bad whatever the model says
+    Image.new("L", (96, 96), 3).save(dark)
     r = run_cli("predict", "--model", str(tiny_model), str(good), str(corpus["text.png"]), str(corpus["cmyk.jpg"]),
-                "--json", "--cam-dir", str(tmp_path / "cams"))
+                str(dark), "--json", "--cam-dir", str(tmp_path / "cams"))
     assert r.returncode == 1  # one file failed
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [row["path"] for row in rows] == [str(good), str(corpus["text.png"]), str(corpus["cmyk.jpg"])]
+    assert [row["path"] for row in rows] == [str(good), str(corpus["text.png"]), str(corpus["cmyk.jpg"]), str(dark)]
     assert rows[0]["label"] in ("good", "bad") and 0 <= rows[0]["prob_bad"] <= 1 and rows[0]["latency_ms"] > 0
-    assert rows[0]["notes"] == []                   # a round part straight on: nothing to add
+    assert rows[0]["notes"] == [] and rows[0]["held"] is False   # a round part straight on: nothing to add
     assert "error" in rows[1] and "not a recognised image" in rows[1]["error"]
     assert rows[2]["label"] in ("good", "bad")
+    assert rows[3]["held"] is True and rows[3]["label"] == "bad" and rows[3]["notes"][0].startswith("no round part")
     cams = list((tmp_path / "cams").glob("*.jpg"))
-    assert len(cams) == 2 and all(c.parent == tmp_path / "cams" for c in cams)
+    assert len(cams) == 3 and all(c.parent == tmp_path / "cams" for c in cams)
+    text = run_cli("predict", "--model", str(tiny_model), str(dark)).stdout
+    assert text.startswith(f"{dark}: bad (held) (P(bad)") and "note: no round part" in text
 
 
 def test_predict_whole_corpus_never_crashes(tmp_path, tiny_model):

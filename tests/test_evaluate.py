@@ -85,6 +85,24 @@ def test_threshold_names_the_bad_part_it_rests_on_and_warns_when_it_is_a_lone_ou
     assert one["set_by"]["next_prob_bad"] is None and E.lone_threshold_warning(one) is None
 
 
+def test_held_photos_are_judged_bad_and_left_out_of_the_threshold_choice():
+    """A photo the model cannot judge (a slanted camera: ``data.photo_check``) is bad whatever its score, so
+    the threshold only has the other bad parts to catch, and the metrics count it as the product judges it."""
+    y = np.array([0] * 6 + [1] * 4)
+    p = np.array([0.001, 0.002, 0.004, 0.01, 0.03, 0.05, 0.9, 0.00003, 0.02, 0.95])
+    held = np.array([False] * 5 + [True] + [False, True, False, False])   # a slanted good part and a slanted bad one
+    t = E.choose_threshold(y, p, target_fnr=0.0, names=[str(i) for i in range(10)], held=held)
+    assert t["threshold"] == pytest.approx(0.01) and t["set_by"]["name"] == "8"   # half the lowest bad part not held
+    assert t["n_bad_val"] == 3 and t["held_bad_val"] == 1 and t["val_fnr"] == 0.0
+    assert t["val_fpr"] == pytest.approx(3 / 6)         # 0.01 and 0.03 over the threshold, 0.05 held
+    m = E.compute_metrics(y, p, t["threshold"], held)
+    assert (m["fn"], m["tp"], m["fp"], m["tn"]) == (0, 4, 3, 3) and (m["held_bad"], m["held_good"]) == (1, 1)
+    assert m["auroc"] == E.compute_metrics(y, p, t["threshold"])["auroc"]     # the scores' own, holds aside
+    assert E.compute_metrics(y, p, 0.5)["fn"] == 2 and E.compute_metrics(y, p, 0.5, held)["fn"] == 1
+    everything = E.choose_threshold(y, p, target_fnr=0.0, held=y == 1)    # no bad part left to judge
+    assert everything["threshold"] == 0.5 and everything["held_bad_val"] == 4 and "not held" in everything["note"]
+
+
 def test_temperature_recovers_known_scale():
     rng = np.random.default_rng(1)
     n = 4000

@@ -87,6 +87,8 @@ def test_edge_matches_predictor(exported, tiny_data, name):
     tilted = P.affine(D.load_image(files[0]), squash=0.6, squash_angle=30)      # a camera off the part's axis
     for row in (edge.predict(tilted), edge.explain(tilted)[0], edge.predict_batch([tilted])[0]):
         assert row["notes"] == same.predict(tilted).notes and "oval" in row["notes"][0]
+        assert row["held"] is True and row["label"] == same.predict(tilted).label == "bad"   # not judged: held
+    assert edge.predict(files[3])["held"] is False
     soft = P.blur(D.load_image(files[0]), 3.0)             # out of focus: the export's card carries the training look
     assert edge.card["photo_range"] == same.card.photo_range
     assert edge.predict(soft)["notes"] == same.predict(soft).notes and "softer" in same.predict(soft).notes[0]

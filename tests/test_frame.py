@@ -125,7 +125,7 @@ def test_framed_training_caches_what_inference_sees(framed_model, tiny_data, tmp
     ex = explain(pred, samples[0].path)
     assert ex.box == pred.prep.box(pred.load(samples[0].path)) and ex.box is not None
     # and the factory line's decode keeps that square for its overlay (the part found once)
-    assert inspect_mod._prepare(pred, pred.load(samples[0].path))[2] == ex.box
+    assert inspect_mod._prepare(pred, pred.load(samples[0].path)).box == ex.box
     # a warm start keeps the framing; asking for the other one is refused
     with pytest.raises(DefectclsError, match="differs from the --init model"):
         train(TrainConfig(data=str(tiny_data), out=str(tmp_path / "x"), init=str(framed_model), frame="full",
@@ -146,18 +146,20 @@ def test_part_outline_measures_how_oval_the_part_looks(fg, bg, hole):
         assert min(abs(o.minor_deg - angle), 180 - abs(o.minor_deg - angle)) < 4
         assert o.tilt_deg == pytest.approx(math.degrees(math.acos(q)), abs=3)
         assert o.ellipse_fit > 0.97
-        notes = D.photo_notes(tilted)
+        notes, held = D.photo_check(tilted)
         assert len(notes) == 1 and "oval" in notes[0] and f"{o.axis_ratio:.2f}" in notes[0]
-    # a mild tilt, light drift, blur and a turn are not worth a note
+        assert held and D.photo_held(tilted) and D.verdict(0.0, 0.5, held) == "bad"   # held: bad whatever P(bad)
+    # a mild tilt, light drift, blur and a turn are not worth a note, and are judged by the model
     for changed in (P.affine(img, squash=0.95, squash_angle=20), P.brightness(img, 1.25), P.blur(img, 1.5),
                     P.affine(img, angle=33, scale=0.9)):
-        assert D.photo_notes(changed) == []
+        assert D.photo_check(changed) == ([], False)
+    assert D.verdict(0.0, 0.5) == D.verdict(0.49, 0.5, False) == "good" and D.verdict(0.5, 0.5) == "bad"
 
 
 def test_photo_notes_say_when_no_part_stands_out():
     for blank in (np.full((120, 120), 90, np.uint8), np.zeros((64, 64, 3), np.uint8)):
         notes = D.photo_notes(blank)
-        assert len(notes) == 1 and notes[0].startswith("no round part")
+        assert len(notes) == 1 and notes[0].startswith("no round part") and D.photo_held(blank)
     assert D.notes_text([]) == "" and D.notes_text(["a", "b"]) == "\n  note: a\n  note: b"
 
 
@@ -168,7 +170,7 @@ def test_an_outline_that_is_no_ellipse_says_nothing_about_the_camera():
     img[135:165, 200:265] = 40                                   # a dark patch joined to the disc's edge
     o = D.part_outline(img)
     assert o.axis_ratio < D.OVAL_RATIO and o.ellipse_fit < D.ELLIPSE_FIT
-    assert D.photo_notes(img) == []
+    assert D.photo_check(img) == ([], False)
     ring = _disc(r=70.0, fg=40, bg=170, hole=0.45)               # a bore in the middle: the hull closes it
     ring[:150, 148:153] = 170                                    # and a bright spoke cuts it open, as a hub can
     tilted = P.affine(ring, squash=0.7, squash_angle=0)

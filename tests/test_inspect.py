@@ -489,6 +489,7 @@ def test_an_oval_part_gets_a_note_in_the_row_the_overlay_and_the_report(pred, mo
     _run(pred, inp, log, save_good=True)
     rows = {os.path.basename(r["file"]): r for r in _rows(log)}
     assert rows["straight.png"]["notes"] is None and "oval" in rows["tilted.png"]["notes"]
+    assert rows["tilted.png"]["verdict"] == "bad" and "judged bad until a person looks" in rows["tilted.png"]["notes"]
     assert rows["soft.png"]["notes"].startswith("the photo looks softer than in training")
     crows = {os.path.basename(c["file"]): c for c in _csv_rows(log)}
     assert crows["straight.png"]["notes"] == "" and crows["tilted.png"]["notes"] == rows["tilted.png"]["notes"]

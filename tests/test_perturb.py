@@ -256,13 +256,17 @@ def test_evaluate_perturbed_has_a_row_per_perturbation_and_clean_equals_plain_ev
 def test_cli_evaluate_perturb_writes_the_report(tiny_model, tiny_data, tmp_path, capsys):
     from defectcls.cli import main
 
-    rc = main(["evaluate", "--model", str(tiny_model), "--data", str(tiny_data), "--perturb-names", "rotate90,jpeg30",
-               "--report-dir", str(tmp_path), "--json"])
+    rc = main(["evaluate", "--model", str(tiny_model), "--data", str(tiny_data), "--perturb-names",
+               "rotate90,jpeg30,slant0.65", "--report-dir", str(tmp_path), "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in out["rows"]] == ["clean", "rotate90", "jpeg30"]
+    assert [r["name"] for r in out["rows"]] == ["clean", "rotate90", "jpeg30", "slant0.65"]
+    # a camera 49 degrees off the part's axis: photos the model cannot judge are held, bad whatever they score
+    slant = out["rows"][3]
+    assert slant["held_bad"] + slant["held_good"] >= out["n"] // 2 and slant["fp"] >= slant["held_good"]
+    assert all(r["held_bad"] == r["held_good"] == 0 for r in out["rows"][:3])
     md = (tmp_path / "perturb.md").read_text()
-    assert "| rotate90 |" in md and "| clean |" in md
+    assert "| rotate90 |" in md and "| clean |" in md and "held bad / good" in md
     assert json.loads((tmp_path / "perturb.json").read_text())["model_id"] == out["model_id"]
     assert "scores" not in out   # the per-photo scores go to the CSV, not to stdout
     # each photo's P(bad) per perturbation: the CSV's counts at the threshold are the table's
@@ -270,10 +274,12 @@ def test_cli_evaluate_perturb_writes_the_report(tiny_model, tiny_data, tmp_path,
 
     with open(tmp_path / "perturb_scores.csv", newline="") as fh:
         photos = list(csv.DictReader(fh))
-    assert len(photos) == out["n"] and {"path", "label", "clean", "rotate90", "jpeg30"} == set(photos[0])
+    assert len(photos) == out["n"] and set(photos[0]) == {"path", "label", "clean", "rotate90", "jpeg30", "slant0.65",
+                                                          "slant0.65 held"}
     assert all(Path(r["path"]).is_file() and r["label"] in ("good", "bad") for r in photos)
     for row in out["rows"]:
-        flagged = [r["label"] for r in photos if float(r[row["name"]]) >= out["threshold"]]
+        flagged = [r["label"] for r in photos
+                   if float(r[row["name"]]) >= out["threshold"] or r.get(f"{row['name']} held") == "yes"]
         assert (flagged.count("good"), row["n_bad"] - flagged.count("bad")) == (row["fp"], row["fn"])
     assert main(["evaluate", "--model", str(tiny_model), "--data", str(tiny_data), "--perturb-names", "fog"]) == 2
 

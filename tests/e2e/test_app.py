@@ -161,9 +161,12 @@ def test_an_oval_part_carries_its_note_to_the_verdict_and_the_review_tab(built):
     Image.fromarray(P.affine(img, squash=0.65, squash_angle=20)).save(buf, format="PNG")
     _, _, details = handler(demo, "inspect")(upload(tmp, "tilted.png", buf.getvalue()), "gradcam", None)
     assert len(details["notes"]) == 1 and "oval" in details["notes"][0]
+    assert details["held"] is True and details["verdict"] == "bad"     # the model cannot judge it: held
     assert "**Note:** the part looks oval" in handler(demo, "summary")(details)
+    assert handler(demo, "summary")(details).startswith("## BAD: held for a person")
     _, _, straight = handler(demo, "inspect")(upload(tmp, "straight.png", part_png(4, size=160)), "gradcam", None)
-    assert straight["notes"] == [] and "Note:" not in handler(demo, "summary")(straight)
+    assert straight["notes"] == [] and "Note:" not in handler(demo, "summary")(straight) and straight["held"] is False
+    assert "held for a person" not in handler(demo, "summary")(straight)
     items = {i["sha256"]: i for i in handler(demo, "review_queue")("pending", "any", "any", None)["items"]}
     assert items[details["sha256"]]["photo_notes"] == details["notes"] and items[straight["sha256"]]["photo_notes"] == []
     view = handler(demo, "render_item")("pending", "any", "any", details["sha256"])
