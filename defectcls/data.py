@@ -383,11 +383,11 @@ def photo_check(arr: np.ndarray, photo_range: dict | None = None, sharp: float |
     Held, as the model cannot judge it and a part it cannot judge must not pass as good: no round part
     stands out from the background (a lamp off, a wrong photo), or its outline, where it is an ellipse,
     is oval (a camera off the part's axis, which the models are not trained for: docs/benchmarks.md,
-    "A camera off the part's axis"; none of the casting folder's 2875 good photos, clean or under the
-    line's variations, is held). An outline that is no ellipse (the region ran into a mark or a shadow)
-    says nothing about the camera and is not held. Advice only, with PHOTO_RANGE (a card's,
-    ``estimate_photo_range``): that the photo is much softer than the photos the model was trained on
-    (``SOFT_FACTOR``): out of focus is where false alarms gather under drift (docs/benchmarks.md,
+    "A camera off the part's axis"; none of the casting folder's 2875 good photos is held, nor any of
+    431 under the line's 29 variations). An outline that is no ellipse (the region ran into a mark or
+    a shadow) says nothing about the camera and is not held. A note alone, not held, with PHOTO_RANGE
+    (a card's, ``estimate_photo_range``): the photo is much softer than the photos the model was trained
+    on (``SOFT_FACTOR``): out of focus is where false alarms gather under drift (docs/benchmarks.md,
     "Softer photos"). SHARP: ``sharpness(arr)`` where the caller has it already.
     """
     o = part_outline(arr)

@@ -403,10 +403,12 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
         chance = []
         for j, (s, mpath) in enumerate(bad):
             img = pred.load(s.path)
-            mask = mask_at(mpath, size, dilate, pred.prep.box(img))
-            chance.append(float(mask.mean()))
+            mask = None
             for method in methods:
                 ex = explain(pred, img, method)
+                if mask is None:   # over the square the model saw (``Preprocessing.box``), found once by explain
+                    mask = mask_at(mpath, size, dilate, ex.box)
+                    chance.append(float(mask.mean()))
                 offsets[method] = list(ex.cam_offset)
                 hit = pointing_hit(ex.cam, mask)
                 st = stats[method]
