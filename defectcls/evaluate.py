@@ -84,17 +84,20 @@ def compute_metrics(y_true: Sequence[int], prob_bad: Sequence[float], threshold:
     return out
 
 
-def fpr_at_fnr(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float) -> float:
-    """Lowest FPR among thresholds whose FNR on these scores is at most TARGET_FNR."""
+def fpr_at_fnr(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float,
+               held: Sequence[bool] | None = None) -> float:
+    """Lowest FPR among thresholds whose FNR on these scores is at most TARGET_FNR; HELD parts are bad
+    whatever their score (``data.verdict``): their bad parts need no threshold, their good parts are rejected."""
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
-    bad = np.sort(p[y == 1])
+    h = np.zeros(len(y), bool) if held is None else np.asarray(held, dtype=bool)
+    bad = np.sort(p[(y == 1) & ~h])
     if len(bad) == 0:
         return float("nan")
     k = int(math.floor(target_fnr * len(bad)))
     t = bad[k]
-    good = p[y == 0]
-    return float(np.mean(good >= t)) if len(good) else float("nan")
+    good = (p >= t)[y == 0] | h[y == 0]
+    return float(np.mean(good)) if len(good) else float("nan")
 
 
 def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float = 0.01,

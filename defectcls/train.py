@@ -240,9 +240,11 @@ def _merge_sample_loss(sample_loss: np.ndarray) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _selection_score(y: np.ndarray, prob: np.ndarray, loss: float, target_fnr: float) -> tuple[float, float]:
-    """Lower is better: FPR at the threshold meeting the target FNR on validation, then loss."""
-    return (fpr_at_fnr(y, prob, target_fnr), loss)
+def _selection_score(y: np.ndarray, prob: np.ndarray, loss: float, target_fnr: float,
+                     held: np.ndarray | None = None) -> tuple[float, float]:
+    """Lower is better: FPR at the threshold meeting the target FNR on validation (HELD parts judged bad,
+    as the threshold is chosen: ``evaluate.choose_threshold``), then loss."""
+    return (fpr_at_fnr(y, prob, target_fnr, held), loss)
 
 
 def _subset(idx: list[int], labels: np.ndarray, max_per_class: tuple[int, int], seed: int) -> list[int]:
@@ -441,10 +443,12 @@ def _interruptible(enabled: bool):
 def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
          mean_t: torch.Tensor, std_t: torch.Tensor, device: torch.device, gen: torch.Generator, what: str,
          rank: int = 0, world: int = 1, distributed: bool = False,
-         masks: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[nn.Module, int, list[dict]]:
+         masks: tuple[np.ndarray, np.ndarray] | None = None,
+         held_val: np.ndarray | None = None) -> tuple[nn.Module, int, list[dict]]:
     """Train one network (CFG resolved by resolve_config); returns it with the weights of its best validation
     epoch (on rank 0), that epoch, history. MASKS: the training images' defect masks and which are known
-    (``cfg.mask_weight`` times ``mask_loss`` joins the class loss)."""
+    (``cfg.mask_weight`` times ``mask_loss`` joins the class loss). HELD_VAL: which validation photos are
+    held (``data.photo_check``), for the epoch's score as the threshold will be chosen."""
     c = x_train.shape[1]
     model = build_model(cfg.arch, in_chans=c, num_classes=2, pretrained=cfg.pretrained,
                         pretrained_file=cfg.pretrained_file, input_norm=cfg.input_norm, pool=cfg.pool)
@@ -539,7 +543,7 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val)))
                 prob = prob_bad_from_logits(logits)
                 m = compute_metrics(y_val, prob, 0.5)
-                score = _selection_score(y_val, prob, val_loss, cfg.target_fnr)
+                score = _selection_score(y_val, prob, val_loss, cfg.target_fnr, held_val)
                 # an epoch trained on the full augmentation ranges beats any epoch of the ramp (robustness)
                 strength = cfg.aug.strength(((epoch + 1) * steps_per_epoch - 1) / total_steps)
                 ramping = strength < 1.0
@@ -678,9 +682,10 @@ def train(cfg: TrainConfig) -> dict:
     std_t = torch.tensor(std, device=device).view(1, c, 1, 1)
 
     masks = (data.masks[train_idx], data.mask_known[train_idx]) if data.masks is not None else None
+    held_val = data.held(val_idx) if rank == 0 else None   # the epochs are scored on rank 0
     model, best_epoch, history = _fit(cfg, x_train, y_train, images[val_idx], labels[val_idx], mean_t, std_t, device,
                                       gen, f"val {len(val_idx)}, test {len(test_idx)}", rank, world, distributed,
-                                      masks)
+                                      masks, held_val)
     summary: dict = {}
     if rank == 0:
         summary = _save_single(cfg, model, data, mean, std, {"train": train_idx, "val": val_idx, "test": test_idx},
@@ -748,7 +753,7 @@ def train_folds(cfg: TrainConfig) -> dict:
                                           labels[parts["val"]], mean_t, std_t, device, gen,
                                           f"fold {k + 1}/{cfg.folds}: val {len(val_pos)}, test {len(test_idx)}",
                                           masks=(data.masks[parts["train"]], data.mask_known[parts["train"]])
-                                          if data.masks is not None else None)
+                                          if data.masks is not None else None, held_val=data.held(parts["val"]))
         oof_logits[val_pos] = predict_logits(with_tta(model, cfg.tta), images[parts["val"]], mean_t, std_t, device)
         s = _save_single(cfg, model, data, mean, std, parts, out / f"fold_{k}", device, 1, t0, best_epoch, history,
                          {"fold": k, "folds": cfg.folds, "ensemble": out.name})

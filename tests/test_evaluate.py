@@ -117,6 +117,9 @@ def test_fpr_at_fnr():
     p = np.array([0.1, 0.2, 0.6, 0.9, 0.5, 0.95])
     assert E.fpr_at_fnr(y, p, 0.0) == pytest.approx(0.5)
     assert E.fpr_at_fnr(y, p, 0.5) == pytest.approx(0.0)  # missing one of two bad parts is allowed
+    # a held bad part needs no threshold; a held good part is rejected whatever it scores
+    assert E.fpr_at_fnr(y, p, 0.0, held=[False] * 4 + [True, False]) == pytest.approx(0.0)
+    assert E.fpr_at_fnr(y, p, 0.0, held=[True] + [False] * 3 + [True, False]) == pytest.approx(0.25)
 
 
 def test_report_files(tmp_path):
