@@ -97,6 +97,8 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
             have.setdefault(key, off)
         if not have["masks"]:
             have["mask_weight"] = want["mask_weight"]   # the weight of a mask loss that was not there
+        # a card from before held photos (``data.photo_check``) chose its epoch and threshold counting them
+        have["holds"], want["holds"] = "held_bad_val" in (card.threshold_policy or {}), True
         n_train = (card.train or {}).get("n", {}).get("train", 0)
         if epoch_samples(n_train, have["epoch_size"]) == epoch_samples(n_train, want["epoch_size"]):
             have["epoch_size"] = want["epoch_size"]   # the same epochs (a set larger than either size)

@@ -161,6 +161,13 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
     card_path.write_text(json.dumps(card))
     X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
     assert weights.stat().st_mtime_ns != before and json.loads(card_path.read_text())["train"]["config"]["focus_restore"]
+    before = weights.stat().st_mtime_ns
+    card = json.loads(card_path.read_text())
+    assert "held_bad_val" in card["threshold_policy"]
+    del card["threshold_policy"]["held_bad_val"]        # a model from before held photos: its epoch and threshold
+    card_path.write_text(json.dumps(card))              # counted them, so it is not today's recipe either
+    X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
+    assert weights.stat().st_mtime_ns != before and "held_bad_val" in json.loads(card_path.read_text())["threshold_policy"]
 
 
 def test_sizes_and_caps():
