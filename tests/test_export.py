@@ -108,6 +108,22 @@ def test_edge_runs_without_torch(exported, tiny_data, tmp_path):
     assert row["label"] in ("good", "bad") and (tmp_path / f"{img.stem}_{row['label']}.jpg").is_file()
 
 
+def test_edge_cli_says_when_a_part_is_held(exported, tmp_path, capsys):
+    from PIL import Image
+
+    from defectcls.edge import main
+
+    d, _ = exported
+    dark = tmp_path / "lamp_off.png"                 # no part in sight: bad whatever the model says
+    Image.new("L", (96, 96), 3).save(dark)
+    assert main([str(d / "model.onnx"), str(dark), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["held"] is True and row["label"] == "bad" and row["notes"][0].startswith("no round part")
+    assert main([str(d / "model.onnx"), str(dark)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{dark}: bad (held) (P(bad)") and "note: no round part" in text
+
+
 def test_export_cli(tiny_model, tmp_path, capsys):
     from defectcls.cli import main
 
