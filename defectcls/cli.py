@@ -412,9 +412,8 @@ def _run_predict(a) -> int:
                "latency_ms": r.latency_ms, "model_id": r.model_id, "notes": r.notes, "held": r.held}
         if a.cam_dir:
             row["cam"] = str(cam_path)
-        _emit(row, a.json, f"{path}: {r.label}{' (held)' if r.held else ''} (P(bad) {r.prob_bad:.4f}, "
-                           f"threshold {r.threshold:.4f}, "
-                           f"{r.latency_ms:.1f} ms)" + (f" -> {row['cam']}" if a.cam_dir else "") + D.notes_text(r.notes))
+        _emit(row, a.json, D.verdict_line(path, r.label, r.prob_bad, r.threshold, r.latency_ms, r.held, r.notes,
+                                          row.get("cam")))
     if failed:
         print(f"{failed} of {len(a.images)} image(s) could not be judged", file=sys.stderr)
     return 1 if failed else 0

@@ -375,6 +375,13 @@ def restore_focus(arr: np.ndarray, focus_below: float | None, sharp: float | Non
     return np.clip(np.rint(g + amount * (g - soft)), 0, 255).astype(np.uint8)
 
 
+def verdict_line(path, label: str, prob_bad: float, threshold: float, latency_ms: float, held: bool = False,
+                 notes: list[str] | None = None, cam: str | None = None) -> str:
+    """One verdict as ``predict`` and the edge runtime print it, with its notes as indented lines."""
+    return (f"{path}: {label}{' (held)' if held else ''} (P(bad) {prob_bad:.4f}, threshold {threshold:.4f}, "
+            f"{latency_ms:.1f} ms)" + (f" -> {cam}" if cam else "") + notes_text(notes or []))
+
+
 def photo_check(arr: np.ndarray, photo_range: dict | None = None, sharp: float | None = None
                 ) -> tuple[list[str], bool]:
     """What about the photo makes its verdict less sure than the model's numbers say (notes; empty for a
@@ -430,12 +437,16 @@ def _held_one(args: tuple[str, str]) -> bool:
 def held_all(paths: Sequence[str], color: str = "gray", workers: int | None = None) -> np.ndarray:
     """``photo_held`` of each photo of PATHS (bool array; an unreadable one is not held), decoded in WORKERS
     processes: what scoring needs to count verdicts as the product gives them."""
-    jobs = [(str(p), color) for p in paths]
+    return np.array(_map_photos(_held_one, [(str(p), color) for p in paths], workers), bool)
+
+
+def _map_photos(fn, jobs: list, workers: int | None = None, progress: bool = False) -> list:
+    """FN of each of JOBS in order, in WORKERS processes (default up to 4) when there are enough to pay for them."""
     workers = workers or min(4, os.cpu_count() or 1)
     if workers > 1 and len(jobs) > 32:
         with ProcessPoolExecutor(workers) as pool:
-            return np.fromiter(pool.map(_held_one, jobs, chunksize=16), bool, len(jobs))
-    return np.fromiter(map(_held_one, jobs), bool, len(jobs))
+            return list(_progress(pool.map(fn, jobs, chunksize=16), len(jobs), progress))
+    return list(_progress(map(fn, jobs), len(jobs), progress))
 
 
 def notes_text(notes: list[str]) -> str:
@@ -912,13 +923,8 @@ def decode_all(samples: Sequence[Sample], size: int, color: str = "gray", worker
                 return z["images"], z["ok"].tolist(), bad
         except (OSError, ValueError, KeyError):
             pass
-    workers = workers or min(4, os.cpu_count() or 1)
     jobs = [(s.path, size, color, frame_ref, bg, focus_below) for s in samples]
-    if workers > 1 and len(jobs) > 32:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(_progress(pool.map(_decode_one, jobs, chunksize=16), len(jobs), progress))
-    else:
-        results = list(_progress(map(_decode_one, jobs), len(jobs), progress))
+    results = _map_photos(_decode_one, jobs, workers, progress)
     ok = [i for i, (a, _) in enumerate(results) if a is not None]
     failed = [(samples[i].path, err) for i, (a, err) in enumerate(results) if a is None]
     c = 1 if color == "gray" else 3

@@ -215,10 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         elif "error" in row:
             print(f"{path}: ERROR {row['error']}", flush=True)
         else:
-            print(f"{path}: {row['label']}{' (held)' if row['held'] else ''} (P(bad) {row['prob_bad']:.4f}, "
-                  f"threshold {row['threshold']:.4f}, "
-                  f"{row['latency_ms']:.1f} ms)" + (f" -> {row['cam']}" if "cam" in row else "")
-                  + D.notes_text(row["notes"]), flush=True)
+            print(D.verdict_line(path, row["label"], row["prob_bad"], row["threshold"], row["latency_ms"], row["held"],
+                                 row["notes"], row.get("cam")), flush=True)
     return 1 if failed else 0
 
 

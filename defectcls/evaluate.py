@@ -13,14 +13,17 @@ import numpy as np
 from .data import LABELS, verdict
 
 
+def _held(held: Sequence[bool] | None, n: int) -> np.ndarray:
+    """HELD as a bool array of N (none held when None)."""
+    return np.zeros(n, bool) if held is None else np.asarray(held, dtype=bool)
+
+
 def confusion(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float,
               held: Sequence[bool] | None = None) -> dict[str, int]:
     """Counts with 'bad' as the positive class; a part is bad when prob_bad >= threshold or its photo is
     HELD (``data.verdict``)."""
     y = np.asarray(y_true, dtype=int)
-    pred = np.asarray(prob_bad, dtype=float) >= threshold
-    if held is not None:
-        pred |= np.asarray(held, dtype=bool)
+    pred = (np.asarray(prob_bad, dtype=float) >= threshold) | _held(held, len(y))
     return {"tp": int(np.sum(pred & (y == 1))), "fp": int(np.sum(pred & (y == 0))),
             "tn": int(np.sum(~pred & (y == 0))), "fn": int(np.sum(~pred & (y == 1)))}
 
@@ -63,7 +66,7 @@ def compute_metrics(y_true: Sequence[int], prob_bad: Sequence[float], threshold:
 
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
-    h = np.zeros(len(y), bool) if held is None else np.asarray(held, dtype=bool)
+    h = _held(held, len(y))
     c = confusion(y, p, threshold, h)
     n_bad, n_good = c["tp"] + c["fn"], c["tn"] + c["fp"]
     both = n_bad > 0 and n_good > 0
@@ -90,7 +93,7 @@ def fpr_at_fnr(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: flo
     whatever their score (``data.verdict``): their bad parts need no threshold, their good parts are rejected."""
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
-    h = np.zeros(len(y), bool) if held is None else np.asarray(held, dtype=bool)
+    h = _held(held, len(y))
     bad = np.sort(p[(y == 1) & ~h])
     if len(bad) == 0:
         return float("nan")
@@ -122,7 +125,7 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     """
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
-    h = np.zeros(len(y), bool) if held is None else np.asarray(held, dtype=bool)
+    h = _held(held, len(y))
     judged = (y == 1) & ~h
     order = np.flatnonzero(judged)[np.argsort(p[judged], kind="stable")]
     bad = p[order]
@@ -298,7 +301,7 @@ def write_report(report_dir: str | os.PathLike, y_true: Sequence[int], prob_bad:
     (out / "metrics.json").write_text(to_json(metrics) + "\n", encoding="utf-8")
     files.append(str(out / "metrics.json"))
     if paths is not None:
-        h = np.zeros(len(y), bool) if held is None else np.asarray(held, dtype=bool)
+        h = _held(held, len(y))
         write_scores_csv(out / "scores.csv", paths, y,
                          {"p_bad": p, "held": ["yes" if v else "no" for v in h],
                           "verdict": [verdict(v, metrics["threshold"], hv) for v, hv in zip(p, h, strict=True)]})
