@@ -294,7 +294,7 @@ def _photo_range_text(r: dict | None) -> str:
 
 
 def _run_calibrate(a) -> int:
-    from .evaluate import lone_threshold_warning
+    from .evaluate import lone_threshold_warning, tradeoff_text
     from .scoring import recalibrate, record_photo_range
 
     if a.photos_only:
@@ -328,6 +328,8 @@ def _run_calibrate(a) -> int:
              f"{pol['n_bad_val']} bad parts in validation)" + ("" if res["written"] else "  [dry run: not written]")]
     if warning := lone_threshold_warning(pol):
         lines.append(f"  warning: {warning}")
+    if tradeoff := tradeoff_text(pol):
+        lines.append(f"  on validation, by FNR target: {tradeoff}")
     if res["background"] != old["background"]:
         lines.append(f"  background {res['background']} recorded: black or white corners a tool left get it "
                      "(data.restore_fill)")

@@ -103,6 +103,9 @@ def fpr_at_fnr(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: flo
     return float(np.mean(good)) if len(good) else float("nan")
 
 
+TRADEOFF_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.05)   # the FNR targets a policy's ``tradeoff`` shows beside its own
+
+
 def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float = 0.01,
                      method: str = "conformal", names: Sequence[str] | None = None,
                      held: Sequence[bool] | None = None) -> dict:
@@ -119,10 +122,34 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     threshold has only the others to catch; their bad parts are left out of the choice (a photo taken
     at a slant can score near 0 and would set every false alarm) and counted in ``held_bad_val``.
     Returns {threshold, method, target_fnr, guaranteed_fnr, n_bad_val (those not held), held_bad_val,
-    val_fnr, val_fpr (of the verdicts), set_by}: SET_BY
+    val_fnr, val_fpr (of the verdicts), set_by, tradeoff}: SET_BY
     is the validation bad part the threshold rests on (its name from NAMES, its score) and the score
-    of the next one up (``lone_threshold_warning``).
+    of the next one up (``lone_threshold_warning``); TRADEOFF, what the same method gives at each target of
+    TRADEOFF_TARGETS and TARGET_FNR ([{target_fnr, threshold, guaranteed_fnr, val_fnr, val_fpr}], ``tradeoff_text``):
+    where a few bad parts score far below the rest, a target of no miss can cost most good parts and 1% next to none.
     """
+    policy = _choose_threshold(y_true, prob_bad, target_fnr, method, names, held)
+    if "set_by" in policy:
+        keys = ("target_fnr", "threshold", "guaranteed_fnr", "val_fnr", "val_fpr")
+        policy["tradeoff"] = [{k: alt[k] for k in keys} for alt in
+                              (policy if t == target_fnr else _choose_threshold(y_true, prob_bad, t, method, held=held)
+                               for t in sorted({*TRADEOFF_TARGETS, target_fnr}))]
+    return policy
+
+
+def tradeoff_text(policy: dict) -> str | None:
+    """A policy's ``tradeoff`` as one line: each FNR target's threshold, and the FNR and FPR it gives where it was
+    chosen (None without one)."""
+    rows = policy.get("tradeoff")
+    if not rows:
+        return None
+    return "; ".join(f"{r['target_fnr']:g} -> threshold {r['threshold']:.3g}, FNR {r['val_fnr']:.1%}, "
+                     f"FPR {r['val_fpr']:.1%}" + (" (chosen)" if r["target_fnr"] == policy["target_fnr"] else "")
+                     for r in rows if r["val_fpr"] is not None)
+
+
+def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float, method: str,
+                      names: Sequence[str] | None = None, held: Sequence[bool] | None = None) -> dict:
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
     h = _held(held, len(y))

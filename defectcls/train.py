@@ -24,7 +24,15 @@ from . import data as D
 from .augment import augment
 from .config import TrainConfig, resolve_device, seed_everything
 from .errors import DefectclsError
-from .evaluate import choose_threshold, compute_metrics, fit_temperature, fpr_at_fnr, lone_threshold_warning, prob_bad_from_logits
+from .evaluate import (
+    choose_threshold,
+    compute_metrics,
+    fit_temperature,
+    fpr_at_fnr,
+    lone_threshold_warning,
+    prob_bad_from_logits,
+    tradeoff_text,
+)
 from .models import (
     INPUT_NORMS,
     POOLS,
@@ -640,6 +648,8 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
          f"ECE {t['ece']:.4f} in {duration:.0f}s")
     if warning := lone_threshold_warning(policy):
         _log(f"warning: {warning}")
+    if tradeoff := tradeoff_text(policy):
+        _log(f"on validation, by FNR target: {tradeoff}")
     return {"out": str(saved), "threshold": thr, "temperature": temperature, "metrics": metrics,
             "best_epoch": best_epoch, "stopped": card.train["stopped"], "duration_s": round(duration, 1)}
 
@@ -807,6 +817,8 @@ def train_folds(cfg: TrainConfig) -> dict:
          f"FPR {metrics['oof']['fpr']:.4f} in {duration:.0f}s")
     if warning := lone_threshold_warning(policy):
         _log(f"warning: {warning}")
+    if tradeoff := tradeoff_text(policy):
+        _log(f"out of fold, by FNR target: {tradeoff}")
     return {"out": str(saved), "threshold": thr, "temperature": temperature, "metrics": metrics,
             "members": [str(saved / r["dir"]) for r in member_rows], "folds": member_rows,
             "duration_s": round(duration, 1)}

@@ -103,6 +103,33 @@ def test_held_photos_are_judged_bad_and_left_out_of_the_threshold_choice():
     assert everything["threshold"] == 0.5 and everything["held_bad_val"] == 4 and "not held" in everything["note"]
 
 
+def test_threshold_policy_shows_what_each_fnr_target_costs():
+    """A few bad parts far below the rest (pin marks the network hardly learnt): a target of no miss rejects most
+    good parts, a target of 5% none. The policy shows the whole trade-off, each row chosen as its own target would be."""
+    y = np.array([0] * 200 + [1] * 300)
+    p = np.concatenate([np.linspace(0, 0.3, 200), np.linspace(0.9, 1, 294), [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]])
+    t = E.choose_threshold(y, p, target_fnr=0.0)
+    rows = t["tradeoff"]
+    assert [r["target_fnr"] for r in rows] == list(E.TRADEOFF_TARGETS)
+    for r in rows:
+        alone = E.choose_threshold(y, p, target_fnr=r["target_fnr"])
+        assert (r["threshold"], r["val_fpr"], r["val_fnr"]) == (alone["threshold"], alone["val_fpr"], alone["val_fnr"])
+    assert rows[0]["threshold"] == t["threshold"] == pytest.approx(0.005) and rows[0]["val_fpr"] == pytest.approx(0.98)
+    assert rows[-1]["val_fpr"] == 0 and rows[-1]["val_fnr"] == pytest.approx(14 / 300)   # 5%: 15 bad parts under it
+    assert [r["val_fpr"] for r in rows] == sorted((r["val_fpr"] for r in rows), reverse=True)
+    text = E.tradeoff_text(t)
+    assert text.count("(chosen)") == 1 and text.startswith("0 -> threshold 0.005, FNR 0.0%, FPR 98.0% (chosen)")
+    assert "0.05 -> threshold 0.903, FNR 4.7%, FPR 0.0%" in text
+
+    own = E.choose_threshold(y, p, target_fnr=0.03)                  # a target of its own joins the rows
+    assert [r["target_fnr"] for r in own["tradeoff"]] == [0.0, 0.005, 0.01, 0.02, 0.03, 0.05]
+    held = np.zeros(len(y), bool)
+    held[-6:] = True                                                 # the six low ones held: no miss costs nothing
+    rows = E.choose_threshold(y, p, 0.0, held=held)["tradeoff"]
+    assert rows[0]["threshold"] == pytest.approx(0.45) and all(r["val_fpr"] == 0 for r in rows)
+    assert E.tradeoff_text({"threshold": 0.5}) is None               # cards from before the trade-off
+
+
 def test_temperature_recovers_known_scale():
     rng = np.random.default_rng(1)
     n = 4000
@@ -164,7 +191,11 @@ def test_calibrate_sets_a_new_threshold_from_the_model_own_validation_part(tiny_
     assert recalibrate(m, 0.5, data_root=tiny_data, write=False)["background"] == recorded   # what train chose
     assert "background" not in json.loads((m / "card.json").read_text())                  # dry run: not written
     assert main(["calibrate", "--model", str(m), "--target-fnr", "0.5"]) == 0
-    assert "background [" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "background [" in out
+    chosen = [r for r in json.loads((m / "card.json").read_text())["threshold_policy"]["tradeoff"] if r["target_fnr"] == 0.5]
+    assert chosen[0]["threshold"] == card["threshold"]
+    assert "by FNR target: 0 -> threshold" in out and f"0.5 -> threshold {card['threshold']:.3g}" in out
     assert json.loads((m / "card.json").read_text())["background"] == recorded
 
     other = tmp_path / "other"

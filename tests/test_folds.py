@@ -29,6 +29,7 @@ def test_folds_write_member_dirs_and_an_ensemble_dir(folds_model):
     assert card["train"]["member_archs"] == ["mobilenet_v3_small"] * 2 and card["train"]["folds"] == 2
     assert set(card["metrics"]) == {"oof", "test"}
     assert "out-of-fold" in card["threshold_policy"]["chosen_on"]
+    assert card["threshold_policy"]["tradeoff"][0]["threshold"] == card["threshold"]   # target 0, the default
     assert card["threshold"] == summary["threshold"] and card["temperature"] > 0
 
 

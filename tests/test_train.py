@@ -28,6 +28,8 @@ def test_tiny_model_card_is_complete(tiny_model):
     assert t["data_fingerprint"] and t["seed"] == 0 and t["duration_s"] > 0 and t["history"]
     assert t["config"]["target_fnr"] == 0.0  # default: no missed defect
     assert card["threshold_policy"]["guaranteed_fnr"] == pytest.approx(1 / (card["threshold_policy"]["n_bad_val"] + 1))
+    assert [r["target_fnr"] for r in card["threshold_policy"]["tradeoff"]] == [0.0, 0.005, 0.01, 0.02, 0.05]
+    assert card["threshold_policy"]["tradeoff"][0]["threshold"] == card["threshold"]
     assert all(h["aug_strength"] == 1.0 for h in t["history"])  # the light preset has no ramp
     split = json.loads((tiny_model / "split.json").read_text())
     parts = [set(map(tuple, split[k])) for k in ("train", "val", "test")]
