@@ -325,6 +325,7 @@ def _run_calibrate(a) -> int:
     pol, old = res["threshold_policy"], res["before"]
     lines = [f"{a.model}: threshold {old['threshold']:.6g} -> {res['threshold']:.6g} "
              f"({pol['method']}, target FNR {pol['target_fnr']}, guaranteed {pol['guaranteed_fnr']}, "
+             + (f"95% bound {pol['fnr_upper95']:.4g}, " if "fnr_upper95" in pol else "") +
              f"{pol['n_bad_val']} bad parts in validation)" + ("" if res["written"] else "  [dry run: not written]")]
     if warning := lone_threshold_warning(pol):
         lines.append(f"  warning: {warning}")

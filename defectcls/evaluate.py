@@ -121,16 +121,20 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     HELD: parts whose photos are held (``data.photo_check``): judged bad whatever their score, so the
     threshold has only the others to catch; their bad parts are left out of the choice (a photo taken
     at a slant can score near 0 and would set every false alarm) and counted in ``held_bad_val``.
-    Returns {threshold, method, target_fnr, guaranteed_fnr, n_bad_val (those not held), held_bad_val,
-    val_fnr, val_fpr (of the verdicts), set_by, tradeoff}: SET_BY
+    Returns {threshold, method, target_fnr, guaranteed_fnr, fnr_upper95, n_bad_val (those not held), held_bad_val,
+    val_fnr, val_fpr (of the verdicts), set_by, tradeoff}: GUARANTEED_FNR bounds the miss rate on average over
+    validation draws; FNR_UPPER95 with 95% confidence over that draw (the Clopper-Pearson bound of the validation
+    misses: the miss rate left by the k-th lowest of n scores is Beta(k, n+1-k), whose 95% quantile that is for
+    k-1 misses, so for a target above 0 it is the margin the test part's FNR can show over the target). SET_BY
     is the validation bad part the threshold rests on (its name from NAMES, its score) and the score
     of the next one up (``lone_threshold_warning``); TRADEOFF, what the same method gives at each target of
-    TRADEOFF_TARGETS and TARGET_FNR ([{target_fnr, threshold, guaranteed_fnr, val_fnr, val_fpr}], ``tradeoff_text``):
+    TRADEOFF_TARGETS and TARGET_FNR ([{target_fnr, threshold, guaranteed_fnr, fnr_upper95, val_fnr, val_fpr}],
+    ``tradeoff_text``):
     where a few bad parts score far below the rest, a target of no miss can cost most good parts and 1% next to none.
     """
     policy = _choose_threshold(y_true, prob_bad, target_fnr, method, names, held)
     if "set_by" in policy:
-        keys = ("target_fnr", "threshold", "guaranteed_fnr", "val_fnr", "val_fpr")
+        keys = ("target_fnr", "threshold", "guaranteed_fnr", "fnr_upper95", "val_fnr", "val_fpr")
         policy["tradeoff"] = [{k: alt[k] for k in keys} for alt in
                               (policy if t == target_fnr else _choose_threshold(y_true, prob_bad, t, method, held=held)
                                for t in sorted({*TRADEOFF_TARGETS, target_fnr}))]
@@ -143,8 +147,9 @@ def tradeoff_text(policy: dict) -> str | None:
     rows = policy.get("tradeoff")
     if not rows:
         return None
-    return "; ".join(f"{r['target_fnr']:g} -> threshold {r['threshold']:.3g}, FNR {r['val_fnr']:.1%}, "
-                     f"FPR {r['val_fpr']:.1%}" + (" (chosen)" if r["target_fnr"] == policy["target_fnr"] else "")
+    return "; ".join(f"{r['target_fnr']:g} -> threshold {r['threshold']:.3g}, FNR {r['val_fnr']:.1%}"
+                     + (f" (95% bound {r['fnr_upper95']:.1%})" if "fnr_upper95" in r else "")
+                     + f", FPR {r['val_fpr']:.1%}" + (" (chosen)" if r["target_fnr"] == policy["target_fnr"] else "")
                      for r in rows if r["val_fpr"] is not None)
 
 
@@ -183,7 +188,8 @@ def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_f
     set_by = {"name": None if names is None else str(names[order[at]]), "prob_bad": float(bad[at]),
               "next_prob_bad": float(bad[at + 1]) if at + 1 < n else None}
     return {"threshold": t, "method": method, "target_fnr": target_fnr, "guaranteed_fnr": guaranteed,
-            "n_bad_val": n, "held_bad_val": int((h & (y == 1)).sum()), "val_fnr": c["fn"] / (c["fn"] + c["tp"]),
+            "fnr_upper95": clopper_pearson_upper(int(np.sum(bad < t)), n), "n_bad_val": n,
+            "held_bad_val": int((h & (y == 1)).sum()), "val_fnr": c["fn"] / (c["fn"] + c["tp"]),
             "val_fpr": c["fp"] / n_good if n_good else None, "set_by": set_by}
 
 

@@ -113,13 +113,19 @@ def test_threshold_policy_shows_what_each_fnr_target_costs():
     assert [r["target_fnr"] for r in rows] == list(E.TRADEOFF_TARGETS)
     for r in rows:
         alone = E.choose_threshold(y, p, target_fnr=r["target_fnr"])
-        assert (r["threshold"], r["val_fpr"], r["val_fnr"]) == (alone["threshold"], alone["val_fpr"], alone["val_fnr"])
+        assert {k: alone[k] for k in r} == r
+    # the 95% bound: the miss rate left by the k-th lowest of n bad scores is Beta(k, n+1-k)
+    from scipy.stats import beta
+    assert rows[2]["fnr_upper95"] == pytest.approx(beta.ppf(0.95, 3, 298))        # 1%: k = floor(0.01 x 301) = 3
+    assert rows[0]["fnr_upper95"] == pytest.approx(1 - 0.05 ** (1 / 300))         # no miss in 300
+    assert all(r["guaranteed_fnr"] < r["fnr_upper95"] for r in rows)
     assert rows[0]["threshold"] == t["threshold"] == pytest.approx(0.005) and rows[0]["val_fpr"] == pytest.approx(0.98)
     assert rows[-1]["val_fpr"] == 0 and rows[-1]["val_fnr"] == pytest.approx(14 / 300)   # 5%: 15 bad parts under it
     assert [r["val_fpr"] for r in rows] == sorted((r["val_fpr"] for r in rows), reverse=True)
     text = E.tradeoff_text(t)
-    assert text.count("(chosen)") == 1 and text.startswith("0 -> threshold 0.005, FNR 0.0%, FPR 98.0% (chosen)")
-    assert "0.05 -> threshold 0.903, FNR 4.7%, FPR 0.0%" in text
+    assert text.count("(chosen)") == 1
+    assert text.startswith("0 -> threshold 0.005, FNR 0.0% (95% bound 1.0%), FPR 98.0% (chosen)")
+    assert "0.05 -> threshold 0.903, FNR 4.7% (95% bound 7.2%), FPR 0.0%" in text
 
     own = E.choose_threshold(y, p, target_fnr=0.03)                  # a target of its own joins the rows
     assert [r["target_fnr"] for r in own["tradeoff"]] == [0.0, 0.005, 0.01, 0.02, 0.03, 0.05]
