@@ -128,9 +128,9 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     k-1 misses, so for a target above 0 it is the margin the test part's FNR can show over the target). SET_BY
     is the validation bad part the threshold rests on (its name from NAMES, its score) and the score
     of the next one up (``lone_threshold_warning``); TRADEOFF, what the same method gives at each target of
-    TRADEOFF_TARGETS and TARGET_FNR ([{target_fnr, threshold, guaranteed_fnr, fnr_upper95, val_fnr, val_fpr}],
-    ``tradeoff_text``):
-    where a few bad parts score far below the rest, a target of no miss can cost most good parts and 1% next to none.
+    TRADEOFF_TARGETS and TARGET_FNR ([{target_fnr, threshold, guaranteed_fnr, fnr_upper95, val_fnr, val_fpr}];
+    ``tradeoff_text``): where a few bad parts score far below the rest, a target of no miss can cost most good
+    parts and 1% next to none.
     """
     policy = _choose_threshold(y_true, prob_bad, target_fnr, method, names, held)
     if "set_by" in policy:

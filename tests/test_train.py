@@ -232,7 +232,10 @@ def test_sigterm_ends_the_loop_and_saves_the_best_epoch_so_far(tiny_data, tmp_pa
                "--img-size", "32", "--batch-size", "16", "--epoch-size", "0", "--tta", "1", "--workers", "1",
                "--no-cache", "--no-focus-restore", "--json"])
     assert rc == 130   # saved, and the command (or an experiment around the training) stops there
-    assert f"interrupted: the best epoch so far (1) is saved in {out}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"interrupted: the best epoch so far (1) is saved in {out}" in err
+    thr = json.loads((out / "card.json").read_text())["threshold"]
+    assert f"on validation, by FNR target: 0 -> threshold {thr:.3g}, FNR " in err     # the trade-off, as saved
     t = json.loads((out / "card.json").read_text())["train"]
     assert t["stopped"] == "interrupted" and t["epochs_run"] == 1 and t["best_epoch"] == 1
     card = json.loads((out / "card.json").read_text())
