@@ -496,6 +496,12 @@ def caps_for(size: str, good_share: float = SEED_GOOD_SHARE) -> tuple[int, int] 
     return good, n - good
 
 
+def _val_fpr_at(card: dict, target: float) -> float | None:
+    """The validation FPR the card's policy gives at TARGET FNR (its ``tradeoff``; None on cards without one)."""
+    return next((r["val_fpr"] for r in (card.get("threshold_policy") or {}).get("tradeoff", [])
+                 if r["target_fnr"] == target), None)
+
+
 def run_data_size(data: str | os.PathLike, out: str | os.PathLike, sizes: Sequence[str] | str = DEFAULT_SIZES,
                   arch: str = "mobilenet_v3_large", good_share: float = SEED_GOOD_SHARE, epochs: int | None = None,
                   img_size: int | None = None, seed: int = 0, progress: bool = False, reuse: bool = False,
@@ -514,6 +520,7 @@ def run_data_size(data: str | os.PathLike, out: str | os.PathLike, sizes: Sequen
         rows.append({"size": size, "n_train": len(y), "n_good": y.count(0), "n_bad": y.count(1),
                      "model_dir": str(mdir), **{f"test_{k}": v for k, v in _test_metrics(card).items()},
                      "fnr_upper95": (card["metrics"].get("test") or {}).get("fnr_upper95"),
+                     "val_fpr_at_fnr_1pct": _val_fpr_at(card, 0.01),
                      "train_s": card["train"].get("duration_s")})
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -533,10 +540,13 @@ def run_data_size(data: str | os.PathLike, out: str | os.PathLike, sizes: Sequen
             f"training part with {good_share:.1%} good parts (the seed regime: 1000 good / 350 bad); validation and test "
             "parts are the full seeded 15%/15% parts, the same for every size.", "",
             md_table(["size", "train good", "train bad", "FNR", "missed", "FNR 95% upper", "FPR", "rejected", "AUROC",
-                      "threshold", "train s"],
+                      "threshold", "val FPR at target FNR 1%", "train s"],
                      [[r["size"], r["n_good"], r["n_bad"], r["test_fnr"], f"{r['test_fn']}/{r['test_n_bad']}",
                        r["fnr_upper95"], r["test_fpr"], f"{r['test_fp']}/{r['test_n_good']}", r["test_auroc"],
-                       r["test_threshold"], _num(r["train_s"], 0)] for r in rows]),
+                       r["test_threshold"], r["val_fpr_at_fnr_1pct"], _num(r["train_s"], 0)] for r in rows]),
+            "", "FNR and FPR are the test part's at the card's threshold (its target, by default no miss); the "
+            "validation FPR at target FNR 1% is what the same policy would cost with a 1% target "
+            "(`threshold_policy.tradeoff`; n/a on cards from before it).",
             "", "![FNR and FPR against training-set size](data_size.png)"]
     res["files"] = _write_report(out, "Training-set size (seed regime)", res, body, command) + [str(out / "data_size.png")]
     return res

@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +118,9 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
     assert rows[0]["n_train"] < rows[1]["n_train"] < rows[2]["n_train"]
     assert [t[0] for t in _table_rows((tmp_path / "report.md").read_text())] == ["8", "16", "full"]
     assert (tmp_path / "data_size.png").is_file()
+    for r in rows:                                  # what a 1% target would cost, from each card's trade-off
+        tradeoff = json.loads((Path(r["model_dir"]) / "card.json").read_text())["threshold_policy"]["tradeoff"]
+        assert r["val_fpr_at_fnr_1pct"] == [t["val_fpr"] for t in tradeoff if t["target_fnr"] == 0.01][0]
     weights = tmp_path / "models" / "n8" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     capsys.readouterr()
