@@ -18,6 +18,12 @@ def _held(held: Sequence[bool] | None, n: int) -> np.ndarray:
     return np.zeros(n, bool) if held is None else np.asarray(held, dtype=bool)
 
 
+def _judged_bad(y: np.ndarray, p: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Indices of the bad parts a threshold has to catch (those not held), by ascending score."""
+    judged = (y == 1) & ~h
+    return np.flatnonzero(judged)[np.argsort(p[judged], kind="stable")]
+
+
 def confusion(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float,
               held: Sequence[bool] | None = None) -> dict[str, int]:
     """Counts with 'bad' as the positive class; a part is bad when prob_bad >= threshold or its photo is
@@ -94,7 +100,7 @@ def fpr_at_fnr(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: flo
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
     h = _held(held, len(y))
-    bad = np.sort(p[(y == 1) & ~h])
+    bad = p[_judged_bad(y, p, h)]
     if len(bad) == 0:
         return float("nan")
     k = int(math.floor(target_fnr * len(bad)))
@@ -158,8 +164,7 @@ def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_f
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
     h = _held(held, len(y))
-    judged = (y == 1) & ~h
-    order = np.flatnonzero(judged)[np.argsort(p[judged], kind="stable")]
+    order = _judged_bad(y, p, h)
     bad = p[order]
     n = len(bad)
     if n == 0:
