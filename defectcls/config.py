@@ -168,6 +168,8 @@ class TrainConfig:
     balance: str = "loss"             # loss | sampler | background | none
     hard_share: float = 0.25          # share of each epoch (after the first) drawn again by the photos' recent
                                       # loss (hard examples); 0: off
+    rank_weight: float = 0.0          # > 0: beside the class loss, this weight times the mean over a batch's good
+                                      # parts of softplus(good margin - the batch's lowest bad margin) (rank_loss)
     pretrained: bool = False
     pretrained_file: str | None = None
     extra_labels: str | None = None

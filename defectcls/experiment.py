@@ -40,8 +40,8 @@ METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "thr
 # settings that make two training runs the same run (for --reuse)
 _SAME_RUN = ("data", "arch", "epochs", "img_size", "batch_size", "lr", "weight_decay", "color", "seed", "target_fnr",
              "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug",
-             "input_norm", "pool", "ema", "epoch_size", "hard_share", "frame", "focus_restore", "masks", "mask_weight",
-             "extra_labels", "init")
+             "input_norm", "pool", "ema", "epoch_size", "hard_share", "rank_weight", "frame", "focus_restore", "masks",
+             "mask_weight", "extra_labels", "init")
 
 
 # ---------------------------------------------------------------- shared helpers

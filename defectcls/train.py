@@ -114,6 +114,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise DefectclsError(f"--epoch-size must be >= 0 (0: one pass over the training set), got {cfg.epoch_size}")
     if not 0 <= cfg.hard_share < 1:
         raise DefectclsError(f"--hard-share must be in [0, 1) (0: off), got {cfg.hard_share}")
+    if not (cfg.rank_weight >= 0 and math.isfinite(cfg.rank_weight)):
+        raise DefectclsError(f"--rank-weight must be >= 0 (0: off), got {cfg.rank_weight}")
     fills = (cfg.aug.fill_border_p, cfg.aug.fill_reflect_p, cfg.aug.fill_const_p)
     if min(fills) < 0 or sum(fills) > 1:
         raise DefectclsError("the fill shares fill_border_p, fill_reflect_p and fill_const_p must be >= 0 and "
@@ -434,6 +436,17 @@ def mask_loss(cell_logits: torch.Tensor, masks: torch.Tensor, known: torch.Tenso
     return 0.5 * (loss + (per_cell * target).sum() / pos) if pos > 0 else loss
 
 
+def rank_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch's good parts of softplus(good margin - the lowest bad margin), the margin being
+    logit(bad) - logit(good): the no-miss threshold sits under the lowest bad part, so every good part above
+    it is a false alarm. Zero (with a gradient path) when the batch lacks either class."""
+    margin = logits[:, 1] - logits[:, 0]
+    bad = y == 1
+    if bad.all() or not bad.any():
+        return margin.sum() * 0.0
+    return F.softplus(margin[~bad] - margin[bad].min()).mean()
+
+
 @contextlib.contextmanager
 def _interruptible(enabled: bool):
     """Within the block, Ctrl-C or SIGTERM (``timeout``, a job scheduler) ends the training loop instead of the
@@ -533,6 +546,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 logits = out[0] if masks is not None else out
                 per_sample = F.cross_entropy(logits, yb, reduction="none")
                 loss = (per_sample * class_w[yb]).sum() / class_w[yb].sum() if class_w is not None else per_sample.mean()
+                if cfg.rank_weight > 0:
+                    loss = loss + cfg.rank_weight * rank_loss(logits, yb)
                 if masks is not None:
                     loss = loss + cfg.mask_weight * mask_loss(out[1], mb, torch.from_numpy(masks[1][idx]).to(device),
                                                               cell_offset)

@@ -337,6 +337,42 @@ def test_hard_share_out_of_range_is_a_clear_error(tiny_data, tmp_path):
         train(_tiny_cfg(tiny_data, tmp_path / "m", hard_share=1.5))
 
 
+def test_rank_loss_pushes_each_good_part_under_the_batch_lowest_bad_part():
+    import torch
+    import torch.nn.functional as F
+
+    from defectcls.train import rank_loss
+
+    # margins (bad - good logit): good -3 and -5, bad 2 and -1 (the lowest bad part)
+    z = torch.tensor([[0.0, -3.0], [0.0, 2.0], [0.0, -5.0], [0.0, -1.0]], requires_grad=True)
+    y = torch.tensor([0, 1, 0, 1])
+    loss = rank_loss(z, y)
+    torch.testing.assert_close(loss, (F.softplus(torch.tensor(-2.0)) + F.softplus(torch.tensor(-4.0))) / 2)
+    loss.backward()
+    g = z.grad[:, 1] - z.grad[:, 0]   # d loss / d margin
+    assert g[0] > g[2] > 0            # a descent step lowers both good parts, the one nearer the bad part most
+    assert g[3] < 0 and g[1] == 0     # and lifts only the lowest bad part
+    for labels in (torch.ones(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)):   # one class: nothing to rank
+        z1 = torch.randn(3, 2, requires_grad=True)
+        one = rank_loss(z1, labels)
+        one.backward()
+        assert one.item() == 0 and z1.grad.abs().sum() == 0
+
+
+def test_rank_weight_joins_the_loss_and_the_card(tiny_data, tmp_path):
+    from defectcls.errors import DefectclsError
+
+    train(_tiny_cfg(tiny_data, tmp_path / "plain", seed=5))
+    train(_tiny_cfg(tiny_data, tmp_path / "ranked", seed=5, rank_weight=2.0))
+    loss = [json.loads((tmp_path / d / "card.json").read_text())["train"]["history"][0]["train_loss"]
+            for d in ("plain", "ranked")]
+    assert loss[1] > loss[0]   # same seed, same draws: the ranking term adds to what is minimised
+    card = json.loads((tmp_path / "ranked" / "card.json").read_text())
+    assert card["train"]["config"]["rank_weight"] == 2.0
+    with pytest.raises(DefectclsError, match="--rank-weight"):
+        train(_tiny_cfg(tiny_data, tmp_path / "m", rank_weight=-1.0))
+
+
 @pytest.fixture(scope="module")
 def masked_data(tmp_path_factory) -> Path:
     """24 good and 12 bad synthetic parts (96 px) with their defect masks in masks/."""
