@@ -92,7 +92,7 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
         have["pool"] = card.pool
         # cards from before an option were trained as it is off (before --epoch-size an epoch was one pass;
         # before the focus restore soft photos were judged as they came)
-        for key, off in (("hard_share", 0.0), ("ema", 0.0), ("epoch_size", 0), ("focus_restore", False),
+        for key, off in (("hard_share", 0.0), ("ema", 0.0), ("rank_weight", 0.0), ("epoch_size", 0), ("focus_restore", False),
                          ("frame", "full"), ("masks", None), ("extra_labels", None), ("init", None)):
             have.setdefault(key, off)
         if not have["masks"]:
