@@ -349,7 +349,7 @@ def test_rank_loss_pushes_each_good_part_under_the_batch_lowest_bad_part():
     loss = rank_loss(z, y)
     torch.testing.assert_close(loss, (F.softplus(torch.tensor(-2.0)) + F.softplus(torch.tensor(-4.0))) / 2)
     loss.backward()
-    g = z.grad[:, 1] - z.grad[:, 0]   # d loss / d margin
+    g = z.grad[:, 1] - z.grad[:, 0]   # twice d loss / d margin
     assert g[0] > g[2] > 0            # a descent step lowers both good parts, the one nearer the bad part most
     assert g[3] < 0 and g[1] == 0     # and lifts only the lowest bad part
     for labels in (torch.ones(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)):   # one class: nothing to rank
