@@ -115,6 +115,9 @@ def _add_train(sub) -> None:
     p.add_argument("--rank-weight", type=float, default=d.rank_weight, metavar="W",
                    help="beside the class loss, W times a ranking loss: each good part of a batch should score "
                         "below the batch's lowest-scored bad part (the photos that set the no-miss threshold); 0: off")
+    p.add_argument("--rank-k", type=int, default=d.rank_k, metavar="K",
+                   help="with --rank-weight: pull each good part under the batch's K lowest-scored bad parts, "
+                        "not only the lowest (the pulls are summed)")
     p.add_argument("--masks", metavar="DIR",
                    help="defect masks named like the bad images (`defectcls synth --masks` writes DATA/masks): a "
                         "second loss teaches the last feature map (the Grad-CAM layer) where each defect is")
@@ -189,7 +192,7 @@ def _run_train(a) -> int:
     cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, epoch_size=a.epoch_size, img_size=a.img_size,
                       batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, device=a.device,
                       target_fnr=a.target_fnr, threshold_method=a.threshold_method, patience=a.patience,
-                      max_minutes=a.max_minutes, ema=a.ema, rank_weight=a.rank_weight,
+                      max_minutes=a.max_minutes, ema=a.ema, rank_weight=a.rank_weight, rank_k=a.rank_k,
                       balance=a.balance, hard_share=a.hard_share, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
                       folds=a.folds, fp16_weights=a.fp16_weights, focus_restore=not a.no_focus_restore,

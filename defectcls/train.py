@@ -116,6 +116,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise DefectclsError(f"--hard-share must be in [0, 1) (0: off), got {cfg.hard_share}")
     if not (cfg.rank_weight >= 0 and math.isfinite(cfg.rank_weight)):
         raise DefectclsError(f"--rank-weight must be >= 0 (0: off), got {cfg.rank_weight}")
+    if isinstance(cfg.rank_k, bool) or not isinstance(cfg.rank_k, int) or cfg.rank_k < 1:
+        raise DefectclsError(f"--rank-k must be a whole number >= 1, got {cfg.rank_k!r}")
     fills = (cfg.aug.fill_border_p, cfg.aug.fill_reflect_p, cfg.aug.fill_const_p)
     if min(fills) < 0 or sum(fills) > 1:
         raise DefectclsError("the fill shares fill_border_p, fill_reflect_p and fill_const_p must be >= 0 and "
@@ -436,15 +438,18 @@ def mask_loss(cell_logits: torch.Tensor, masks: torch.Tensor, known: torch.Tenso
     return 0.5 * (loss + (per_cell * target).sum() / pos) if pos > 0 else loss
 
 
-def rank_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch's good parts of softplus(good margin - the lowest bad margin), the margin being
-    logit(bad) - logit(good): the no-miss threshold sits under the lowest bad part, so every good part above
-    it is a false alarm. Zero (with a gradient path) when the batch lacks either class."""
+def rank_loss(logits: torch.Tensor, y: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Mean over the batch's good parts of the sum, over its K lowest-scored bad parts (all of them when fewer), of
+    softplus(good margin - bad margin), the margin being logit(bad) - logit(good): the no-miss threshold sits
+    under the lowest bad parts, so every good part above them is a false alarm. K 1 pulls under one photo; a
+    larger K shares the pull among the few that set the threshold. Zero (with a gradient path) when the batch
+    lacks either class."""
     margin = logits[:, 1] - logits[:, 0]
     bad = y == 1
     if bad.all() or not bad.any():
         return margin.sum() * 0.0
-    return F.softplus(margin[~bad] - margin[bad].min()).mean()
+    low = margin[bad].topk(min(int(k), int(bad.sum())), largest=False).values
+    return F.softplus(margin[~bad][:, None] - low[None, :]).sum(dim=1).mean()
 
 
 @contextlib.contextmanager
@@ -547,7 +552,7 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 per_sample = F.cross_entropy(logits, yb, reduction="none")
                 loss = (per_sample * class_w[yb]).sum() / class_w[yb].sum() if class_w is not None else per_sample.mean()
                 if cfg.rank_weight > 0:
-                    loss = loss + cfg.rank_weight * rank_loss(logits, yb)
+                    loss = loss + cfg.rank_weight * rank_loss(logits, yb, cfg.rank_k)
                 if masks is not None:
                     loss = loss + cfg.mask_weight * mask_loss(out[1], mb, torch.from_numpy(masks[1][idx]).to(device),
                                                               cell_offset)

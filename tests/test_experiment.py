@@ -156,7 +156,7 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
     assert weights.stat().st_mtime_ns != before and json.loads(card_path.read_text())["train"]["stopped"] == "completed"
     before = weights.stat().st_mtime_ns
     card = json.loads(card_path.read_text())
-    for key in ("frame", "masks", "mask_weight", "extra_labels", "init", "rank_weight"):
+    for key in ("frame", "masks", "mask_weight", "extra_labels", "init", "rank_weight", "rank_k"):
         del card["train"]["config"][key]                # a model from before these options, trained as they are off
     card_path.write_text(json.dumps(card))
     X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)

@@ -359,6 +359,28 @@ def test_rank_loss_pushes_each_good_part_under_the_batch_lowest_bad_part():
         assert one.item() == 0 and z1.grad.abs().sum() == 0
 
 
+def test_rank_k_pulls_good_parts_under_the_few_lowest_bad_parts():
+    import torch
+    import torch.nn.functional as F
+
+    from defectcls.train import rank_loss
+
+    # margins: good -3 and -5; bad 2, -1 and 0.5: the two lowest bad parts are -1 and 0.5
+    z = torch.tensor([[0.0, -3.0], [0.0, 2.0], [0.0, -5.0], [0.0, -1.0], [0.0, 0.5]], requires_grad=True)
+    y = torch.tensor([0, 1, 0, 1, 1])
+    sp = F.softplus
+    t = torch.tensor
+    torch.testing.assert_close(rank_loss(z, y, 1), (sp(t(-2.0)) + sp(t(-4.0))) / 2)   # K 1: the lowest alone
+    two = rank_loss(z, y, 2)
+    torch.testing.assert_close(two, (sp(t(-2.0)) + sp(t(-3.5)) + sp(t(-4.0)) + sp(t(-5.5))) / 2)
+    two.backward()
+    g = z.grad[:, 1] - z.grad[:, 0]
+    assert g[3] < g[4] < 0 and g[1] == 0   # both of the two lowest bad parts are lifted, the lower more; not the third
+    assert g[0] > g[2] > 0
+    every = rank_loss(z.detach(), y, 3)
+    torch.testing.assert_close(rank_loss(z.detach(), y, 50), every)   # K past the batch's bad parts: all of them
+
+
 def test_rank_weight_joins_the_loss_and_the_card(tiny_data, tmp_path):
     from defectcls.errors import DefectclsError
 
@@ -371,6 +393,10 @@ def test_rank_weight_joins_the_loss_and_the_card(tiny_data, tmp_path):
     assert card["train"]["config"]["rank_weight"] == 2.0
     with pytest.raises(DefectclsError, match="--rank-weight"):
         train(_tiny_cfg(tiny_data, tmp_path / "m", rank_weight=-1.0))
+    for k in (0, 1.5, True):
+        with pytest.raises(DefectclsError, match="--rank-k"):
+            train(_tiny_cfg(tiny_data, tmp_path / "m", rank_weight=1.0, rank_k=k))
+    assert not (tmp_path / "m").exists()   # refused before anything is written
 
 
 @pytest.fixture(scope="module")
