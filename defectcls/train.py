@@ -118,6 +118,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise DefectclsError(f"--rank-weight must be >= 0 (0: off), got {cfg.rank_weight}")
     if isinstance(cfg.rank_k, bool) or not isinstance(cfg.rank_k, int) or cfg.rank_k < 1:
         raise DefectclsError(f"--rank-k must be a whole number >= 1, got {cfg.rank_k!r}")
+    if cfg.rank_k != 1 and cfg.rank_weight == 0:
+        raise DefectclsError(f"--rank-k {cfg.rank_k} shapes the ranking loss, which is off: give --rank-weight W too")
     fills = (cfg.aug.fill_border_p, cfg.aug.fill_reflect_p, cfg.aug.fill_const_p)
     if min(fills) < 0 or sum(fills) > 1:
         raise DefectclsError("the fill shares fill_border_p, fill_reflect_p and fill_const_p must be >= 0 and "

@@ -396,6 +396,8 @@ def test_rank_weight_joins_the_loss_and_the_card(tiny_data, tmp_path):
     for k in (0, 1.5, True):
         with pytest.raises(DefectclsError, match="--rank-k"):
             train(_tiny_cfg(tiny_data, tmp_path / "m", rank_weight=1.0, rank_k=k))
+    with pytest.raises(DefectclsError, match="--rank-weight W too"):   # K without the loss it shapes: not silently ignored
+        train(_tiny_cfg(tiny_data, tmp_path / "m", rank_k=4))
     assert not (tmp_path / "m").exists()   # refused before anything is written
 
 
