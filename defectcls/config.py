@@ -169,9 +169,8 @@ class TrainConfig:
     hard_share: float = 0.25          # share of each epoch (after the first) drawn again by the photos' recent
                                       # loss (hard examples); 0: off
     rank_weight: float = 0.0          # > 0: beside the class loss, this weight times the mean over a batch's good
-                                      # parts of softplus(good margin - the batch's lowest bad margin) (rank_loss)
-    rank_k: int = 1                   # the ranking loss pulls each good part under this many of the batch's
-                                      # lowest-scored bad parts (summed)
+                                      # parts of softplus(good margin - a low bad margin), summed over the batch's
+    rank_k: int = 1                   # this many lowest-scored bad parts (rank_loss)
     pretrained: bool = False
     pretrained_file: str | None = None
     extra_labels: str | None = None
