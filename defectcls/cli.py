@@ -256,7 +256,9 @@ def _run_evaluate(a) -> int:
             f"  FNR {m['fnr']:.4f} ({m['fn']}/{m['n_bad']} bad parts missed)   FPR {m['fpr']:.4f} "
             f"({m['fp']}/{m['n_good']} good parts rejected)\n"
             f"  precision {m['precision']:.4f} recall {m['recall']:.4f} AUROC {m['auroc']:.4f} AP {m['ap']:.4f} "
-            f"ECE {m['ece']:.4f}\n  confusion [[tn fp] [fn tp]] = {m['confusion_matrix']}"
+            f"ECE {m['ece']:.4f}\n  FPR at no miss {m['fpr_at_no_miss']:.4f} (the best threshold set on these "
+            f"photos themselves to miss none: the floor the ranking sets)\n"
+            f"  confusion [[tn fp] [fn tp]] = {m['confusion_matrix']}"
             + (f"\n  held (judged bad whatever the model says: no part seen, or a slanted camera): "
                f"{m['held_bad']} bad, {m['held_good']} good" if m["held_bad"] or m["held_good"] else "")
             + (f"\n  skipped {len(res['skipped'])} unreadable file(s)" if res["skipped"] else ""))

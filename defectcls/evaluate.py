@@ -67,7 +67,9 @@ def clopper_pearson_upper(k: int, n: int, conf: float = 0.95) -> float:
 def compute_metrics(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float,
                     held: Sequence[bool] | None = None) -> dict:
     """FNR, FPR, precision, recall, AUROC, AP, ECE and the confusion matrix of the verdicts at THRESHOLD
-    (HELD photos judged bad, ``data.verdict``); AUROC, AP and ECE are the model's scores' own."""
+    (HELD photos judged bad, ``data.verdict``); AUROC, AP and ECE are the model's scores' own, and so is
+    ``fpr_at_no_miss``: the FPR of the best threshold that misses none of these bad parts, chosen on these
+    very photos (the floor the ranking sets for any no-miss policy, not a rate a policy can promise)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     y = np.asarray(y_true, dtype=int)
@@ -88,6 +90,7 @@ def compute_metrics(y_true: Sequence[int], prob_bad: Sequence[float], threshold:
         "ap": float(average_precision_score(y, p)) if both else float("nan"),
         "ece": expected_calibration_error(y, p),
         "fnr_upper95": clopper_pearson_upper(c["fn"], n_bad),
+        "fpr_at_no_miss": fpr_at_fnr(y, p, 0.0, h) if both else float("nan"),
         "confusion_matrix": [[c["tn"], c["fp"]], [c["fn"], c["tp"]]],
     }
     return out

@@ -35,7 +35,7 @@ from .errors import DefectclsError, ImageLoadError
 Perturbation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 CLEAN = "clean"
 BORDER_FRAC = 0.02     # width of the border ring that estimates the background, fraction of the side
-ROW_KEYS = ("fnr", "fpr", "fn", "fp", "n_bad", "n_good", "held_bad", "held_good", "auroc", "ece")
+ROW_KEYS = ("fnr", "fpr", "fn", "fp", "n_bad", "n_good", "held_bad", "held_good", "auroc", "ece", "fpr_at_no_miss")
 
 
 # ---------------------------------------------------------------- primitives
@@ -355,12 +355,14 @@ def format_table(res: dict) -> str:
     """The perturbation result as a markdown table (one row per perturbation, clean first)."""
     lines = [f"{res['model_id']} on {res['data']} ({res['split']}, n={res['n']}), threshold {res['threshold']:.4f}, "
              f"seed {res['seed']}", "",
-             "| perturbation | FNR | missed bad | FPR | rejected good | held bad / good | AUROC |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| perturbation | FNR | missed bad | FPR | rejected good | held bad / good | AUROC | FPR at no miss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         lines.append(f"| {r['name']} | {_fmt(r['fnr'])} | {r['fn']}/{r['n_bad']} | {_fmt(r['fpr'])} | "
                      f"{r['fp']}/{r['n_good']} | {r.get('held_bad', 0)} / {r.get('held_good', 0)} | "
-                     f"{_fmt(r['auroc'])} |")
+                     f"{_fmt(r['auroc'])} | {_fmt(r.get('fpr_at_no_miss'))} |")
+    lines += ["", "FPR at no miss: that of the best threshold set on these photos themselves to miss none of their "
+                  "bad parts; how well the scores rank under the variation, whatever the card's threshold."]
     w = res.get("worst") or {}
     if w:
         lines += ["", f"worst FNR {_fmt(w['fnr']['value'])} ({worst_name(w['fnr'])}), "

@@ -108,6 +108,13 @@ def test_evaluate_json_keys_and_report(tmp_path, tiny_model, tiny_data):
     assert all(r["verdict"] == ("bad" if float(r["p_bad"]) >= m["threshold"] else "good") for r in photos)
     assert sum(r["label"] == "good" and r["verdict"] == "bad" for r in photos) == m["fp"]
     assert sum(r["label"] == "bad" and r["verdict"] == "good" for r in photos) == m["fn"]
+    # the ranking's floor, recomputed from the photos: good parts at or above the lowest bad part a threshold must catch
+    low = min(float(r["p_bad"]) for r in photos if r["label"] == "bad" and r["held"] == "no")
+    good = [r for r in photos if r["label"] == "good"]
+    assert m["fpr_at_no_miss"] == pytest.approx(
+        sum(r["held"] == "yes" or float(r["p_bad"]) >= low for r in good) / len(good))
+    text = run_cli("evaluate", "--model", str(tiny_model), "--data", str(tiny_data)).stdout
+    assert f"FPR at no miss {m['fpr_at_no_miss']:.4f}" in text
 
 
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):

@@ -155,6 +155,21 @@ def test_fpr_at_fnr():
     assert E.fpr_at_fnr(y, p, 0.0, held=[True] + [False] * 3 + [True, False]) == pytest.approx(0.25)
 
 
+def test_fpr_at_no_miss_is_the_rankings_floor_whatever_the_threshold():
+    y = np.array([0, 0, 0, 0, 1, 1])
+    p = np.array([0.1, 0.2, 0.6, 0.9, 0.5, 0.95])
+    # the lowest bad part scores 0.5: two of four good parts score at or above it, at any card threshold
+    for thr in (0.05, 0.5, 0.97):
+        assert E.compute_metrics(y, p, thr)["fpr_at_no_miss"] == pytest.approx(0.5)
+    assert E.compute_metrics(y, p, 0.97)["fpr"] == 0.0 and E.compute_metrics(y, p, 0.97)["fn"] == 2
+    # the held bad part is caught without a threshold, so the next one (0.95) sets the floor; a held good part
+    # is rejected whatever it scores
+    assert E.compute_metrics(y, p, 0.5, held=[False] * 4 + [True, False])["fpr_at_no_miss"] == pytest.approx(0.0)
+    assert E.compute_metrics(y, p, 0.5, held=[True] + [False] * 3 + [True, False])["fpr_at_no_miss"] == \
+        pytest.approx(0.25)
+    assert np.isnan(E.compute_metrics([0, 0], [0.1, 0.2], 0.5)["fpr_at_no_miss"])   # no bad part: no floor
+
+
 def test_report_files(tmp_path):
     y, p = _scores()
     m = E.compute_metrics(y, p, 0.5)

@@ -248,6 +248,8 @@ def test_evaluate_perturbed_has_a_row_per_perturbation_and_clean_equals_plain_ev
     assert (clean["fn"], clean["fp"], clean["n_bad"], clean["n_good"]) == \
         (plain["fn"], plain["fp"], plain["n_bad"], plain["n_good"])
     assert clean["auroc"] == pytest.approx(plain["auroc"], abs=1e-6)
+    assert clean["fpr_at_no_miss"] == pytest.approx(plain["fpr_at_no_miss"], abs=1e-9)
+    assert "| FPR at no miss |" in P.format_table(res)
     assert res["worst"]["fnr"]["value"] == max(r["fnr"] for r in res["rows"][1:])
     again = P.evaluate_perturbed(tiny_model, tiny_data, names="noise8,rotate_any")
     assert again["rows"][1:] == [r for r in res["rows"] if r["name"] in ("noise8", "rotate_any")]
