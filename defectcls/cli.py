@@ -99,6 +99,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:1")
     p.add_argument("--target-fnr", type=float, default=d.target_fnr, help="FNR the threshold must meet on new parts")
     p.add_argument("--threshold-method", choices=["conformal", "empirical"], default=d.threshold_method)
+    p.add_argument("--no-miss-share", type=float, default=d.no_miss_share, metavar="F",
+                   help="with target FNR 0 (conformal): the threshold is F times the lowest validation bad score, "
+                        "a margin for a new part's lowest bad score; in (0, 1]")
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
     p.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="wall-clock budget of the training loop: no epoch starts that would end past it (at the "
@@ -191,7 +194,8 @@ def _run_train(a) -> int:
 
     cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, epoch_size=a.epoch_size, img_size=a.img_size,
                       batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, device=a.device,
-                      target_fnr=a.target_fnr, threshold_method=a.threshold_method, patience=a.patience,
+                      target_fnr=a.target_fnr, threshold_method=a.threshold_method, no_miss_share=a.no_miss_share,
+                      patience=a.patience,
                       max_minutes=a.max_minutes, ema=a.ema, rank_weight=a.rank_weight, rank_k=a.rank_k,
                       balance=a.balance, hard_share=a.hard_share, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
@@ -207,6 +211,7 @@ def _run_train(a) -> int:
     arch_spec(cfg.arch)
     if not 0 <= cfg.target_fnr < 1:
         raise DefectclsError("--target-fnr must be in [0, 1)")
+    _check_share(cfg.no_miss_share)
     summary = train(cfg)
     if summary and a.json:
         _emit(summary, True)
@@ -266,6 +271,11 @@ def _run_evaluate(a) -> int:
     return 0
 
 
+def _check_share(share: float) -> None:
+    if not 0 < share <= 1:
+        raise DefectclsError(f"--no-miss-share must be in (0, 1], got {share:g}")
+
+
 def _add_calibrate(sub) -> None:
     p = _cmd(sub, "calibrate", "choose a model's threshold anew for a target FNR on its own validation part "
                                "(no retraining)",
@@ -274,6 +284,9 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--target-fnr", type=float, default=None,
                    help="missed-defect rate to guarantee, e.g. 0 or 0.01 (required unless --photos-only)")
     p.add_argument("--threshold-method", choices=["conformal", "empirical"], default="conformal")
+    p.add_argument("--no-miss-share", type=float, default=None, metavar="F",
+                   help="with target FNR 0: the threshold is F times the lowest validation bad score (default: "
+                        "the train default, 0.25)")
     p.add_argument("--data", default=None, help="the training folder, if it moved since training")
     p.add_argument("--tta", type=int, choices=[1, 4, 8], default=None,
                    help="change the test-time views the model answers with (the temperature is refitted); "
@@ -306,9 +319,9 @@ def _run_calibrate(a) -> int:
     from .scoring import recalibrate, record_photo_range
 
     if a.photos_only:
-        if a.target_fnr is not None or a.tta is not None or a.screen:
-            raise DefectclsError("--photos-only changes nothing but the photo range: drop --target-fnr, --tta and "
-                                 "--screen, or calibrate without it (which records the range too)")
+        if a.target_fnr is not None or a.tta is not None or a.screen or a.no_miss_share is not None:
+            raise DefectclsError("--photos-only changes nothing but the photo range: drop --target-fnr, --tta, "
+                                 "--screen and --no-miss-share, or calibrate without it (which records the range too)")
         res = record_photo_range(a.model, data_root=a.data, write=not a.dry_run,
                                  focus_restore=None if a.focus_restore is None else a.focus_restore == "on")
         old = res["before"]
@@ -328,11 +341,15 @@ def _run_calibrate(a) -> int:
         raise DefectclsError("calibrate needs --target-fnr (or --photos-only)")
     if a.focus_restore is not None:
         raise DefectclsError("--focus-restore goes with --photos-only")
+    if a.no_miss_share is not None:
+        _check_share(a.no_miss_share)
     res = recalibrate(a.model, a.target_fnr, a.threshold_method, data_root=a.data, write=not a.dry_run, tta=a.tta,
-                      screen=a.screen)
+                      screen=a.screen, no_miss_share=a.no_miss_share)
     pol, old = res["threshold_policy"], res["before"]
     lines = [f"{a.model}: threshold {old['threshold']:.6g} -> {res['threshold']:.6g} "
-             f"({pol['method']}, target FNR {pol['target_fnr']}, guaranteed {pol['guaranteed_fnr']}, "
+             f"({pol['method']}, target FNR {pol['target_fnr']}, "
+             + (f"{pol['no_miss_share']:g} of the lowest validation bad score, " if "no_miss_share" in pol else "")
+             + f"guaranteed {pol['guaranteed_fnr']}, "
              + (f"95% bound {pol['fnr_upper95']:.4g}, " if "fnr_upper95" in pol else "") +
              f"{pol['n_bad_val']} bad parts in validation)" + ("" if res["written"] else "  [dry run: not written]")]
     if warning := lone_threshold_warning(pol):

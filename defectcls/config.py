@@ -161,6 +161,8 @@ class TrainConfig:
     device: str = "auto"
     target_fnr: float = 0.0            # 0: no missed defect (threshold under every validation bad part)
     threshold_method: str = "conformal"
+    no_miss_share: float = 0.25       # target 0: the threshold is this share of the lowest validation bad score
+                                      # (evaluate.NO_MISS_SHARE)
     patience: int = 6
     max_minutes: float | None = None  # wall-clock budget of the training loop: no epoch starts that would, at the
                                       # mean epoch length so far, end past it; the best epoch is kept

@@ -113,24 +113,30 @@ def fpr_at_fnr(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: flo
 
 
 TRADEOFF_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.05)   # the FNR targets a policy's ``tradeoff`` shows beside its own
+# With target 0 the threshold is this share of the lowest validation bad score. A new part's lowest bad score falls
+# below validation's about half the time; on the casting photos, over five networks of the default recipe, the log of
+# (lowest test / lowest validation) had a spread that puts it under log 0.25 about one time in 18 (Student t, the ratio
+# symmetric as the two parts are exchangeable; docs/benchmarks.md, section 3, "How far under the lowest").
+NO_MISS_SHARE = 0.25
 
 
 def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float = 0.01,
                      method: str = "conformal", names: Sequence[str] | None = None,
-                     held: Sequence[bool] | None = None) -> dict:
+                     held: Sequence[bool] | None = None, no_miss_share: float = NO_MISS_SHARE) -> dict:
     """Pick the decision threshold on validation scores so that FNR on *new* parts meets TARGET_FNR.
 
     method='conformal': split-conformal on the bad-class scores. With n validation bad
     parts sorted ascending s_1..s_n, the threshold t = s_k with k = floor(target*(n+1))
     guarantees P(new bad part scored below t) <= k/(n+1) <= target (exchangeability).
     When n is too small for the target (k = 0) no threshold above 0 carries the
-    guarantee; we then take s_1 (the lowest bad score, minus a margin) and report the
-    guarantee that holds, 1/(n+1).
+    guarantee; we then take NO_MISS_SHARE x s_1 (a margin under the lowest bad score: a new
+    part's lowest can fall below it) and report the guarantee that holds, 1/(n+1).
     method='empirical': the largest threshold with validation FNR <= target (optimistic).
     HELD: parts whose photos are held (``data.photo_check``): judged bad whatever their score, so the
     threshold has only the others to catch; their bad parts are left out of the choice (a photo taken
     at a slant can score near 0 and would set every false alarm) and counted in ``held_bad_val``.
     Returns {threshold, method, target_fnr, guaranteed_fnr, fnr_upper95, n_bad_val (those not held), held_bad_val,
+    no_miss_share (conformal with k = 0: the share of s_1 taken),
     val_fnr, val_fpr (of the verdicts), set_by, tradeoff}: GUARANTEED_FNR bounds the miss rate on average over
     validation draws; FNR_UPPER95 with 95% confidence over that draw (the Clopper-Pearson bound of the validation
     misses: the miss rate left by the k-th lowest of n scores is Beta(k, n+1-k), whose 95% quantile that is for
@@ -141,11 +147,14 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     ``tradeoff_text``): where a few bad parts score far below the rest, a target of no miss can cost most good
     parts and 1% next to none.
     """
-    policy = _choose_threshold(y_true, prob_bad, target_fnr, method, names, held)
+    if not 0.0 < no_miss_share <= 1.0:
+        raise ValueError(f"no-miss share must be in (0, 1], got {no_miss_share}")
+    policy = _choose_threshold(y_true, prob_bad, target_fnr, method, names, held, no_miss_share)
     if "set_by" in policy:
         keys = ("target_fnr", "threshold", "guaranteed_fnr", "fnr_upper95", "val_fnr", "val_fpr")
         policy["tradeoff"] = [{k: alt[k] for k in keys} for alt in
-                              (policy if t == target_fnr else _choose_threshold(y_true, prob_bad, t, method, held=held)
+                              (policy if t == target_fnr else
+                               _choose_threshold(y_true, prob_bad, t, method, held=held, no_miss_share=no_miss_share)
                                for t in sorted({*TRADEOFF_TARGETS, target_fnr}))]
     return policy
 
@@ -163,7 +172,8 @@ def tradeoff_text(policy: dict) -> str | None:
 
 
 def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float, method: str,
-                      names: Sequence[str] | None = None, held: Sequence[bool] | None = None) -> dict:
+                      names: Sequence[str] | None = None, held: Sequence[bool] | None = None,
+                      no_miss_share: float = NO_MISS_SHARE) -> dict:
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
     h = _held(held, len(y))
@@ -181,7 +191,7 @@ def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_f
         # s_k is 1-indexed; k=0 falls back to s_1 with a margin below it
         t = bad[max(k, 1) - 1]
         if k == 0:
-            t = t * 0.5
+            t = t * no_miss_share
         at = max(k, 1) - 1
     elif method == "empirical":
         k = int(math.floor(target_fnr * n))
@@ -198,7 +208,8 @@ def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_f
     return {"threshold": t, "method": method, "target_fnr": target_fnr, "guaranteed_fnr": guaranteed,
             "fnr_upper95": clopper_pearson_upper(int(np.sum(bad < t)), n), "n_bad_val": n,
             "held_bad_val": int((h & (y == 1)).sum()), "val_fnr": c["fn"] / (c["fn"] + c["tp"]),
-            "val_fpr": c["fp"] / n_good if n_good else None, "set_by": set_by}
+            "val_fpr": c["fp"] / n_good if n_good else None, "set_by": set_by,
+            **({"no_miss_share": no_miss_share} if method == "conformal" and k == 0 else {})}
 
 
 LONE_RATIO = 10.0   # the next validation bad part scoring this many times the one a threshold rests on: a lone outlier

@@ -66,7 +66,7 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
 
 def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "conformal",
                 data_root: str | os.PathLike | None = None, write: bool = True, tta: int | None = None,
-                screen: bool = False) -> dict:
+                screen: bool = False, no_miss_share: float | None = None) -> dict:
     """Choose MODEL_DIR's threshold anew for TARGET_FNR on its own validation part, without retraining.
 
     The validation and test parts come from the model's split.json (DATA_ROOT: where its training
@@ -88,13 +88,15 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     chosen with).
     Threshold, policy, views, temperature, background, screen and val/test metrics are replaced, atomically.
     """
-    from .evaluate import choose_threshold, fit_temperature
+    from .evaluate import NO_MISS_SHARE, choose_threshold, fit_temperature
     from .models import read_card, write_card
 
     if not 0.0 <= target_fnr < 1.0:
         raise DefectclsError(f"target FNR must be in [0, 1), got {target_fnr}")
     if method not in ("conformal", "empirical"):
         raise DefectclsError(f"threshold method must be conformal or empirical, got {method!r}")
+    if no_miss_share is not None and not 0.0 < no_miss_share <= 1.0:
+        raise DefectclsError(f"no-miss share must be in (0, 1], got {no_miss_share}")
     model_dir = Path(model_dir)
     split_path = model_dir / SPLIT_FILE
     if not split_path.is_file():
@@ -141,7 +143,8 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     temperature = card.temperature if views == card.tta else fit_temperature(parts["val"][1], parts["val"][0])
     probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
     y_val, p_val = probs["val"]
-    policy = choose_threshold(y_val, p_val, target_fnr, method, names=val_names, held=held["val"])
+    policy = choose_threshold(y_val, p_val, target_fnr, method, names=val_names, held=held["val"],
+                              no_miss_share=NO_MISS_SHARE if no_miss_share is None else no_miss_share)
     thr = policy["threshold"]
     screen_card = None
     if screen:

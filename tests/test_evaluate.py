@@ -73,7 +73,7 @@ def test_threshold_names_the_bad_part_it_rests_on_and_warns_when_it_is_a_lone_ou
     p = np.array([0.001, 0.002, 0.004, 0.01, 0.03, 0.05, 0.9, 0.00003, 0.02, 0.95])
     t = E.choose_threshold(y, p, target_fnr=0.0, names=names)
     assert t["set_by"] == {"name": "bad/slanted.png", "prob_bad": 0.00003, "next_prob_bad": 0.02}
-    assert t["threshold"] == pytest.approx(0.000015) and t["val_fpr"] == 1.0   # one photo rejects every good part
+    assert t["threshold"] == pytest.approx(0.00003 * E.NO_MISS_SHARE) and t["val_fpr"] == 1.0   # one photo: every good part
     warning = E.lone_threshold_warning(t)
     assert "bad/slanted.png" in warning and "0.02" in warning
     p[7] = 0.015                                             # the lowest close to the next: no warning
@@ -85,6 +85,28 @@ def test_threshold_names_the_bad_part_it_rests_on_and_warns_when_it_is_a_lone_ou
     assert one["set_by"]["next_prob_bad"] is None and E.lone_threshold_warning(one) is None
 
 
+def test_no_miss_share_sets_the_margin_under_the_lowest_bad_score_and_only_for_target_0():
+    from defectcls.config import TrainConfig
+
+    y = np.array([0] * 5 + [1] * 4)
+    p = np.array([0.001, 0.004, 0.01, 0.02, 0.06, 0.05, 0.3, 0.8, 0.9])
+    for share in (0.25, E.NO_MISS_SHARE, 0.5, 1.0):
+        t = E.choose_threshold(y, p, target_fnr=0.0, no_miss_share=share)
+        assert t["threshold"] == pytest.approx(0.05 * share) and t["no_miss_share"] == share
+    assert E.choose_threshold(y, p, 0.0)["val_fpr"] == pytest.approx(2 / 5)   # 0.0175: 0.02 and 0.06 rejected
+    assert E.choose_threshold(y, p, 0.0, no_miss_share=1.0)["val_fpr"] == pytest.approx(1 / 5)
+    big = np.concatenate([np.zeros(10, int), np.ones(200, int)])
+    pb = np.concatenate([np.linspace(0.0, 0.1, 10), np.linspace(0.2, 1.0, 200)])
+    above = E.choose_threshold(big, pb, 0.02, no_miss_share=0.1)        # k = 4: the 4th lowest, no share
+    assert above["threshold"] == pytest.approx(pb[10 + 3]) and "no_miss_share" not in above
+    assert above["tradeoff"][0]["threshold"] == pytest.approx(0.1 * 0.2)   # its target-0 row takes the share
+    assert "no_miss_share" not in E.choose_threshold(y, p, 0.0, method="empirical")
+    for bad_share in (0.0, -0.1, 1.2):
+        with pytest.raises(ValueError, match="no-miss share"):
+            E.choose_threshold(y, p, 0.0, no_miss_share=bad_share)
+    assert TrainConfig(data="", out="").no_miss_share == E.NO_MISS_SHARE   # train's default is the policy's
+
+
 def test_held_photos_are_judged_bad_and_left_out_of_the_threshold_choice():
     """A photo the model cannot judge (a slanted camera: ``data.photo_check``) is bad whatever its score, so
     the threshold only has the other bad parts to catch, and the metrics count it as the product judges it."""
@@ -92,7 +114,7 @@ def test_held_photos_are_judged_bad_and_left_out_of_the_threshold_choice():
     p = np.array([0.001, 0.002, 0.004, 0.01, 0.03, 0.05, 0.9, 0.00003, 0.02, 0.95])
     held = np.array([False] * 5 + [True] + [False, True, False, False])   # a slanted good part and a slanted bad one
     t = E.choose_threshold(y, p, target_fnr=0.0, names=[str(i) for i in range(10)], held=held)
-    assert t["threshold"] == pytest.approx(0.01) and t["set_by"]["name"] == "8"   # half the lowest bad part not held
+    assert t["threshold"] == pytest.approx(0.02 * E.NO_MISS_SHARE) and t["set_by"]["name"] == "8"   # under the lowest not held
     assert t["n_bad_val"] == 3 and t["held_bad_val"] == 1 and t["val_fnr"] == 0.0
     assert t["val_fpr"] == pytest.approx(3 / 6)         # 0.01 and 0.03 over the threshold, 0.05 held
     m = E.compute_metrics(y, p, t["threshold"], held)
@@ -119,20 +141,25 @@ def test_threshold_policy_shows_what_each_fnr_target_costs():
     assert rows[2]["fnr_upper95"] == pytest.approx(beta.ppf(0.95, 3, 298))        # 1%: k = floor(0.01 x 301) = 3
     assert rows[0]["fnr_upper95"] == pytest.approx(1 - 0.05 ** (1 / 300))         # no miss in 300
     assert all(r["guaranteed_fnr"] < r["fnr_upper95"] for r in rows)
-    assert rows[0]["threshold"] == t["threshold"] == pytest.approx(0.005) and rows[0]["val_fpr"] == pytest.approx(0.98)
+    low = 0.01 * E.NO_MISS_SHARE                                                   # a share of the lowest bad score
+    assert rows[0]["threshold"] == t["threshold"] == pytest.approx(low)
+    assert rows[0]["val_fpr"] == pytest.approx(np.mean(np.linspace(0, 0.3, 200) >= low)) and rows[0]["val_fpr"] > 0.95
     assert rows[-1]["val_fpr"] == 0 and rows[-1]["val_fnr"] == pytest.approx(14 / 300)   # 5%: 15 bad parts under it
     assert [r["val_fpr"] for r in rows] == sorted((r["val_fpr"] for r in rows), reverse=True)
     text = E.tradeoff_text(t)
     assert text.count("(chosen)") == 1
-    assert text.startswith("0 -> threshold 0.005, FNR 0.0% (95% bound 1.0%), FPR 98.0% (chosen)")
+    assert text.startswith(f"0 -> threshold {low:.3g}, FNR 0.0% (95% bound 1.0%), FPR {rows[0]['val_fpr']:.1%} (chosen)")
     assert "0.05 -> threshold 0.903, FNR 4.7% (95% bound 7.2%), FPR 0.0%" in text
 
     own = E.choose_threshold(y, p, target_fnr=0.03)                  # a target of its own joins the rows
     assert [r["target_fnr"] for r in own["tradeoff"]] == [0.0, 0.005, 0.01, 0.02, 0.03, 0.05]
     held = np.zeros(len(y), bool)
-    held[-6:] = True                                                 # the six low ones held: no miss costs nothing
+    held[-6:] = True                                                 # the six low ones held: no miss costs little
     rows = E.choose_threshold(y, p, 0.0, held=held)["tradeoff"]
-    assert rows[0]["threshold"] == pytest.approx(0.45) and all(r["val_fpr"] == 0 for r in rows)
+    assert rows[0]["threshold"] == pytest.approx(0.9 * E.NO_MISS_SHARE)
+    assert rows[0]["val_fpr"] == pytest.approx(np.mean(np.linspace(0, 0.3, 200) >= 0.9 * E.NO_MISS_SHARE))
+    assert rows[0]["val_fpr"] < 0.3
+    assert all(r["val_fpr"] == 0 for r in rows[1:])
     assert E.tradeoff_text({"threshold": 0.5}) is None               # cards from before the trade-off
 
 
@@ -226,6 +253,19 @@ def test_calibrate_sets_a_new_threshold_from_the_model_own_validation_part(tiny_
         recalibrate(m, 0.1, data_root=other)
     with pytest.raises(DefectclsError, match="target FNR"):
         recalibrate(m, 1.5)
+    with pytest.raises(DefectclsError, match="no-miss share"):
+        recalibrate(m, 0.0, no_miss_share=0.0)
+
+    # target 0: the threshold is the chosen share of the lowest validation bad score, recorded on the card
+    assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--no-miss-share", "0.8"]) == 0
+    assert "0.8 of the lowest validation bad score" in capsys.readouterr().out
+    pol = json.loads((m / "card.json").read_text())["threshold_policy"]
+    assert pol["no_miss_share"] == 0.8 and pol["threshold"] == pytest.approx(0.8 * pol["set_by"]["prob_bad"], rel=1e-6)
+    assert pol["threshold"] == pytest.approx(0.8 * bad_val[0], rel=1e-6)
+    assert recalibrate(m, 0.0, write=False)["threshold_policy"]["no_miss_share"] == E.NO_MISS_SHARE   # the default
+    assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--no-miss-share", "1.5"]) == 2
+    assert "--no-miss-share must be in (0, 1]" in capsys.readouterr().err
+
     (m / "split.json").unlink()
     with pytest.raises(DefectclsError, match="no split.json"):
         recalibrate(m, 0.1)

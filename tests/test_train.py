@@ -30,6 +30,9 @@ def test_tiny_model_card_is_complete(tiny_model):
     assert card["threshold_policy"]["guaranteed_fnr"] == pytest.approx(1 / (card["threshold_policy"]["n_bad_val"] + 1))
     assert [r["target_fnr"] for r in card["threshold_policy"]["tradeoff"]] == [0.0, 0.005, 0.01, 0.02, 0.05]
     assert card["threshold_policy"]["tradeoff"][0]["threshold"] == card["threshold"]
+    share = card["threshold_policy"]["no_miss_share"]          # target 0: a share of the lowest validation bad score
+    assert share == t["config"]["no_miss_share"] == TrainConfig.no_miss_share
+    assert card["threshold"] == pytest.approx(share * card["threshold_policy"]["set_by"]["prob_bad"])
     assert all(h["aug_strength"] == 1.0 for h in t["history"])  # the light preset has no ramp
     split = json.loads((tiny_model / "split.json").read_text())
     parts = [set(map(tuple, split[k])) for k in ("train", "val", "test")]
