@@ -286,7 +286,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--threshold-method", choices=["conformal", "empirical"], default="conformal")
     p.add_argument("--no-miss-share", type=float, default=None, metavar="F",
                    help="with target FNR 0: the threshold is F times the lowest validation bad score (default: "
-                        "the train default, 0.25)")
+                        "the share the model was trained with; 0.25 for a model trained before the option)")
     p.add_argument("--data", default=None, help="the training folder, if it moved since training")
     p.add_argument("--tta", type=int, choices=[1, 4, 8], default=None,
                    help="change the test-time views the model answers with (the temperature is refitted); "

@@ -75,6 +75,8 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     changes, the temperature is fitted anew on validation, else the card's is kept. A card
     written before ``background`` gets it from its training photos (``data.restore_fill``).
 
+    With target 0 the threshold is a share ``no_miss_share`` of the lowest validation bad score; by default the
+    share the model was trained with (``evaluate.NO_MISS_SHARE`` for a card from before the option).
     SCREEN (views 4 or 8): also choose the one-view screen (``inference.Predictor``): ``below`` is
     SCREEN_MARGIN times the lowest one-view P(bad) among the validation bad parts the full model
     flags. A flagged part exchangeable with them scores below that lowest one with probability at
@@ -112,6 +114,8 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     if D.fingerprint(folder) != saved.get("data_fingerprint"):
         raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
     card = read_card(model_dir)
+    if no_miss_share is None:   # the share the model was trained with; a card from before the option: today's
+        no_miss_share = float((card.train or {}).get("config", {}).get("no_miss_share", NO_MISS_SHARE))
     pred = Predictor(model_dir, backend="torch", tta=tta, screen=False)
     background = card.background
     if background is None:   # a card from before it: the training folder's background, as train estimates it
@@ -144,7 +148,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
     y_val, p_val = probs["val"]
     policy = choose_threshold(y_val, p_val, target_fnr, method, names=val_names, held=held["val"],
-                              no_miss_share=NO_MISS_SHARE if no_miss_share is None else no_miss_share)
+                              no_miss_share=no_miss_share)
     thr = policy["threshold"]
     screen_card = None
     if screen:

@@ -262,7 +262,15 @@ def test_calibrate_sets_a_new_threshold_from_the_model_own_validation_part(tiny_
     pol = json.loads((m / "card.json").read_text())["threshold_policy"]
     assert pol["no_miss_share"] == 0.8 and pol["threshold"] == pytest.approx(0.8 * pol["set_by"]["prob_bad"], rel=1e-6)
     assert pol["threshold"] == pytest.approx(0.8 * bad_val[0], rel=1e-6)
-    assert recalibrate(m, 0.0, write=False)["threshold_policy"]["no_miss_share"] == E.NO_MISS_SHARE   # the default
+    # by default the share the model was trained with, today's for a card from before the option
+    assert recalibrate(m, 0.0, write=False)["threshold_policy"]["no_miss_share"] == E.NO_MISS_SHARE   # train's default
+    trained = json.loads((m / "card.json").read_text())
+    trained["train"]["config"]["no_miss_share"] = 0.6
+    (m / "card.json").write_text(json.dumps(trained))
+    assert recalibrate(m, 0.0, write=False)["threshold_policy"]["no_miss_share"] == 0.6
+    del trained["train"]["config"]["no_miss_share"]
+    (m / "card.json").write_text(json.dumps(trained))
+    assert recalibrate(m, 0.0, write=False)["threshold_policy"]["no_miss_share"] == E.NO_MISS_SHARE
     assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--no-miss-share", "1.5"]) == 2
     assert "--no-miss-share must be in (0, 1]" in capsys.readouterr().err
 
