@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import NO_MISS_SHARE
 from .data import LABELS, verdict
 
 
@@ -113,11 +114,6 @@ def fpr_at_fnr(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: flo
 
 
 TRADEOFF_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.05)   # the FNR targets a policy's ``tradeoff`` shows beside its own
-# With target 0 the threshold is this share of the lowest validation bad score. A new part's lowest bad score falls
-# below validation's about half the time; on the casting photos, over six networks of the default recipe, the log of
-# (lowest test / lowest validation) had a spread that puts it under log 0.25 about one time in 17 (Student t, the ratio
-# symmetric as the two parts are exchangeable; docs/benchmarks.md, section 3, "How far under the lowest").
-NO_MISS_SHARE = 0.25
 
 
 def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float = 0.01,

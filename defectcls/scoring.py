@@ -76,7 +76,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     written before ``background`` gets it from its training photos (``data.restore_fill``).
 
     With target 0 the threshold is a share ``no_miss_share`` of the lowest validation bad score; by default the
-    share the model was trained with (``evaluate.NO_MISS_SHARE`` for a card from before the option).
+    share the model was trained with (``config.NO_MISS_SHARE`` for a card from before the option).
     SCREEN (views 4 or 8): also choose the one-view screen (``inference.Predictor``): ``below`` is
     SCREEN_MARGIN times the lowest one-view P(bad) among the validation bad parts the full model
     flags. A flagged part exchangeable with them scores below that lowest one with probability at
