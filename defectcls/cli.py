@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import AugConfig
+from .config import NO_MISS_MIN_FPR, NO_MISS_SHARE, AugConfig
 from .errors import DefectclsError
 
 DEFAULT_MODEL_NAME = "mobilenet_v3_large_gray"
@@ -102,6 +102,10 @@ def _add_train(sub) -> None:
     p.add_argument("--no-miss-share", type=float, default=d.no_miss_share, metavar="F",
                    help="with target FNR 0 (conformal): the threshold is F times the lowest validation bad score, "
                         "a margin for a new part's lowest bad score; in (0, 1]")
+    p.add_argument("--no-miss-min-fpr", type=float, default=d.no_miss_min_fpr, metavar="A",
+                   help="with target FNR 0 (conformal): the threshold also rejects at least the share A of the "
+                        "validation good parts, for the bad parts scored among them that validation did not draw; "
+                        "in [0, 1), 0: none")
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
     p.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="wall-clock budget of the training loop: no epoch starts that would end past it (at the "
@@ -195,7 +199,7 @@ def _run_train(a) -> int:
     cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, epoch_size=a.epoch_size, img_size=a.img_size,
                       batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, device=a.device,
                       target_fnr=a.target_fnr, threshold_method=a.threshold_method, no_miss_share=a.no_miss_share,
-                      patience=a.patience,
+                      no_miss_min_fpr=a.no_miss_min_fpr, patience=a.patience,
                       max_minutes=a.max_minutes, ema=a.ema, rank_weight=a.rank_weight, rank_k=a.rank_k,
                       balance=a.balance, hard_share=a.hard_share, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
@@ -211,7 +215,7 @@ def _run_train(a) -> int:
     arch_spec(cfg.arch)
     if not 0 <= cfg.target_fnr < 1:
         raise DefectclsError("--target-fnr must be in [0, 1)")
-    _check_share(cfg.no_miss_share)
+    _check_share(cfg.no_miss_share, cfg.no_miss_min_fpr)
     summary = train(cfg)
     if summary and a.json:
         _emit(summary, True)
@@ -271,9 +275,11 @@ def _run_evaluate(a) -> int:
     return 0
 
 
-def _check_share(share: float) -> None:
-    if not 0 < share <= 1:
+def _check_share(share: float | None, min_fpr: float | None) -> None:
+    if share is not None and not 0 < share <= 1:
         raise DefectclsError(f"--no-miss-share must be in (0, 1], got {share:g}")
+    if min_fpr is not None and not 0 <= min_fpr < 1:
+        raise DefectclsError(f"--no-miss-min-fpr must be in [0, 1), got {min_fpr:g}")
 
 
 def _add_calibrate(sub) -> None:
@@ -286,7 +292,11 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--threshold-method", choices=["conformal", "empirical"], default="conformal")
     p.add_argument("--no-miss-share", type=float, default=None, metavar="F",
                    help="with target FNR 0: the threshold is F times the lowest validation bad score (default: "
-                        "the share the model was trained with; 0.25 for a model trained before the option)")
+                        f"the share the model was trained with; {NO_MISS_SHARE:g} for a model trained before the option)")
+    p.add_argument("--no-miss-min-fpr", type=float, default=None, metavar="A",
+                   help="with target FNR 0: the threshold also rejects at least the share A of the validation good "
+                        f"parts (default: as the model was trained; {NO_MISS_MIN_FPR:g} for a model trained before the "
+                        "option)")
     p.add_argument("--data", default=None, help="the training folder, if it moved since training")
     p.add_argument("--tta", type=int, choices=[1, 4, 8], default=None,
                    help="change the test-time views the model answers with (the temperature is refitted); "
@@ -319,9 +329,11 @@ def _run_calibrate(a) -> int:
     from .scoring import recalibrate, record_photo_range
 
     if a.photos_only:
-        if a.target_fnr is not None or a.tta is not None or a.screen or a.no_miss_share is not None:
+        if (a.target_fnr is not None or a.tta is not None or a.screen or a.no_miss_share is not None
+                or a.no_miss_min_fpr is not None):
             raise DefectclsError("--photos-only changes nothing but the photo range: drop --target-fnr, --tta, "
-                                 "--screen and --no-miss-share, or calibrate without it (which records the range too)")
+                                 "--screen, --no-miss-share and --no-miss-min-fpr, or calibrate without it (which "
+                                 "records the range too)")
         res = record_photo_range(a.model, data_root=a.data, write=not a.dry_run,
                                  focus_restore=None if a.focus_restore is None else a.focus_restore == "on")
         old = res["before"]
@@ -341,14 +353,14 @@ def _run_calibrate(a) -> int:
         raise DefectclsError("calibrate needs --target-fnr (or --photos-only)")
     if a.focus_restore is not None:
         raise DefectclsError("--focus-restore goes with --photos-only")
-    if a.no_miss_share is not None:
-        _check_share(a.no_miss_share)
+    _check_share(a.no_miss_share, a.no_miss_min_fpr)
     res = recalibrate(a.model, a.target_fnr, a.threshold_method, data_root=a.data, write=not a.dry_run, tta=a.tta,
-                      screen=a.screen, no_miss_share=a.no_miss_share)
+                      screen=a.screen, no_miss_share=a.no_miss_share, no_miss_min_fpr=a.no_miss_min_fpr)
     pol, old = res["threshold_policy"], res["before"]
     lines = [f"{a.model}: threshold {old['threshold']:.6g} -> {res['threshold']:.6g} "
              f"({pol['method']}, target FNR {pol['target_fnr']}, "
              + (f"{pol['no_miss_share']:g} of the lowest validation bad score, " if "no_miss_share" in pol else "")
+             + (f"lowered to reject {pol['no_miss_min_fpr']:.0%} of validation good parts, " if "floor_by" in pol else "")
              + f"guaranteed {pol['guaranteed_fnr']}, "
              + (f"95% bound {pol['fnr_upper95']:.4g}, " if "fnr_upper95" in pol else "") +
              f"{pol['n_bad_val']} bad parts in validation)" + ("" if res["written"] else "  [dry run: not written]")]

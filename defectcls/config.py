@@ -79,6 +79,13 @@ def review_dir() -> str:
 # (lowest test / lowest validation) had a spread that puts it under log 0.25 about one time in 17 (Student t, the ratio
 # symmetric as the two parts are exchangeable; docs/benchmarks.md, section 3, "How far under the lowest").
 NO_MISS_SHARE = 0.25
+# ... and never above the score that rejects this share of the validation good parts. The lowest validation bad score
+# says nothing when validation drew none of the few bad parts a network scores among its good ones (on the casting
+# photos 1-7 pin marks per network, dealt between validation and test at random): then a share of it sits above them
+# all. Re-splitting nine networks' held-out photos 1000 times, the chance of a clean miss on the test part fell from
+# 6.8% to 0.7% (mean over six networks of the default recipe) and the median false alarms rose from 15.8% to 16.8%
+# (docs/benchmarks.md, section 3, "When validation draws none of the hard parts").
+NO_MISS_MIN_FPR = 0.08
 
 
 @dataclass
@@ -168,7 +175,8 @@ class TrainConfig:
     device: str = "auto"
     target_fnr: float = 0.0            # 0: no missed defect (threshold under every validation bad part)
     threshold_method: str = "conformal"
-    no_miss_share: float = NO_MISS_SHARE  # target 0: the threshold is this share of the lowest validation bad score
+    no_miss_share: float = NO_MISS_SHARE  # target 0: the threshold is this share of the lowest validation bad score,
+    no_miss_min_fpr: float = NO_MISS_MIN_FPR  # and rejects at least this share of the validation good parts
     patience: int = 6
     max_minutes: float | None = None  # wall-clock budget of the training loop: no epoch starts that would, at the
                                       # mean epoch length so far, end past it; the best epoch is kept

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import NO_MISS_SHARE
+from .config import NO_MISS_MIN_FPR, NO_MISS_SHARE
 from .data import LABELS, verdict
 
 
@@ -118,7 +118,8 @@ TRADEOFF_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.05)   # the FNR targets a policy's
 
 def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float = 0.01,
                      method: str = "conformal", names: Sequence[str] | None = None,
-                     held: Sequence[bool] | None = None, no_miss_share: float = NO_MISS_SHARE) -> dict:
+                     held: Sequence[bool] | None = None, no_miss_share: float = NO_MISS_SHARE,
+                     no_miss_min_fpr: float = NO_MISS_MIN_FPR) -> dict:
     """Pick the decision threshold on validation scores so that FNR on *new* parts meets TARGET_FNR.
 
     method='conformal': split-conformal on the bad-class scores. With n validation bad
@@ -126,13 +127,18 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     guarantees P(new bad part scored below t) <= k/(n+1) <= target (exchangeability).
     When n is too small for the target (k = 0) no threshold above 0 carries the
     guarantee; we then take NO_MISS_SHARE x s_1 (a margin under the lowest bad score: a new
-    part's lowest can fall below it) and report the guarantee that holds, 1/(n+1).
+    part's lowest can fall below it) and report the guarantee that holds, 1/(n+1). That threshold
+    is also kept at or under the score of the validation good part that makes NO_MISS_MIN_FPR of
+    them rejected (the ceil(share x m)-th highest of m): when validation drew none of the few bad
+    parts a network scores among its good ones, s_1 says nothing about them (``config``).
     method='empirical': the largest threshold with validation FNR <= target (optimistic).
     HELD: parts whose photos are held (``data.photo_check``): judged bad whatever their score, so the
     threshold has only the others to catch; their bad parts are left out of the choice (a photo taken
     at a slant can score near 0 and would set every false alarm) and counted in ``held_bad_val``.
     Returns {threshold, method, target_fnr, guaranteed_fnr, fnr_upper95, n_bad_val (those not held), held_bad_val,
-    no_miss_share (conformal with k = 0: the share of s_1 taken),
+    no_miss_share and no_miss_min_fpr (conformal with k = 0: the share of s_1 taken, and the share of good parts
+    the threshold rejects at least), floor_by (conformal with k = 0 where that floor set the threshold: the good
+    part, its name from NAMES, and its score),
     val_fnr, val_fpr (of the verdicts), set_by, tradeoff}: GUARANTEED_FNR bounds the miss rate on average over
     validation draws; FNR_UPPER95 with 95% confidence over that draw (the Clopper-Pearson bound of the validation
     misses: the miss rate left by the k-th lowest of n scores is Beta(k, n+1-k), whose 95% quantile that is for
@@ -145,12 +151,15 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     """
     if not 0.0 < no_miss_share <= 1.0:
         raise ValueError(f"no-miss share must be in (0, 1], got {no_miss_share}")
-    policy = _choose_threshold(y_true, prob_bad, target_fnr, method, names, held, no_miss_share)
+    if not 0.0 <= no_miss_min_fpr < 1.0:
+        raise ValueError(f"no-miss least FPR must be in [0, 1), got {no_miss_min_fpr}")
+    policy = _choose_threshold(y_true, prob_bad, target_fnr, method, names, held, no_miss_share, no_miss_min_fpr)
     if "set_by" in policy:
         keys = ("target_fnr", "threshold", "guaranteed_fnr", "fnr_upper95", "val_fnr", "val_fpr")
         policy["tradeoff"] = [{k: alt[k] for k in keys} for alt in
                               (policy if t == target_fnr else
-                               _choose_threshold(y_true, prob_bad, t, method, held=held, no_miss_share=no_miss_share)
+                               _choose_threshold(y_true, prob_bad, t, method, held=held, no_miss_share=no_miss_share,
+                                                 no_miss_min_fpr=no_miss_min_fpr)
                                for t in sorted({*TRADEOFF_TARGETS, target_fnr}))]
     return policy
 
@@ -169,7 +178,7 @@ def tradeoff_text(policy: dict) -> str | None:
 
 def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float, method: str,
                       names: Sequence[str] | None = None, held: Sequence[bool] | None = None,
-                      no_miss_share: float = NO_MISS_SHARE) -> dict:
+                      no_miss_share: float = NO_MISS_SHARE, no_miss_min_fpr: float = NO_MISS_MIN_FPR) -> dict:
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
     h = _held(held, len(y))
@@ -181,6 +190,7 @@ def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_f
                 "n_bad_val": 0, "held_bad_val": int((h & (y == 1)).sum()),
                 "note": "no bad parts in validation" + (" that are not held" if h.any() else "")
                         + ": threshold left at 0.5"}
+    floor_by = None
     if method == "conformal":
         k = int(math.floor(target_fnr * (n + 1)))
         guaranteed = max(k, 1) / (n + 1)
@@ -188,6 +198,13 @@ def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_f
         t = bad[max(k, 1) - 1]
         if k == 0:
             t = t * no_miss_share
+            good = np.flatnonzero((y == 0) & ~h)
+            if no_miss_min_fpr > 0 and len(good):
+                top = good[np.argsort(-p[good], kind="stable")]
+                g = top[math.ceil(no_miss_min_fpr * len(good)) - 1]   # rejecting it and those above: >= the share
+                if p[g] < t:
+                    t = float(p[g])
+                    floor_by = {"name": None if names is None else str(names[g]), "prob_bad": float(p[g])}
         at = max(k, 1) - 1
     elif method == "empirical":
         k = int(math.floor(target_fnr * n))
@@ -205,7 +222,9 @@ def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_f
             "fnr_upper95": clopper_pearson_upper(int(np.sum(bad < t)), n), "n_bad_val": n,
             "held_bad_val": int((h & (y == 1)).sum()), "val_fnr": c["fn"] / (c["fn"] + c["tp"]),
             "val_fpr": c["fp"] / n_good if n_good else None, "set_by": set_by,
-            **({"no_miss_share": no_miss_share} if method == "conformal" and k == 0 else {})}
+            **({"no_miss_share": no_miss_share, "no_miss_min_fpr": no_miss_min_fpr}
+               if method == "conformal" and k == 0 else {}),
+            **({"floor_by": floor_by} if floor_by else {})}
 
 
 LONE_RATIO = 10.0   # the next validation bad part scoring this many times the one a threshold rests on: a lone outlier
@@ -217,6 +236,8 @@ def lone_threshold_warning(policy: dict) -> str | None:
     axis scored 0.00003 against 0.021 for the next, and a seed-regime model rejected 92% of good parts:
     docs/benchmarks.md, section 4). None otherwise."""
     sb = policy.get("set_by") or {}
+    if policy.get("floor_by"):
+        return None   # the good parts' floor set the threshold, under the share of that part's score
     low, nxt = sb.get("prob_bad"), sb.get("next_prob_bad")
     if low is None or nxt is None or nxt < LONE_RATIO * max(low, 1e-12):
         return None

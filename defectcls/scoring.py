@@ -66,7 +66,7 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
 
 def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "conformal",
                 data_root: str | os.PathLike | None = None, write: bool = True, tta: int | None = None,
-                screen: bool = False, no_miss_share: float | None = None) -> dict:
+                screen: bool = False, no_miss_share: float | None = None, no_miss_min_fpr: float | None = None) -> dict:
     """Choose MODEL_DIR's threshold anew for TARGET_FNR on its own validation part, without retraining.
 
     The validation and test parts come from the model's split.json (DATA_ROOT: where its training
@@ -75,8 +75,9 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     changes, the temperature is fitted anew on validation, else the card's is kept. A card
     written before ``background`` gets it from its training photos (``data.restore_fill``).
 
-    With target 0 the threshold is a share ``no_miss_share`` of the lowest validation bad score; by default the
-    share the model was trained with (``config.NO_MISS_SHARE`` for a card from before the option).
+    With target 0 the threshold is a share ``no_miss_share`` of the lowest validation bad score, and rejects at
+    least ``no_miss_min_fpr`` of the validation good parts (``evaluate.choose_threshold``); by default as the model
+    was trained (``config.NO_MISS_SHARE`` and ``config.NO_MISS_MIN_FPR`` for a card from before the options).
     SCREEN (views 4 or 8): also choose the one-view screen (``inference.Predictor``): ``below`` is
     SCREEN_MARGIN times the lowest one-view P(bad) among the validation bad parts the full model
     flags. A flagged part exchangeable with them scores below that lowest one with probability at
@@ -90,7 +91,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     chosen with).
     Threshold, policy, views, temperature, background, screen and val/test metrics are replaced, atomically.
     """
-    from .evaluate import NO_MISS_SHARE, choose_threshold, fit_temperature
+    from .evaluate import NO_MISS_MIN_FPR, NO_MISS_SHARE, choose_threshold, fit_temperature
     from .models import read_card, write_card
 
     if not 0.0 <= target_fnr < 1.0:
@@ -99,6 +100,8 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
         raise DefectclsError(f"threshold method must be conformal or empirical, got {method!r}")
     if no_miss_share is not None and not 0.0 < no_miss_share <= 1.0:
         raise DefectclsError(f"no-miss share must be in (0, 1], got {no_miss_share}")
+    if no_miss_min_fpr is not None and not 0.0 <= no_miss_min_fpr < 1.0:
+        raise DefectclsError(f"no-miss least FPR must be in [0, 1), got {no_miss_min_fpr}")
     model_dir = Path(model_dir)
     split_path = model_dir / SPLIT_FILE
     if not split_path.is_file():
@@ -114,8 +117,11 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     if D.fingerprint(folder) != saved.get("data_fingerprint"):
         raise DefectclsError(f"{root} does not hold the files {model_dir} was trained on (fingerprint differs)")
     card = read_card(model_dir)
-    if no_miss_share is None:   # the share the model was trained with; a card from before the option: today's
-        no_miss_share = float((card.train or {}).get("config", {}).get("no_miss_share", NO_MISS_SHARE))
+    trained = (card.train or {}).get("config", {})   # as the model was trained; a card from before an option: today's
+    if no_miss_share is None:
+        no_miss_share = float(trained.get("no_miss_share", NO_MISS_SHARE))
+    if no_miss_min_fpr is None:
+        no_miss_min_fpr = float(trained.get("no_miss_min_fpr", NO_MISS_MIN_FPR))
     pred = Predictor(model_dir, backend="torch", tta=tta, screen=False)
     background = card.background
     if background is None:   # a card from before it: the training folder's background, as train estimates it
@@ -148,7 +154,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
     y_val, p_val = probs["val"]
     policy = choose_threshold(y_val, p_val, target_fnr, method, names=val_names, held=held["val"],
-                              no_miss_share=no_miss_share)
+                              no_miss_share=no_miss_share, no_miss_min_fpr=no_miss_min_fpr)
     thr = policy["threshold"]
     screen_card = None
     if screen:

@@ -107,6 +107,44 @@ def test_no_miss_share_sets_the_margin_under_the_lowest_bad_score_and_only_for_t
     assert TrainConfig(data="", out="").no_miss_share == E.NO_MISS_SHARE   # train's default is the policy's
 
 
+def test_no_miss_threshold_rejects_at_least_the_least_fpr_of_good_parts():
+    """Validation that drew none of the few bad parts a network scores among its good ones (pin marks at the good
+    parts' top 5%) puts its lowest bad score far above them: a share of it would pass them all. The floor keeps the
+    threshold at or under the good part whose rejection makes the least FPR."""
+    from defectcls.config import TrainConfig
+
+    good = np.linspace(0.0, 0.1, 100)                     # 100 good parts, the top 8 at 0.0929-0.1
+    y = np.array([0] * 100 + [1] * 50)
+    p = np.concatenate([good, np.linspace(0.9, 1.0, 50)])   # no pin mark drawn: the lowest bad 0.9
+    names = [f"good/{i}" for i in range(100)] + [f"bad/{i}" for i in range(50)]
+    t = E.choose_threshold(y, p, 0.0, names=names)
+    assert t["threshold"] == pytest.approx(good[92]) and good[92] < 0.9 * E.NO_MISS_SHARE   # the 8th highest: 8 rejected
+    assert t["val_fpr"] == pytest.approx(E.NO_MISS_MIN_FPR) and t["no_miss_min_fpr"] == E.NO_MISS_MIN_FPR
+    assert t["floor_by"] == {"name": "good/92", "prob_bad": pytest.approx(good[92])}
+    assert t["tradeoff"][0]["threshold"] == t["threshold"]                      # the target-0 row takes it too
+    a = E.choose_threshold(y, p, 0.0, no_miss_min_fpr=0.035)   # ceil(3.5) = 4 of 100: at least the share
+    assert a["threshold"] == pytest.approx(good[96]) and a["val_fpr"] == pytest.approx(0.04)
+    off = E.choose_threshold(y, p, 0.0, no_miss_min_fpr=0.0)
+    assert off["threshold"] == pytest.approx(0.9 * E.NO_MISS_SHARE) and "floor_by" not in off
+    pin = p.copy()
+    pin[100] = 0.05                                             # a pin mark drawn: its share sets it, under the floor
+    drawn = E.choose_threshold(y, pin, 0.0, names=names)
+    assert drawn["threshold"] == pytest.approx(0.05 * E.NO_MISS_SHARE) and "floor_by" not in drawn
+    assert drawn["val_fpr"] > E.NO_MISS_MIN_FPR
+    held = np.zeros(150, bool)
+    held[95:100] = True                                         # held good parts are rejected anyway: the floor counts the rest
+    h = E.choose_threshold(y, p, 0.0, held=held, names=names)
+    assert h["floor_by"]["name"] == f"good/{94 - 7}"            # ceil(0.08 x 95) = 8th highest of the 95 judged
+    lone = p.copy()
+    lone[100] = 0.5                                             # a lone low bad part, but the floor sets the threshold
+    assert E.lone_threshold_warning(E.choose_threshold(y, lone, 0.0, names=names)) is None
+    assert "no_miss_min_fpr" not in E.choose_threshold(y, p, 0.02) and "floor_by" not in E.choose_threshold(y, p, 0.02)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="least FPR"):
+            E.choose_threshold(y, p, 0.0, no_miss_min_fpr=bad)
+    assert TrainConfig(data="", out="").no_miss_min_fpr == E.NO_MISS_MIN_FPR   # train's default is the policy's
+
+
 def test_held_photos_are_judged_bad_and_left_out_of_the_threshold_choice():
     """A photo the model cannot judge (a slanted camera: ``data.photo_check``) is bad whatever its score, so
     the threshold only has the other bad parts to catch, and the metrics count it as the product judges it."""
@@ -273,6 +311,17 @@ def test_calibrate_sets_a_new_threshold_from_the_model_own_validation_part(tiny_
     assert recalibrate(m, 0.0, write=False)["threshold_policy"]["no_miss_share"] == E.NO_MISS_SHARE
     assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--no-miss-share", "1.5"]) == 2
     assert "--no-miss-share must be in (0, 1]" in capsys.readouterr().err
+    # the good parts' floor likewise: as trained, today's for a card from before it, or as asked
+    assert recalibrate(m, 0.0, write=False)["threshold_policy"]["no_miss_min_fpr"] == E.NO_MISS_MIN_FPR
+    trained["train"]["config"]["no_miss_min_fpr"] = 0.5
+    (m / "card.json").write_text(json.dumps(trained))
+    pol = recalibrate(m, 0.0, write=False)["threshold_policy"]
+    assert pol["no_miss_min_fpr"] == 0.5 and pol["val_fpr"] >= 0.5                       # at least half the good parts
+    assert recalibrate(m, 0.0, write=False, no_miss_min_fpr=0.25)["threshold_policy"]["no_miss_min_fpr"] == 0.25
+    with pytest.raises(DefectclsError, match="least FPR"):
+        recalibrate(m, 0.0, no_miss_min_fpr=1.0)
+    assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--no-miss-min-fpr", "1"]) == 2
+    assert "--no-miss-min-fpr must be in [0, 1)" in capsys.readouterr().err
 
     (m / "split.json").unlink()
     with pytest.raises(DefectclsError, match="no split.json"):

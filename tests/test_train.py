@@ -32,7 +32,14 @@ def test_tiny_model_card_is_complete(tiny_model):
     assert card["threshold_policy"]["tradeoff"][0]["threshold"] == card["threshold"]
     share = card["threshold_policy"]["no_miss_share"]          # target 0: a share of the lowest validation bad score
     assert share == t["config"]["no_miss_share"] == TrainConfig.no_miss_share
-    assert card["threshold"] == pytest.approx(share * card["threshold_policy"]["set_by"]["prob_bad"])
+    pol = card["threshold_policy"]                              # ... or lower, to reject the least FPR of good parts
+    assert pol["no_miss_min_fpr"] == t["config"]["no_miss_min_fpr"] == TrainConfig.no_miss_min_fpr
+    by_share = share * pol["set_by"]["prob_bad"]
+    if "floor_by" in pol:
+        assert card["threshold"] == pytest.approx(pol["floor_by"]["prob_bad"]) and card["threshold"] < by_share
+    else:
+        assert card["threshold"] == pytest.approx(by_share)
+    assert pol["val_fpr"] >= pol["no_miss_min_fpr"]
     assert all(h["aug_strength"] == 1.0 for h in t["history"])  # the light preset has no ramp
     split = json.loads((tiny_model / "split.json").read_text())
     parts = [set(map(tuple, split[k])) for k in ("train", "val", "test")]
