@@ -642,10 +642,11 @@ def _run_evaluate_perturb(a) -> int:
 
 
 def _add_experiment(sub) -> None:
-    from .experiment import DEFAULT_SIZES, EXPERIMENTS
+    from .experiment import DEFAULT_POLICIES, DEFAULT_SIZES, EXPERIMENTS
 
-    p = _cmd(sub, "experiment", "reproduce a study: rgb-vs-gray, archs, cam-localization or data-size "
-                                "(trains with the recipe, writes report.md, results.json and plots)",
+    p = _cmd(sub, "experiment", "reproduce a study: rgb-vs-gray, archs, cam-localization, data-size (each trains "
+                                "with the recipe) or threshold (re-splits trained models' held-out photos); writes "
+                                "report.md, results.json and plots",
              "defectcls experiment archs --data ../shared/data/casting/train --out reports/archs --epochs 8 --img-size 160")
     p.add_argument("name", choices=list(EXPERIMENTS), help="the experiment")
     p.add_argument("--data", required=True, help="folder with good/ and bad/ (cam-localization: also masks/)")
@@ -659,7 +660,11 @@ def _add_experiment(sub) -> None:
                    help="archs: epochs for one architecture, e.g. resnet50=4 (say so in the report)")
     p.add_argument("--methods", nargs="+", default=None, help="cam-localization: CAM methods (default: all)")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL_DIR",
-                   help="cam-localization: score these trained models instead of training one per arch")
+                   help="cam-localization: score these trained models instead of training one per arch; threshold: "
+                        "the trained models (DATA: the folder they were trained on)")
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), metavar="SHARE:LEAST_FPR,...",
+                   help="threshold: no-miss policies to compare (--no-miss-share and --no-miss-min-fpr of train)")
+    p.add_argument("--reps", type=int, default=1000, help="threshold: random re-splits per model")
     p.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help="data-size: training-set sizes, comma-separated")
     p.add_argument("--perturb-names", default=None, help="archs: comma-separated perturbations (default: all)")
     p.add_argument("--latency-iters", type=int, default=50, help="archs: timed forward passes per model")
@@ -690,6 +695,8 @@ def _run_experiment(a) -> int:
                   **({"archs": a.archs} if a.archs else {}))
     elif a.name == "cam-localization":
         kw.update(methods=a.methods, models=a.models, **({"archs": a.archs} if a.archs else {}))
+    elif a.name == "threshold":
+        kw.update(models=a.models or (), policies=a.policies, reps=a.reps)
     elif a.name == "data-size":
         kw.update(sizes=a.sizes, **({"arch": a.archs[0]} if a.archs else {}))
     else:

@@ -8,6 +8,10 @@
   falls inside the (slightly dilated) defect (pointing game), per architecture and CAM method.
 - ``data-size``: the recipe on seeded training subsets of growing size (the seed regime's
   good/bad ratio); FNR/FPR against training-set size.
+- ``threshold``: no training; trained models' validation and test parts pooled and split again at
+  random many times, each no-miss threshold policy (share of the lowest validation bad score, least
+  FPR of good parts) chosen on each new validation half: how often the test half has a missed part,
+  and the false alarms it costs.
 
 Every experiment trains with THE recipe (``TrainConfig`` defaults; ``epochs`` / ``img_size``
 override it for cheaper runs and are recorded), writes its models to REPORT_DIR/models/<name>/
@@ -17,6 +21,7 @@ plots), REPORT_DIR/results.json and the plots as PNG.
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import json
 import math
@@ -103,10 +108,17 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
         if epoch_samples(n_train, have["epoch_size"]) == epoch_samples(n_train, want["epoch_size"]):
             have["epoch_size"] = want["epoch_size"]   # the same epochs (a set larger than either size)
         if have == want:
-            if card.tta != cfg.tta:
+            pol = card.threshold_policy or {}
+            # a no-miss threshold chosen before today's policy (half the lowest validation bad score until the share,
+            # no floor of good parts until it): chosen again, like the views, as it is not part of training
+            no_miss = "no_miss_share" in pol or (pol.get("target_fnr") == 0 and pol.get("method") == "conformal")
+            old_policy = no_miss and (
+                pol.get("no_miss_share", 0.5), pol.get("no_miss_min_fpr", 0.0)) != (cfg.no_miss_share, cfg.no_miss_min_fpr)
+            if card.tta != cfg.tta or old_policy:
                 from .scoring import recalibrate
 
-                recalibrate(out, cfg.target_fnr, cfg.threshold_method, data_root=data, tta=cfg.tta)
+                recalibrate(out, cfg.target_fnr, cfg.threshold_method, data_root=data, tta=cfg.tta,
+                            no_miss_share=cfg.no_miss_share, no_miss_min_fpr=cfg.no_miss_min_fpr)
                 return read_card(out).to_dict()
             return card.to_dict()
     train(cfg)
@@ -552,11 +564,158 @@ def run_data_size(data: str | os.PathLike, out: str | os.PathLike, sizes: Sequen
     return res
 
 
+# ---------------------------------------------------------------- threshold (re-splits)
+
+DEFAULT_POLICIES = ("0.5:0", "0.25:0", "0.25:0.08")
+
+
+def parse_policies(policies: Sequence[str] | str) -> list[tuple[float, float]]:
+    """'SHARE:LEAST_FPR' items (comma-separated or a list): the no-miss threshold policies to compare."""
+    items = policies.split(",") if isinstance(policies, str) else list(policies)
+    out = []
+    for item in (x.strip() for x in items):
+        share, _, least = item.partition(":")
+        try:
+            pol = (float(share), float(least or 0))
+        except ValueError:
+            raise DefectclsError(f"--policies: {item!r} is not SHARE:LEAST_FPR, e.g. 0.25:0.08") from None
+        if not (0 < pol[0] <= 1 and 0 <= pol[1] < 1):
+            raise DefectclsError(f"--policies: {item!r}: the share must be in (0, 1] and the least FPR in [0, 1)")
+        out.append(pol)
+    if not out:
+        raise DefectclsError("--policies: none given")
+    return out
+
+
+def resplit_policy(y: np.ndarray, p: np.ndarray, held: np.ndarray, part: np.ndarray, share: float, least_fpr: float,
+                   reps: int, seed: int = 0) -> dict:
+    """One no-miss policy (``evaluate.choose_threshold`` with target 0, NO_MISS_SHARE = SHARE, NO_MISS_MIN_FPR =
+    LEAST_FPR) on one model's held-out photos: Y labels, P its P(bad), HELD photos judged bad whatever P, PART 0 for
+    validation and 1 for test. The model's own split, then REPS random splits of the pooled photos into a validation
+    and a test half of the same sizes per class (the two parts are exchangeable: neither trained the network). Each
+    time the threshold is chosen on the validation half and applied to the test half."""
+    from .evaluate import _choose_threshold
+
+    rng = np.random.default_rng(seed)
+    ib, ig = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    nbv, ngv = int(np.sum(part[ib] == 0)), int(np.sum(part[ig] == 0))
+    missed, fpr = [], []
+    for r in range(reps + 1):
+        if r == 0:
+            vb, tb, vg, tg = ib[part[ib] == 0], ib[part[ib] == 1], ig[part[ig] == 0], ig[part[ig] == 1]
+        else:
+            pb, pg = rng.permutation(ib), rng.permutation(ig)
+            vb, tb, vg, tg = pb[:nbv], pb[nbv:], pg[:ngv], pg[ngv:]
+        v = np.concatenate([vb, vg])
+        t = _choose_threshold(y[v], p[v], 0.0, "conformal", held=held[v], no_miss_share=share,
+                              no_miss_min_fpr=least_fpr)["threshold"]
+        missed.append(int(np.sum((p[tb] < t) & ~held[tb])))
+        fpr.append(float(np.mean((p[tg] >= t) | held[tg])) if len(tg) else float("nan"))
+    m, f = np.array(missed[1:]), np.array(fpr[1:])
+    return {"share": share, "least_fpr": least_fpr, "own_missed": missed[0], "own_fpr": fpr[0],
+            "p_miss": float(np.mean(m > 0)) if reps else None, "mean_missed": float(m.mean()) if reps else None,
+            "mean_fpr": float(f.mean()) if reps else None,
+            "fpr_p90": float(np.quantile(f, 0.9)) if reps else None}
+
+
+def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Sequence[str | os.PathLike] = (),
+                  policies: Sequence[str] | str = DEFAULT_POLICIES, reps: int = 1000, seed: int = 0,
+                  progress: bool = False, reuse: bool = False, command: str | None = None, **_recipe_args) -> dict:
+    """No-miss threshold policies judged by re-splits of trained MODELS' held-out photos (``resplit_policy``).
+    DATA: the folder the models were trained on (their split.json names its parts). Each model's validation and
+    test scores (its card's views and temperature) are kept in OUT/scores/<name>.csv; REUSE reads them back."""
+    from .scoring import evaluate_model
+
+    if _recipe_args.get("epochs") is not None or _recipe_args.get("img_size") is not None:
+        raise DefectclsError("threshold trains nothing: drop --epochs and --img-size")
+    if not models:
+        raise DefectclsError("threshold needs --models: trained model directories with their split.json")
+    if reps < 0:
+        raise DefectclsError("--reps must be >= 0")
+    pols = parse_policies(policies)
+    out, t0 = _start(data, out)
+    (out / "scores").mkdir(exist_ok=True)
+    names, rows = [], []
+    for m in (Path(x) for x in models):
+        if not (m / "card.json").is_file() or not (m / "split.json").is_file():
+            raise DefectclsError(f"--models: {m} is not a trained model directory (card.json and split.json)")
+        name = m.name if m.name not in names else f"{m.parent.name}_{m.name}"
+        names.append(name)
+        cache = out / "scores" / f"{name}.csv"
+        if reuse and cache.is_file():
+            with open(cache, newline="", encoding="utf-8") as fh:
+                tab = list(csv.DictReader(fh))
+            y, p = np.array([int(r["label"]) for r in tab]), np.array([float(r["p_bad"]) for r in tab])
+            held, part = np.array([r["held"] == "1" for r in tab]), np.array([int(r["part"]) for r in tab])
+        else:
+            got = {k: [] for k in ("y", "p", "held", "part", "path")}
+            for i, split in enumerate(("val", "test")):
+                res = evaluate_model(m, data, split=split)
+                if res["skipped"]:
+                    raise DefectclsError(f"{m}: {len(res['skipped'])} {split} photo(s) unreadable, e.g. "
+                                         f"{res['skipped'][0]['path']}: {res['skipped'][0]['error']}")
+                for key, val in (("y", res["y_true"]), ("p", res["prob_bad"]), ("held", res["held"]),
+                                 ("part", [i] * len(res["y_true"])),
+                                 ("path", [os.path.relpath(x, data) for x in res["paths"]])):
+                    got[key] += val
+            y, p = np.array(got["y"], int), np.array(got["p"], float)
+            held, part = np.array(got["held"], bool), np.array(got["part"], int)
+            with open(cache, "w", newline="", encoding="utf-8") as fh:
+                w = csv.writer(fh)
+                w.writerow(["path", "label", "p_bad", "held", "part"])
+                w.writerows([q, int(a), repr(float(b)), int(c), int(d)]
+                            for q, a, b, c, d in zip(got["path"], y, p, held, part, strict=True))
+        if progress:
+            print(f"{name}: {int(np.sum(part == 0))} validation / {int(np.sum(part == 1))} test photos", flush=True)
+        for share, least in pols:
+            rows.append({"model": name, **resplit_policy(y, p, held, part, share, least, reps, seed)})
+    summary = []
+    for share, least in pols:
+        mine = [r for r in rows if (r["share"], r["least_fpr"]) == (share, least)]
+        summary.append({"share": share, "least_fpr": least,
+                        "own_missed": sum(r["own_missed"] for r in mine),
+                        "own_with_miss": sum(r["own_missed"] > 0 for r in mine),
+                        **({"p_miss": float(np.mean([r["p_miss"] for r in mine])),
+                            "mean_fpr": float(np.mean([r["mean_fpr"] for r in mine])),
+                            "median_fpr": float(np.median([r["mean_fpr"] for r in mine]))} if reps else {})})
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in summary if reps else ():
+        ax.plot(s["median_fpr"], s["p_miss"], "o")
+        ax.annotate(f"{s['share']:g} / {s['least_fpr']:g}", (s["median_fpr"], s["p_miss"]), fontsize=8,
+                    xytext=(4, 2), textcoords="offset points")
+    ax.set(xlabel="false alarms (median over models of the mean test FPR)",
+           ylabel="P(a missed bad part on the test half)", title="no-miss policies: share / least FPR")
+    fig.tight_layout()
+    fig.savefig(out / "threshold.png", dpi=90)
+    plt.close(fig)
+    res = {"experiment": "threshold", "data": str(data), "models": [str(m) for m in models], "reps": reps,
+           "seed": seed, "rows": rows, "summary": summary, "machine": machine_info(),
+           "seconds": time.perf_counter() - t0}
+    head = ["policy (share / least FPR)"] + names
+    body = [f"{len(names)} models, {reps} random re-splits of each one's validation and test parts (pooled, split "
+            "again per class at their sizes), seed " f"{seed}. Each cell: P(at least one missed bad part on the test half) "
+            "/ mean test FPR over the re-splits; in brackets the model's own split: missed / FPR. The threshold is "
+            "`choose_threshold` with target 0 (a share of the lowest validation bad score, lowered until it rejects "
+            "at least the least FPR of validation good parts); held photos count as rejected.", "",
+            md_table(head, [[f"{s:g} / {a:g}"] + [
+                f"{_fmt(r['p_miss'], 3)} / {_fmt(r['mean_fpr'], 3)} ({r['own_missed']} / {_fmt(r['own_fpr'], 3)})"
+                for r in rows if (r["share"], r["least_fpr"]) == (s, a)] for s, a in pols]), "",
+            md_table(["policy", "P(miss), mean over models", "FPR, mean", "FPR, median", "own splits: missed (models)"],
+                     [[f"{s['share']:g} / {s['least_fpr']:g}", s.get("p_miss"), s.get("mean_fpr"), s.get("median_fpr"),
+                       f"{s['own_missed']} ({s['own_with_miss']})"] for s in summary]),
+            "", "![P(miss) against false alarms per policy](threshold.png)"]
+    res["files"] = _write_report(out, "No-miss threshold policies on re-split held-out photos", res, body, command) + [
+        str(out / "threshold.png")]
+    return res
+
+
 EXPERIMENTS: dict[str, Callable[..., dict]] = {
     "rgb-vs-gray": run_rgb_vs_gray,
     "archs": run_archs,
     "cam-localization": run_cam_localization,
     "data-size": run_data_size,
+    "threshold": run_threshold,
 }
 
 
@@ -565,11 +724,17 @@ def format_summary(res: dict) -> str:
     lines = [f"{res['experiment']} on {res['data']} in {res['seconds']:.0f} s: "]
     for r in res["rows"]:
         name = r.get("arch") or r.get("color") or r.get("size")
+        if res["experiment"] == "threshold":
+            continue
         if res["experiment"] == "cam-localization":
             lines.append(f"  {r['arch']:<20} {r['method']:<10} pointing {r['rate']:.3f} ({r['hits']}/{r['n']}), "
                          f"chance {r['chance']:.3f}")
         else:
             fnr, fpr = r.get("fnr", r.get("test_fnr")), r.get("fpr", r.get("test_fpr"))
             lines.append(f"  {name!s:<20} FNR {_fmt(fnr)} FPR {_fmt(fpr)}")
+    for s in res.get("summary", ()):
+        lines.append(f"  share {s['share']:g}, least FPR {s['least_fpr']:g}: own splits {s['own_missed']} missed"
+                     + (f"; re-splits P(miss) {s['p_miss']:.3f}, FPR mean {s['mean_fpr']:.3f}, median "
+                        f"{s['median_fpr']:.3f}" if "p_miss" in s else ""))
     lines.append(f"  report: {res['files'][0]}")
     return "\n".join(lines)

@@ -172,6 +172,31 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
     card_path.write_text(json.dumps(card))              # counted them, so it is not today's recipe either
     X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
     assert weights.stat().st_mtime_ns != before and "held_bad_val" in json.loads(card_path.read_text())["threshold_policy"]
+    before = weights.stat().st_mtime_ns
+    card = json.loads(card_path.read_text())
+    pol = card["threshold_policy"]
+    assert pol["no_miss_min_fpr"] == _recipe().no_miss_min_fpr and pol["no_miss_share"] == _recipe().no_miss_share
+    del pol["no_miss_min_fpr"]                          # a threshold chosen before the floor of good parts ...
+    pol["no_miss_share"], pol["threshold"] = 0.5, 0.9   # ... at half: chosen again, not trained again
+    card_path.write_text(json.dumps(card))
+    res = X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
+    again = json.loads(card_path.read_text())
+    assert weights.stat().st_mtime_ns == before and again["threshold_policy"]["no_miss_min_fpr"] == _recipe().no_miss_min_fpr
+    assert again["threshold"] == pytest.approx(_no_miss_threshold(again))
+    assert res["rows"][0]["test_threshold"] == again["threshold"]
+
+
+def _recipe():
+    """train's defaults"""
+    from defectcls.config import TrainConfig
+
+    return TrainConfig(data="", out="")
+
+
+def _no_miss_threshold(card: dict) -> float:
+    """The threshold today's no-miss policy gives on the card's own record of it."""
+    pol = card["threshold_policy"]
+    return pol["floor_by"]["prob_bad"] if "floor_by" in pol else pol["no_miss_share"] * pol["set_by"]["prob_bad"]
 
 
 def test_sizes_and_caps():
@@ -179,3 +204,54 @@ def test_sizes_and_caps():
     assert sum(X.caps_for("100")) == 100
     with pytest.raises(DefectclsError, match="--sizes"):
         X.parse_sizes("100,lots")
+
+
+def test_resplit_policy_counts_the_splits_whose_validation_drew_none_of_the_low_bad_parts():
+    """Two bad parts score among the good ones' range, the rest far above. A share of the lowest validation bad score
+    misses both exactly when both fall in the test half (P = 50/100 x 49/99); a floor of good parts under them never."""
+    good = np.linspace(0.0, 0.05, 100)
+    bad = np.concatenate([np.linspace(0.9, 1.0, 98), [0.06, 0.06]])
+    y = np.array([0] * 100 + [1] * 100)
+    p = np.concatenate([good, bad])
+    held = np.zeros(200, bool)
+    part = np.array([0, 1] * 50 + [0] * 49 + [1] * 49 + [1, 1])       # the model's own split: both low ones in test
+    share = X.resplit_policy(y, p, held, part, 0.25, 0.0, reps=2000, seed=1)
+    assert share["own_missed"] == 2 and share["p_miss"] == pytest.approx(50 / 100 * 49 / 99, abs=0.03)
+    assert share["mean_missed"] == pytest.approx(2 * share["p_miss"])    # both or none
+    floor = X.resplit_policy(y, p, held, part, 0.25, 0.08, reps=2000, seed=1)
+    assert floor["own_missed"] == 0 and floor["p_miss"] == 0.0
+    assert floor["own_fpr"] >= 0.08 and floor["mean_fpr"] >= 0.08
+    held[-2:] = True                                                    # held photos are caught whatever the policy
+    assert X.resplit_policy(y, p, held, part, 0.25, 0.0, reps=50)["p_miss"] == 0.0
+    assert X.parse_policies("0.5:0, 0.25:0.08,0.35") == [(0.5, 0.0), (0.25, 0.08), (0.35, 0.0)]
+    for bad_item in ("x:1", "0:0.1", "0.5:1", ""):
+        with pytest.raises(DefectclsError, match="--policies"):
+            X.parse_policies(bad_item)
+
+
+def test_threshold_experiment_on_a_trained_model_matches_its_card_and_reuses_scores(tiny_model, tiny_data, tmp_path,
+                                                                                     capsys):
+    from defectcls.cli import main
+
+    out = tmp_path / "thr"
+    assert main(["experiment", "threshold", "--data", str(tiny_data), "--out", str(out), "--models", str(tiny_model),
+                 "--policies", "0.5:0,0.25:0.08", "--reps", "30", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {p.name for p in out.iterdir()} >= {"report.md", "results.json", "threshold.png", "scores"}
+    own = [r for r in res["rows"] if (r["share"], r["least_fpr"]) == (0.25, 0.08)][0]
+    card = json.loads((tiny_model / "card.json").read_text())      # trained with the defaults: 0.25 and 0.08
+    assert (card["threshold_policy"]["no_miss_share"], card["threshold_policy"]["no_miss_min_fpr"]) == (0.25, 0.08)
+    test = card["metrics"]["test"]
+    assert own["own_missed"] == test["fn"] and own["own_fpr"] == pytest.approx(test["fp"] / (test["fp"] + test["tn"]))
+    assert 0.0 <= own["p_miss"] <= 1.0 and len(res["rows"]) == 2 and res["reps"] == 30
+    assert "0.25 / 0.08" in (out / "report.md").read_text()
+    scores = (out / "scores" / f"{tiny_model.name}.csv").read_text().splitlines()
+    assert scores[0] == "path,label,p_bad,held,part" and len(scores) == 1 + test["n"] + card["metrics"]["val"]["n"]
+    again = X.run_threshold(tiny_data, out, models=[tiny_model], policies="0.5:0,0.25:0.08", reps=30, reuse=True)
+    assert again["rows"] == res["rows"]                                  # the kept scores, the same splits
+    for argv, why in ((["--policies", "2:0"], "--policies"), (["--epochs", "2"], "trains nothing")):
+        assert main(["experiment", "threshold", "--data", str(tiny_data), "--out", str(out), "--models",
+                     str(tiny_model), *argv]) == 2
+        assert why in capsys.readouterr().err
+    assert main(["experiment", "threshold", "--data", str(tiny_data), "--out", str(out)]) == 2
+    assert "needs --models" in capsys.readouterr().err
