@@ -247,6 +247,18 @@ def lone_threshold_warning(policy: dict) -> str | None:
             "mislabel, another kind of defect); if the line will not see its like, correct or remove it and train again")
 
 
+def floor_note(policy: dict) -> str | None:
+    """A line when the good parts' floor set a no-miss threshold (``choose_threshold``'s ``floor_by``), else None."""
+    fb = policy.get("floor_by")
+    if not fb:
+        return None
+    sb = policy.get("set_by") or {}
+    return (f"threshold lowered from {policy['no_miss_share']:g} x {sb.get('prob_bad', float('nan')):.3g} (the lowest "
+            f"validation bad part) to {fb['prob_bad']:.3g}, the score of {fb.get('name') or 'a validation good part'}, "
+            f"so that it rejects at least {policy['no_miss_min_fpr']:.0%} of the validation good parts: bad parts scored "
+            "among them that validation did not draw would pass a share of the lowest (--no-miss-min-fpr)")
+
+
 def fit_temperature(logits: np.ndarray, y_true: Sequence[int]) -> float:
     """Temperature T minimising validation NLL of softmax(logits / T) (scalar, > 0)."""
     import torch

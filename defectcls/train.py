@@ -28,6 +28,7 @@ from .evaluate import (
     choose_threshold,
     compute_metrics,
     fit_temperature,
+    floor_note,
     fpr_at_fnr,
     lone_threshold_warning,
     prob_bad_from_logits,
@@ -71,6 +72,8 @@ def _log_policy(policy: dict, where: str) -> None:
     """What the saved threshold rests on: a lone outlier's warning, and the trade-off WHERE it was chosen."""
     if warning := lone_threshold_warning(policy):
         _log(f"warning: {warning}")
+    if note := floor_note(policy):
+        _log(note)
     if tradeoff := tradeoff_text(policy):
         _log(f"{where}, by FNR target: {tradeoff}")
 

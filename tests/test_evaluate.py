@@ -122,10 +122,13 @@ def test_no_miss_threshold_rejects_at_least_the_least_fpr_of_good_parts():
     assert t["val_fpr"] == pytest.approx(E.NO_MISS_MIN_FPR) and t["no_miss_min_fpr"] == E.NO_MISS_MIN_FPR
     assert t["floor_by"] == {"name": "good/92", "prob_bad": pytest.approx(good[92])}
     assert t["tradeoff"][0]["threshold"] == t["threshold"]                      # the target-0 row takes it too
+    note = E.floor_note(t)
+    assert "0.25 x 0.9" in note and "good/92" in note and "8% of the validation good parts" in note
     a = E.choose_threshold(y, p, 0.0, no_miss_min_fpr=0.035)   # ceil(3.5) = 4 of 100: at least the share
     assert a["threshold"] == pytest.approx(good[96]) and a["val_fpr"] == pytest.approx(0.04)
     off = E.choose_threshold(y, p, 0.0, no_miss_min_fpr=0.0)
     assert off["threshold"] == pytest.approx(0.9 * E.NO_MISS_SHARE) and "floor_by" not in off
+    assert E.floor_note(off) is None
     pin = p.copy()
     pin[100] = 0.05                                             # a pin mark drawn: its share sets it, under the floor
     drawn = E.choose_threshold(y, pin, 0.0, names=names)
