@@ -623,7 +623,9 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
                   progress: bool = False, reuse: bool = False, command: str | None = None, **_recipe_args) -> dict:
     """No-miss threshold policies judged by re-splits of trained MODELS' held-out photos (``resplit_policy``).
     DATA: the folder the models were trained on (their split.json names its parts). Each model's validation and
-    test scores (its card's views and temperature) are kept in OUT/scores/<name>.csv; REUSE reads them back."""
+    test scores (its card's views and temperature) are kept in OUT/scores/<name>.csv; REUSE reads them back when
+    the same weights, temperature and views scored them."""
+    from .models import model_id, read_card
     from .scoring import evaluate_model
 
     if _recipe_args.get("epochs") is not None or _recipe_args.get("img_size") is not None:
@@ -642,9 +644,15 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
         name = m.name if m.name not in names else f"{m.parent.name}_{m.name}"
         names.append(name)
         cache = out / "scores" / f"{name}.csv"
+        card = read_card(m)
+        key = f"{model_id(m, card)} T {card.temperature!r} views {card.tta}"   # what the scores depend on
+        tab = []
         if reuse and cache.is_file():
             with open(cache, newline="", encoding="utf-8") as fh:
                 tab = list(csv.DictReader(fh))
+            if not tab or any(r.get("scored_by") != key for r in tab):
+                tab = []                               # another model or card in the same place: score it again
+        if tab:
             y, p = np.array([int(r["label"]) for r in tab]), np.array([float(r["p_bad"]) for r in tab])
             held, part = np.array([r["held"] == "1" for r in tab]), np.array([int(r["part"]) for r in tab])
         else:
@@ -654,16 +662,16 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
                 if res["skipped"]:
                     raise DefectclsError(f"{m}: {len(res['skipped'])} {split} photo(s) unreadable, e.g. "
                                          f"{res['skipped'][0]['path']}: {res['skipped'][0]['error']}")
-                for key, val in (("y", res["y_true"]), ("p", res["prob_bad"]), ("held", res["held"]),
+                for col, val in (("y", res["y_true"]), ("p", res["prob_bad"]), ("held", res["held"]),
                                  ("part", [i] * len(res["y_true"])),
                                  ("path", [os.path.relpath(x, data) for x in res["paths"]])):
-                    got[key] += val
+                    got[col] += val
             y, p = np.array(got["y"], int), np.array(got["p"], float)
             held, part = np.array(got["held"], bool), np.array(got["part"], int)
             with open(cache, "w", newline="", encoding="utf-8") as fh:
                 w = csv.writer(fh)
-                w.writerow(["path", "label", "p_bad", "held", "part"])
-                w.writerows([q, int(a), repr(float(b)), int(c), int(d)]
+                w.writerow(["path", "label", "p_bad", "held", "part", "scored_by"])
+                w.writerows([q, int(a), repr(float(b)), int(c), int(d), key]
                             for q, a, b, c, d in zip(got["path"], y, p, held, part, strict=True))
         if progress:
             print(f"{name}: {int(np.sum(part == 0))} validation / {int(np.sum(part == 1))} test photos", flush=True)

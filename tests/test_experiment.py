@@ -246,9 +246,18 @@ def test_threshold_experiment_on_a_trained_model_matches_its_card_and_reuses_sco
     assert 0.0 <= own["p_miss"] <= 1.0 and len(res["rows"]) == 2 and res["reps"] == 30
     assert "0.25 / 0.08" in (out / "report.md").read_text()
     scores = (out / "scores" / f"{tiny_model.name}.csv").read_text().splitlines()
-    assert scores[0] == "path,label,p_bad,held,part" and len(scores) == 1 + test["n"] + card["metrics"]["val"]["n"]
+    assert scores[0] == "path,label,p_bad,held,part,scored_by"
+    assert len(scores) == 1 + test["n"] + card["metrics"]["val"]["n"]
+    kept = out / "scores" / f"{tiny_model.name}.csv"
     again = X.run_threshold(tiny_data, out, models=[tiny_model], policies="0.5:0,0.25:0.08", reps=30, reuse=True)
     assert again["rows"] == res["rows"]                                  # the kept scores, the same splits
+    other = tmp_path / "other" / tiny_model.name                         # the same name, another temperature
+    shutil.copytree(tiny_model, other)
+    card["temperature"] *= 3
+    (other / "card.json").write_text(json.dumps(card))
+    redone = X.run_threshold(tiny_data, out, models=[other], policies="0.5:0", reps=0, reuse=True)
+    assert redone["rows"][0]["p_miss"] is None                           # no re-splits asked: the own split only
+    assert f"T {card['temperature']!r}" in kept.read_text()              # scored again, not read back
     for argv, why in ((["--policies", "2:0"], "--policies"), (["--epochs", "2"], "trains nothing")):
         assert main(["experiment", "threshold", "--data", str(tiny_data), "--out", str(out), "--models",
                      str(tiny_model), *argv]) == 2
