@@ -215,7 +215,7 @@ def _run_train(a) -> int:
     arch_spec(cfg.arch)
     if not 0 <= cfg.target_fnr < 1:
         raise DefectclsError("--target-fnr must be in [0, 1)")
-    _check_share(cfg.no_miss_share, cfg.no_miss_min_fpr)
+    _check_no_miss(cfg.no_miss_share, cfg.no_miss_min_fpr)
     summary = train(cfg)
     if summary and a.json:
         _emit(summary, True)
@@ -275,7 +275,7 @@ def _run_evaluate(a) -> int:
     return 0
 
 
-def _check_share(share: float | None, min_fpr: float | None) -> None:
+def _check_no_miss(share: float | None, min_fpr: float | None) -> None:
     if share is not None and not 0 < share <= 1:
         raise DefectclsError(f"--no-miss-share must be in (0, 1], got {share:g}")
     if min_fpr is not None and not 0 <= min_fpr < 1:
@@ -353,7 +353,7 @@ def _run_calibrate(a) -> int:
         raise DefectclsError("calibrate needs --target-fnr (or --photos-only)")
     if a.focus_restore is not None:
         raise DefectclsError("--focus-restore goes with --photos-only")
-    _check_share(a.no_miss_share, a.no_miss_min_fpr)
+    _check_no_miss(a.no_miss_share, a.no_miss_min_fpr)
     res = recalibrate(a.model, a.target_fnr, a.threshold_method, data_root=a.data, write=not a.dry_run, tta=a.tta,
                       screen=a.screen, no_miss_share=a.no_miss_share, no_miss_min_fpr=a.no_miss_min_fpr)
     pol, old = res["threshold_policy"], res["before"]
