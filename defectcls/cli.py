@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import NO_MISS_MIN_FPR, NO_MISS_SHARE, AugConfig
+from .config import NO_MISS_MIN_FPR, NO_MISS_SHARE, AugConfig, no_miss_problem
 from .errors import DefectclsError
 
 DEFAULT_MODEL_NAME = "mobilenet_v3_large_gray"
@@ -276,10 +276,8 @@ def _run_evaluate(a) -> int:
 
 
 def _check_no_miss(share: float | None, min_fpr: float | None) -> None:
-    if share is not None and not 0 < share <= 1:
-        raise DefectclsError(f"--no-miss-share must be in (0, 1], got {share:g}")
-    if min_fpr is not None and not 0 <= min_fpr < 1:
-        raise DefectclsError(f"--no-miss-min-fpr must be in [0, 1), got {min_fpr:g}")
+    if problem := no_miss_problem(share, min_fpr, ("--no-miss-share", "--no-miss-min-fpr")):
+        raise DefectclsError(problem)
 
 
 def _add_calibrate(sub) -> None:

@@ -88,6 +88,17 @@ NO_MISS_SHARE = 0.25
 NO_MISS_MIN_FPR = 0.08
 
 
+def no_miss_problem(share: float | None, min_fpr: float | None,
+                    names: tuple[str, str] = ("no-miss share", "no-miss least FPR")) -> str | None:
+    """What is wrong with a no-miss share (in (0, 1]) and least FPR (in [0, 1)), NAMES as the caller calls them;
+    None when both are fine (None stands for "as the model was trained")."""
+    if share is not None and not 0.0 < share <= 1.0:
+        return f"{names[0]} must be in (0, 1], got {share:g}"
+    if min_fpr is not None and not 0.0 <= min_fpr < 1.0:
+        return f"{names[1]} must be in [0, 1), got {min_fpr:g}"
+    return None
+
+
 @dataclass
 class AugConfig:
     rotate: bool = True          # any angle: the part is round

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import NO_MISS_MIN_FPR, NO_MISS_SHARE
+from .config import NO_MISS_MIN_FPR, NO_MISS_SHARE, no_miss_problem
 from .data import LABELS, verdict
 
 
@@ -149,10 +149,8 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     ``tradeoff_text``): where a few bad parts score far below the rest, a target of no miss can cost most good
     parts and 1% next to none.
     """
-    if not 0.0 < no_miss_share <= 1.0:
-        raise ValueError(f"no-miss share must be in (0, 1], got {no_miss_share}")
-    if not 0.0 <= no_miss_min_fpr < 1.0:
-        raise ValueError(f"no-miss least FPR must be in [0, 1), got {no_miss_min_fpr}")
+    if problem := no_miss_problem(no_miss_share, no_miss_min_fpr):
+        raise ValueError(problem)
     policy = _choose_threshold(y_true, prob_bad, target_fnr, method, names, held, no_miss_share, no_miss_min_fpr)
     if "set_by" in policy:
         keys = ("target_fnr", "threshold", "guaranteed_fnr", "fnr_upper95", "val_fnr", "val_fpr")

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
+from .config import no_miss_problem
 from .errors import DefectclsError
 
 DEFAULT_ARCHS = ("resnet50", "mobilenet_v3_large", "resnet18", "mobilenet_v2", "squeezenet1_1")
@@ -579,8 +580,8 @@ def parse_policies(policies: Sequence[str] | str) -> list[tuple[float, float]]:
             pol = (float(share), float(least or 0))
         except ValueError:
             raise DefectclsError(f"--policies: {item!r} is not SHARE:LEAST_FPR, e.g. 0.25:0.08") from None
-        if not (0 < pol[0] <= 1 and 0 <= pol[1] < 1):
-            raise DefectclsError(f"--policies: {item!r}: the share must be in (0, 1] and the least FPR in [0, 1)")
+        if problem := no_miss_problem(*pol, names=("the share", "the least FPR")):
+            raise DefectclsError(f"--policies: {item!r}: {problem}")
         out.append(pol)
     if not out:
         raise DefectclsError("--policies: none given")

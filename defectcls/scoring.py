@@ -91,17 +91,16 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     chosen with).
     Threshold, policy, views, temperature, background, screen and val/test metrics are replaced, atomically.
     """
-    from .evaluate import NO_MISS_MIN_FPR, NO_MISS_SHARE, choose_threshold, fit_temperature
+    from .config import NO_MISS_MIN_FPR, NO_MISS_SHARE, no_miss_problem
+    from .evaluate import choose_threshold, fit_temperature
     from .models import read_card, write_card
 
     if not 0.0 <= target_fnr < 1.0:
         raise DefectclsError(f"target FNR must be in [0, 1), got {target_fnr}")
     if method not in ("conformal", "empirical"):
         raise DefectclsError(f"threshold method must be conformal or empirical, got {method!r}")
-    if no_miss_share is not None and not 0.0 < no_miss_share <= 1.0:
-        raise DefectclsError(f"no-miss share must be in (0, 1], got {no_miss_share}")
-    if no_miss_min_fpr is not None and not 0.0 <= no_miss_min_fpr < 1.0:
-        raise DefectclsError(f"no-miss least FPR must be in [0, 1), got {no_miss_min_fpr}")
+    if problem := no_miss_problem(no_miss_share, no_miss_min_fpr):
+        raise DefectclsError(problem)
     model_dir = Path(model_dir)
     split_path = model_dir / SPLIT_FILE
     if not split_path.is_file():
