@@ -42,7 +42,7 @@ CAM_ARCHS = ("mobilenet_v3_large", "resnet50")
 DEFAULT_SIZES = ("100", "350", "1350", "full")
 SEED_GOOD_SHARE = 1000 / 1350          # the seed regime: 1000 good / 350 bad
 SHOW_SIZE = 192                          # side of the heat-map samples drawn in reports
-METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "threshold")
+METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "threshold", "fpr_at_no_miss")
 # settings that make two training runs the same run (for --reuse)
 _SAME_RUN = ("data", "arch", "epochs", "img_size", "batch_size", "lr", "weight_decay", "color", "seed", "target_fnr",
              "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug",
@@ -553,13 +553,16 @@ def run_data_size(data: str | os.PathLike, out: str | os.PathLike, sizes: Sequen
             f"training part with {good_share:.1%} good parts (the seed regime: 1000 good / 350 bad); validation and test "
             "parts are the full seeded 15%/15% parts, the same for every size.", "",
             md_table(["size", "train good", "train bad", "FNR", "missed", "FNR 95% upper", "FPR", "rejected", "AUROC",
-                      "threshold", "val FPR at target FNR 1%", "train s"],
+                      "threshold", "FPR at no miss", "val FPR at target FNR 1%", "train s"],
                      [[r["size"], r["n_good"], r["n_bad"], r["test_fnr"], f"{r['test_fn']}/{r['test_n_bad']}",
                        r["fnr_upper95"], r["test_fpr"], f"{r['test_fp']}/{r['test_n_good']}", r["test_auroc"],
-                       r["test_threshold"], r["val_fpr_at_fnr_1pct"], _num(r["train_s"], 0)] for r in rows]),
+                       r["test_threshold"], r["test_fpr_at_no_miss"], r["val_fpr_at_fnr_1pct"],
+                       _num(r["train_s"], 0)] for r in rows]),
             "", "FNR and FPR are the test part's at the card's threshold (its target, by default no miss); the "
             "validation FPR at target FNR 1% is what the same policy would cost with a 1% target "
-            "(`threshold_policy.tradeoff`; n/a on cards from before it).",
+            "(`threshold_policy.tradeoff`; n/a on cards from before it). FPR at no miss is the test part's FPR at the "
+            "best threshold that misses none of its bad parts, chosen on those photos themselves: the least any "
+            "no-miss policy could reject with this network (n/a on cards from before it).",
             "", "![FNR and FPR against training-set size](data_size.png)"]
     res["files"] = _write_report(out, "Training-set size (seed regime)", res, body, command) + [str(out / "data_size.png")]
     return res

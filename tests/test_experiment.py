@@ -121,6 +121,11 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
     for r in rows:                                  # what a 1% target would cost, from each card's trade-off
         tradeoff = json.loads((Path(r["model_dir"]) / "card.json").read_text())["threshold_policy"]["tradeoff"]
         assert r["val_fpr_at_fnr_1pct"] == [t["val_fpr"] for t in tradeoff if t["target_fnr"] == 0.01][0]
+        test = json.loads((Path(r["model_dir"]) / "card.json").read_text())["metrics"]["test"]
+        assert r["test_fpr_at_no_miss"] == test["fpr_at_no_miss"] and 0 <= r["test_fpr_at_no_miss"] <= 1
+        if r["test_fn"] == 0:                       # the card misses none: the best no-miss threshold rejects no more
+            assert r["test_fpr_at_no_miss"] <= r["test_fpr"]
+    assert "FPR at no miss" in (tmp_path / "report.md").read_text()
     weights = tmp_path / "models" / "n8" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     capsys.readouterr()
