@@ -540,6 +540,10 @@ def run_data_size(data: str | os.PathLike, out: str | os.PathLike, sizes: Sequen
     n = [r["n_train"] for r in rows]
     ax.plot(n, [r["test_fnr"] for r in rows], "o-", label="FNR (bad parts missed)")
     ax.plot(n, [r["test_fpr"] for r in rows], "s-", label="FPR (good parts rejected)")
+    floor = [r["test_fpr_at_no_miss"] for r in rows]
+    if any(f is not None for f in floor):
+        ax.plot(n, [np.nan if f is None else f for f in floor], "s--", color="C1", alpha=0.5,
+                label="FPR at no miss (the ranking's floor)")
     ax.axhline(0.01, color="C0", ls=":", lw=1, label="FNR target 1%")
     ax.axhline(0.02, color="C1", ls=":", lw=1, label="FPR target 2%")
     ax.set(xscale="log", xlabel="training images", ylabel="rate on the held-out test part", title=f"{arch}: data size")
