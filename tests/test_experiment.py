@@ -250,10 +250,10 @@ def test_threshold_experiment_on_a_trained_model_matches_its_card_and_reuses_sco
     assert own["own_missed"] == test["fn"] and own["own_fpr"] == pytest.approx(test["fp"] / (test["fp"] + test["tn"]))
     assert 0.0 <= own["p_miss"] <= 1.0 and len(res["rows"]) == 2 and res["reps"] == 30
     assert "0.25 / 0.08" in (out / "report.md").read_text()
-    scores = (out / "scores" / f"{tiny_model.name}.csv").read_text().splitlines()
+    kept = out / "scores" / f"{tiny_model.name}.csv"
+    scores = kept.read_text().splitlines()
     assert scores[0] == "path,label,p_bad,held,part,scored_by"
     assert len(scores) == 1 + test["n"] + card["metrics"]["val"]["n"]
-    kept = out / "scores" / f"{tiny_model.name}.csv"
     again = X.run_threshold(tiny_data, out, models=[tiny_model], policies="0.5:0,0.25:0.08", reps=30, reuse=True)
     assert again["rows"] == res["rows"]                                  # the kept scores, the same splits
     other = tmp_path / "other" / tiny_model.name                         # the same name, another temperature
