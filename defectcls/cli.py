@@ -136,6 +136,10 @@ def _add_train(sub) -> None:
     p.add_argument("--init", help="start from this model directory's weights (same arch and colour mode): fine-tuning")
     p.add_argument("--max-per-class", type=int, nargs=2, metavar=("GOOD", "BAD"),
                    help="train on a seeded subset of the training part")
+    p.add_argument("--group-copies", action="store_true",
+                   help="find copies of one photo in DATA (turned, mirrored, zoomed or relit versions, as augmented "
+                        "datasets ship them) and keep each photo's copies in one part of the split and one fold, so "
+                        "validation and test score photos the network never saw")
     p.add_argument("--folds", type=int, default=d.folds,
                    help="K > 1: K-fold cross-validation; writes OUT/fold_0..K-1 and OUT as their ensemble")
     p.add_argument("--fp16-weights", action="store_true", help="store weights as float16 (half the size)")
@@ -203,8 +207,8 @@ def _run_train(a) -> int:
                       max_minutes=a.max_minutes, ema=a.ema, rank_weight=a.rank_weight, rank_k=a.rank_k,
                       balance=a.balance, hard_share=a.hard_share, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
-                      folds=a.folds, fp16_weights=a.fp16_weights, focus_restore=not a.no_focus_restore,
-                      workers=a.workers, disk_cache=not a.no_cache,
+                      folds=a.folds, group_copies=a.group_copies, fp16_weights=a.fp16_weights,
+                      focus_restore=not a.no_focus_restore, workers=a.workers, disk_cache=not a.no_cache,
                       progress=not a.json, aug=AugConfig.preset(a.aug), input_norm=a.input_norm, pool=a.pool, tta=a.tta,
                       frame=a.frame, masks=a.masks, mask_weight=a.mask_weight)
     if not 0 <= a.bad_degrade <= 1:
@@ -705,6 +709,29 @@ def _run_experiment(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- copies
+
+def _add_copies(sub) -> None:
+    p = _cmd(sub, "copies", "find copies of one photo in a folder (turned, mirrored, zoomed or relit versions) and, "
+                            "with --model, how many of a model's validation and test photos it saw in training",
+             "defectcls copies --data ../shared/data/casting/train --model runs/my_model")
+    p.add_argument("--data", required=True, help="folder with good/ and bad/")
+    p.add_argument("--model", help="a model directory trained on DATA: count its held-out photos with a training copy")
+    p.add_argument("--csv", help="write each photo's path, label and group number here")
+    p.add_argument("--color", choices=["gray", "rgb"], default="gray")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_copies)
+
+
+def _run_copies(a) -> int:
+    from .copies import report, report_text
+
+    res = report(a.data, a.model, a.color, a.workers, a.csv, progress=not a.json)
+    _emit(res, a.json, report_text(res))
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -715,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"defectcls {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_synth, _add_train, _add_evaluate, _add_calibrate, _add_predict, _add_inspect, _add_review, _add_bench,
-                _add_export, _add_experiment):
+                _add_export, _add_experiment, _add_copies):
         add(sub)
     return p
 

@@ -810,21 +810,39 @@ def merge_labels(samples: list[Sample], extra: list[Sample]) -> tuple[list[Sampl
 
 
 def stratified_split(labels: Sequence[int], fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-                     seed: int = 0) -> dict[str, list[int]]:
-    """Seeded per-class split into train/val/test index lists (each class in every part when it can be)."""
+                     seed: int = 0, groups: Sequence[int] | None = None) -> dict[str, list[int]]:
+    """Seeded per-class split into train/val/test index lists (each class in every part when it can be).
+
+    GROUPS (a group number per image, e.g. ``copies.copy_groups``): each class's images of one group go to one
+    part, so no part holds a copy of another's photo. Groups are dealt in a seeded order, each to the part
+    furthest below its share, so the parts' sizes miss their shares by at most about one group.
+    """
     if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise DefectclsError(f"split fractions must sum to 1, got {fractions}")
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
+    if groups is not None and len(groups) != len(labels):
+        raise DefectclsError(f"split groups: {len(groups)} group numbers for {len(labels)} images")
     parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for cls in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == cls))
         n = len(idx)
         n_val = max(1, round(fractions[1] * n)) if fractions[1] > 0 and n >= 3 else 0
         n_test = max(1, round(fractions[2] * n)) if fractions[2] > 0 and n >= 3 else 0
-        parts["val"] += idx[:n_val].tolist()
-        parts["test"] += idx[n_val:n_val + n_test].tolist()
-        parts["train"] += idx[n_val + n_test:].tolist()
+        if groups is None:
+            parts["val"] += idx[:n_val].tolist()
+            parts["test"] += idx[n_val:n_val + n_test].tolist()
+            parts["train"] += idx[n_val + n_test:].tolist()
+            continue
+        members: dict[int, list[int]] = {}
+        for i in idx:   # groups in the order their first member was drawn: a seeded order
+            members.setdefault(int(groups[i]), []).append(int(i))
+        want = {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+        got = dict.fromkeys(want, 0)
+        for group in members.values():
+            name = max((k for k in want if want[k]), key=lambda k: (want[k] - got[k]) / want[k])
+            parts[name] += group
+            got[name] += len(group)
     return {k: sorted(v) for k, v in parts.items()}
 
 

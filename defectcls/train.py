@@ -297,6 +297,7 @@ class _Data:
     mask_known: np.ndarray | None = None    # which images' masks are known (every good one; bad ones with a file)
     photo_range: dict | None = None         # what the photos look like (``data.estimate_photo_range``)
     focus_below: float | None = None        # softer photos are sharpened back (``data.restore_focus``)
+    groups: np.ndarray | None = None        # copies of one photo share a number (``copies.copy_groups``)
 
     held_known: dict[int, bool] = field(default_factory=dict)   # ``held``'s answers so far
 
@@ -344,7 +345,20 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
     labels = np.array([s.label for s in samples])
     if len(np.unique(labels)) < 2:
         raise DefectclsError("training needs readable images of both classes (good/ and bad/)")
-    parts = D.stratified_split(labels.tolist(), tuple(cfg.split), cfg.seed)
+    groups = None
+    if cfg.group_copies:
+        from .copies import copy_groups
+
+        groups = copy_groups([s.path for s in samples], cfg.color, workers=cfg.workers, progress=cfg.progress and rank == 0)
+        sizes = np.bincount(groups)
+        _log(f"copies of one photo: {len(sizes)} groups of {len(groups)} photos (largest {int(sizes.max())}), "
+             "each kept in one part of the split", rank)
+    parts = D.stratified_split(labels.tolist(), tuple(cfg.split), cfg.seed, groups)
+    if groups is not None:
+        for name in ("val", "test"):
+            if cfg.split[("train", "val", "test").index(name)] > 0 and len(np.unique(labels[parts[name]])) < 2:
+                raise DefectclsError(f"--group-copies: the {name} part has no image of one class: its copies fall in "
+                                     "too few groups to share among train, val and test")
     masks = known = None
     if cfg.masks:
         masks, known, problems = D.load_masks(samples, cfg.masks, cfg.img_size)
@@ -356,7 +370,7 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
              + (f"; without a usable mask (no mask loss): {len(problems)}, e.g. {problems[0][1]}" if problems else ""),
              rank)
     return _Data(root, samples, labels, images, failed, parts, frame_ref, background, masks, known, photo_range,
-                 focus_below)
+                 focus_below, groups)
 
 
 def _norm_stats(cfg: TrainConfig, x: np.ndarray) -> tuple[list[float], list[float]]:
@@ -628,6 +642,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
 
 
 def _write_split(out: Path, data: _Data, seed: int, fingerprint: str, parts: dict[str, list[int]], **extra) -> None:
+    if data.groups is not None:   # which photos were kept together, to check or repeat the split
+        extra["copy_groups"] = [[data.rel(i), int(g)] for i, g in enumerate(data.groups)]
     split = {"data_root": str(data.root.resolve()), "data_fingerprint": fingerprint, "seed": seed,
              **{k: [[data.rel(i), int(data.labels[i])] for i in parts[k]] for k in ("train", "val", "test")}, **extra}
     (out / SPLIT_FILE).write_text(json.dumps(split) + "\n", encoding="utf-8")
@@ -739,14 +755,21 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
-    """K seeded, stratified folds of positions 0..len(labels)-1 (scikit-learn's StratifiedKFold)."""
-    from sklearn.model_selection import StratifiedKFold
+def stratified_folds(labels: np.ndarray, k: int, seed: int, groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """K seeded, stratified folds of positions 0..len(labels)-1 (scikit-learn's StratifiedKFold; with GROUPS, a
+    group number per position, StratifiedGroupKFold: each group in one fold)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     counts = np.bincount(labels, minlength=2)
     if k < 2 or counts.min() < k:
         raise DefectclsError(f"--folds {k}: needs 2 <= K <= the images of the rarer class outside the test part "
                              f"({int(counts.min())})")
+    if groups is not None:
+        sgk = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        folds = [val for _, val in sgk.split(np.zeros(len(labels)), labels, groups)]
+        if any(len(np.unique(labels[f])) < 2 for f in folds):
+            raise DefectclsError(f"--folds {k} --group-copies: a fold has no image of one class: too few groups of copies")
+        return folds
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return [val for _, val in skf.split(np.zeros(len(labels)), labels)]
 
@@ -776,7 +799,7 @@ def train_folds(cfg: TrainConfig) -> dict:
         pool = np.array(_subset(pool.tolist(), labels, cfg.max_per_class, cfg.seed))
     test_idx = data.parts["test"]
     y_pool = labels[pool]
-    folds = stratified_folds(y_pool, cfg.folds, cfg.seed)
+    folds = stratified_folds(y_pool, cfg.folds, cfg.seed, None if data.groups is None else data.groups[pool])
     mean, std = _norm_stats(cfg, images[pool])
     c = images.shape[1]
     mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1)

@@ -1,0 +1,142 @@
+"""Copies of one photo: found across turns, mirror images, zoom and light, and kept in one part of the split."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectcls import copies
+from defectcls import data as D
+from defectcls.synth import render_part
+from defectcls.train import TrainConfig, stratified_folds, train
+
+
+def _turn(a: np.ndarray, deg: float) -> np.ndarray:
+    fill = tuple(int(v) for v in a[0, 0])
+    return np.asarray(Image.fromarray(a).rotate(deg, resample=Image.BILINEAR, fillcolor=fill))
+
+
+def _zoom(a: np.ndarray, f: float) -> np.ndarray:
+    n = a.shape[0]
+    m = round(n * f)
+    big = np.asarray(Image.fromarray(a).resize((m, m), Image.BILINEAR))
+    o = (m - n) // 2
+    return big[o:o + n, o:o + n]
+
+
+def test_copies_of_a_photo_share_a_group_and_other_parts_do_not(tmp_path):
+    paths, truth = [], []
+    for part in range(4):
+        a = np.asarray(render_part(part, bad=bool(part % 2), size=512)[0])
+        variants = {"orig": a, "turned_mirrored": _turn(a, 200)[:, ::-1].copy(), "zoomed": _zoom(a, 1.06),
+                    "relit": np.clip(a * 1.1 + 5, 0, 255).astype(np.uint8)}
+        for name, v in variants.items():
+            p = tmp_path / f"p{part}_{name}.png"
+            Image.fromarray(v).save(p)
+            paths.append(str(p))
+            truth.append(part)
+    blank = tmp_path / "blank.png"   # no part stands out: nobody's copy
+    Image.fromarray(np.full((512, 512, 3), 90, np.uint8)).save(blank)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    paths += [str(blank), str(broken)]
+    groups = copies.copy_groups(paths, workers=1)
+    assert len(groups) == len(paths)
+    truth = np.array(truth)
+    for part in range(4):
+        assert len(set(groups[:16][truth == part])) == 1, f"part {part}'s copies split: {groups[:16]}"
+    assert len(set(groups[:16])) == 4, f"different parts joined: {groups[:16]}"
+    assert len(set(groups)) == 6   # the blank and the unreadable file stand alone
+
+
+def test_match_is_about_one_for_a_turned_mirror_image_and_lower_for_another_part():
+    a = np.asarray(render_part(0, bad=False, size=512)[0])
+    b = np.asarray(render_part(1, bad=True, size=512)[0])
+    fa = copies.fingerprint(a)
+    assert copies.match(fa, copies.fingerprint(_turn(a, 90)[:, ::-1].copy())) > 0.995
+    assert copies.match(fa, copies.fingerprint(b)) < copies.LINK - 0.05
+    assert copies.fingerprint(np.zeros((64, 64), np.uint8)) is None
+
+
+def test_grouped_split_keeps_each_group_in_one_part_and_stays_stratified_and_seeded():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 400 + [1] * 200)
+    groups = np.concatenate([rng.integers(0, 60, 400), 100 + rng.integers(0, 40, 200)])
+    a = D.stratified_split(labels, (0.7, 0.15, 0.15), seed=1, groups=groups)
+    assert a == D.stratified_split(labels, (0.7, 0.15, 0.15), seed=1, groups=groups)
+    assert a != D.stratified_split(labels, (0.7, 0.15, 0.15), seed=2, groups=groups)
+    assert sorted(a["train"] + a["val"] + a["test"]) == list(range(600))
+    part_of = {i: k for k, idx in a.items() for i in idx}
+    for g in np.unique(groups):
+        assert len({part_of[i] for i in np.flatnonzero(groups == g)}) == 1, f"group {g} split across parts"
+    for name, share in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+        for cls, n in ((0, 400), (1, 200)):
+            got = int((labels[a[name]] == cls).sum())
+            biggest = np.bincount(groups[labels == cls]).max()
+            assert abs(got - share * n) <= biggest, (name, cls, got)
+    with pytest.raises(D.DefectclsError, match="group numbers"):
+        D.stratified_split(labels, seed=0, groups=groups[:10])
+
+
+def test_grouped_folds_keep_each_group_in_one_fold():
+    labels = np.array([0] * 60 + [1] * 30)
+    groups = np.concatenate([np.arange(60) // 3, 100 + np.arange(30) // 3])
+    folds = stratified_folds(labels, 3, seed=0, groups=groups)
+    fold_of = {int(i): k for k, f in enumerate(folds) for i in f}
+    assert sorted(fold_of) == list(range(90))
+    for g in np.unique(groups):
+        assert len({fold_of[i] for i in np.flatnonzero(groups == g)}) == 1
+
+
+def test_training_with_group_copies_keeps_copies_out_of_validation_and_test(tmp_path, tiny_data):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    copied = []
+    for cls in ("good", "bad"):   # a mirror image of each of the first six photos of each class, beside it
+        for p in sorted((data / cls).glob("*.png"))[:6]:
+            twin = p.with_name(p.stem + "_mirror.png")
+            Image.fromarray(np.asarray(Image.open(p))[:, ::-1].copy()).save(twin)
+            copied.append((f"{cls}/{p.name}", f"{cls}/{twin.name}"))
+    out = tmp_path / "m"
+    train(TrainConfig(data=str(data), out=str(out), arch="mobilenet_v3_small", epochs=1, img_size=32, batch_size=16,
+                      progress=False, workers=1, disk_cache=False, epoch_size=0, tta=1, group_copies=True))
+    split = json.loads((out / "split.json").read_text())
+    part_of = {rel: k for k in ("train", "val", "test") for rel, _ in split[k]}
+    group_of = dict(split["copy_groups"])
+    for a, b in copied:
+        assert group_of[a] == group_of[b], (a, b)
+        assert part_of[a] == part_of[b], (a, part_of[a], b, part_of[b])
+    card = json.loads((out / "card.json").read_text())
+    assert card["train"]["config"]["group_copies"] is True
+
+
+def test_copies_command_counts_held_out_photos_seen_in_training(tmp_path, capsys):
+    from defectcls.cli import main
+
+    data = tmp_path / "data"
+    for cls, bad in (("good", False), ("bad", True)):
+        (data / cls).mkdir(parents=True)
+        for k in range(3):
+            a = np.asarray(render_part(10 + k + 5 * bad, bad=bad, size=512)[0])
+            Image.fromarray(a).save(data / cls / f"{k}.png")
+            Image.fromarray(_turn(a, 90 * (k + 1))[:, ::-1].copy()).save(data / cls / f"{k}_copy.png")
+    model = tmp_path / "model"
+    model.mkdir()
+    # good/0's copy and bad/1's copy were held out, their originals trained on; good/2_copy's original was not
+    split = {"train": [["good/0.png", 0], ["good/1.png", 0], ["good/1_copy.png", 0], ["bad/0.png", 1], ["bad/1.png", 1]],
+             "val": [["good/0_copy.png", 0], ["bad/0_copy.png", 1], ["bad/2.png", 1]],
+             "test": [["good/2_copy.png", 0], ["bad/1_copy.png", 1], ["bad/2_copy.png", 1]]}
+    (model / "split.json").write_text(json.dumps(split))
+    out_csv = tmp_path / "groups.csv"
+    assert main(["copies", "--data", str(data), "--model", str(model), "--csv", str(out_csv), "--json",
+                 "--workers", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 12 and res["groups"] == 6 and res["with_copy"] == 12
+    assert res["groups_by_class"] == {"good": 3, "bad": 3}
+    assert res["seen_in_training"] == {"val": {"good": [1, 1], "bad": [1, 2]}, "test": {"good": [0, 1], "bad": [1, 2]}}
+    rows = out_csv.read_text().splitlines()
+    assert rows[0] == "path,label,group" and len(rows) == 13
+    assert main(["copies", "--data", str(data), "--model", str(tmp_path)]) == 2
+    assert "no split.json" in capsys.readouterr().err
