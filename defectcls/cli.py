@@ -136,10 +136,11 @@ def _add_train(sub) -> None:
     p.add_argument("--init", help="start from this model directory's weights (same arch and colour mode): fine-tuning")
     p.add_argument("--max-per-class", type=int, nargs=2, metavar=("GOOD", "BAD"),
                    help="train on a seeded subset of the training part")
-    p.add_argument("--group-copies", action="store_true",
+    p.add_argument("--group-copies", action=argparse.BooleanOptionalAction, default=d.group_copies,
                    help="find copies of one photo in DATA (turned, mirrored, zoomed or relit versions, as augmented "
                         "datasets ship them) and keep each photo's copies in one part of the split and one fold, so "
-                        "validation and test score photos the network never saw")
+                        "validation and test score photos the network never saw; --no-group-copies splits photo by "
+                        "photo")
     p.add_argument("--folds", type=int, default=d.folds,
                    help="K > 1: K-fold cross-validation; writes OUT/fold_0..K-1 and OUT as their ensemble")
     p.add_argument("--fp16-weights", action="store_true", help="store weights as float16 (half the size)")

@@ -192,7 +192,7 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock budget of the training loop: no epoch starts that would, at the
                                       # mean epoch length so far, end past it; the best epoch is kept
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    group_copies: bool = False        # copies of one photo (turned, mirrored, zoomed, relit: ``copies.copy_groups``)
+    group_copies: bool = True         # copies of one photo (turned, mirrored, zoomed, relit: ``copies.copy_groups``)
                                       # kept in one part of the split (and one fold), so no part scores the
                                       # network on a photo it trained on
     balance: str = "loss"             # loss | sampler | background | none

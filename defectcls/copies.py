@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage as ndi
 
 from . import data as D
@@ -47,6 +48,9 @@ def fingerprint(arr: np.ndarray) -> np.ndarray | None:
     """The Fourier series (complex64, ZOOMS x RINGS x ANGLES//2+1) of ARR's part unrolled at each zoom; None
     where no part stands out (``data.part_circle``)."""
     gray = arr.astype(np.float32).mean(axis=2) if arr.ndim == 3 else arr.astype(np.float32)
+    step = max(gray.shape) // 300
+    if step > 1:   # a large photo is reduced to about 300 px first: the marks compared are that coarse anyway
+        gray = np.asarray(Image.fromarray(gray).reduce(step), dtype=np.float32)
     found = D.part_circle(gray)
     if found is None:
         return None

@@ -815,7 +815,8 @@ def stratified_split(labels: Sequence[int], fractions: tuple[float, float, float
 
     GROUPS (a group number per image, e.g. ``copies.copy_groups``): each class's images of one group go to one
     part, so no part holds a copy of another's photo. Groups are dealt in a seeded order, each to the part
-    furthest below its share, so the parts' sizes miss their shares by at most about one group.
+    furthest below its share, so the parts' sizes miss their shares by at most about one group. A class without
+    copies (every group a single image) is split as without GROUPS.
     """
     if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise DefectclsError(f"split fractions must sum to 1, got {fractions}")
@@ -829,7 +830,7 @@ def stratified_split(labels: Sequence[int], fractions: tuple[float, float, float
         n = len(idx)
         n_val = max(1, round(fractions[1] * n)) if fractions[1] > 0 and n >= 3 else 0
         n_test = max(1, round(fractions[2] * n)) if fractions[2] > 0 and n >= 3 else 0
-        if groups is None:
+        if groups is None or len(set(np.asarray(groups)[idx].tolist())) == n:   # no copies: photo by photo
             parts["val"] += idx[:n_val].tolist()
             parts["test"] += idx[n_val:n_val + n_test].tolist()
             parts["train"] += idx[n_val + n_test:].tolist()
@@ -840,7 +841,7 @@ def stratified_split(labels: Sequence[int], fractions: tuple[float, float, float
         want = {"train": n - n_val - n_test, "val": n_val, "test": n_test}
         got = dict.fromkeys(want, 0)
         for group in members.values():
-            name = max((k for k in want if want[k]), key=lambda k: (want[k] - got[k]) / want[k])
+            name = max((k for k in want if want[k] > 0), key=lambda k: (want[k] - got[k]) / want[k])
             parts[name] += group
             got[name] += len(group)
     return {k: sorted(v) for k, v in parts.items()}

@@ -596,12 +596,14 @@ def parse_policies(policies: Sequence[str] | str) -> list[tuple[float, float]]:
 
 
 def resplit_policy(y: np.ndarray, p: np.ndarray, held: np.ndarray, part: np.ndarray, share: float, least_fpr: float,
-                   reps: int, seed: int = 0) -> dict:
+                   reps: int, seed: int = 0, groups: np.ndarray | None = None) -> dict:
     """One no-miss policy (``evaluate.choose_threshold`` with target 0, NO_MISS_SHARE = SHARE, NO_MISS_MIN_FPR =
     LEAST_FPR) on one model's held-out photos: Y labels, P its P(bad), HELD photos judged bad whatever P, PART 0 for
     validation and 1 for test. The model's own split, then REPS random splits of the pooled photos into a validation
     and a test half of the same sizes per class (the two parts are exchangeable: neither trained the network). Each
-    time the threshold is chosen on the validation half and applied to the test half."""
+    time the threshold is chosen on the validation half and applied to the test half. GROUPS (copies of one photo
+    share a number, as the model's split kept them: ``copies.copy_groups``): each group goes to one half whole,
+    the halves' sizes per class then within about a group of the model's own."""
     from .evaluate import _choose_threshold
 
     rng = np.random.default_rng(seed)
@@ -611,6 +613,11 @@ def resplit_policy(y: np.ndarray, p: np.ndarray, held: np.ndarray, part: np.ndar
     for r in range(reps + 1):
         if r == 0:
             vb, tb, vg, tg = ib[part[ib] == 0], ib[part[ib] == 1], ig[part[ig] == 0], ig[part[ig] == 1]
+        elif groups is not None:
+            n_val = nbv + ngv
+            halves = D.stratified_split(y, (0.0, n_val / len(y), 1 - n_val / len(y)), int(rng.integers(2**31)), groups)
+            v_idx, t_idx = np.array(halves["val"], int), np.array(halves["test"], int)
+            vb, vg, tb, tg = v_idx[y[v_idx] == 1], v_idx[y[v_idx] == 0], t_idx[y[t_idx] == 1], t_idx[y[t_idx] == 0]
         else:
             pb, pg = rng.permutation(ib), rng.permutation(ig)
             vb, tb, vg, tg = pb[:nbv], pb[nbv:], pg[:ngv], pg[ngv:]
@@ -661,6 +668,7 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
             if not tab or any(r.get("scored_by") != key for r in tab):
                 tab = []                               # another model or card in the same place: score it again
         if tab:
+            paths = [r["path"] for r in tab]
             y, p = np.array([int(r["label"]) for r in tab]), np.array([float(r["p_bad"]) for r in tab])
             held, part = np.array([r["held"] == "1" for r in tab]), np.array([int(r["part"]) for r in tab])
         else:
@@ -674,6 +682,7 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
                                  ("part", [i] * len(res["y_true"])),
                                  ("path", [os.path.relpath(x, data) for x in res["paths"]])):
                     got[col] += val
+            paths = got["path"]
             y, p = np.array(got["y"], int), np.array(got["p"], float)
             held, part = np.array(got["held"], bool), np.array(got["part"], int)
             with open(cache, "w", newline="", encoding="utf-8") as fh:
@@ -683,8 +692,10 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
                             for q, a, b, c, d in zip(got["path"], y, p, held, part, strict=True))
         if progress:
             print(f"{name}: {int(np.sum(part == 0))} validation / {int(np.sum(part == 1))} test photos", flush=True)
+        kept = dict(json.loads((m / "split.json").read_text(encoding="utf-8")).get("copy_groups", []))
+        groups = np.array([kept.get(x, -1 - i) for i, x in enumerate(paths)]) if kept else None  # unknown: alone
         for share, least in pols:
-            rows.append({"model": name, **resplit_policy(y, p, held, part, share, least, reps, seed)})
+            rows.append({"model": name, **resplit_policy(y, p, held, part, share, least, reps, seed, groups)})
     summary = []
     for share, least in pols:
         mine = [r for r in rows if (r["share"], r["least_fpr"]) == (share, least)]

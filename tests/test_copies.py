@@ -140,3 +140,13 @@ def test_copies_command_counts_held_out_photos_seen_in_training(tmp_path, capsys
     assert rows[0] == "path,label,group" and len(rows) == 13
     assert main(["copies", "--data", str(data), "--model", str(tmp_path)]) == 2
     assert "no split.json" in capsys.readouterr().err
+
+
+def test_grouping_is_the_default_and_a_folder_without_copies_splits_as_before():
+    from defectcls.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train", "--data", "d", "--out", "o"]).group_copies is True
+    assert parse(["train", "--data", "d", "--out", "o", "--no-group-copies"]).group_copies is False
+    labels = [0] * 50 + [1] * 20
+    assert D.stratified_split(labels, seed=3, groups=list(range(70))) == D.stratified_split(labels, seed=3)

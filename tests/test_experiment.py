@@ -228,6 +228,13 @@ def test_resplit_policy_counts_the_splits_whose_validation_drew_none_of_the_low_
     assert floor["own_fpr"] >= 0.08 and floor["mean_fpr"] >= 0.08
     held[-2:] = True                                                    # held photos are caught whatever the policy
     assert X.resplit_policy(y, p, held, part, 0.25, 0.0, reps=50)["p_miss"] == 0.0
+    # the two low ones as copies of one photo: re-splits keep them together, so a miss takes both or none, about
+    # half the time (which half gets the group); as separate photos, 1/4 of the time both land in test
+    held[-2:] = False
+    groups = np.arange(200)
+    groups[-1] = groups[-2]
+    copies = X.resplit_policy(y, p, held, part, 0.25, 0.0, reps=2000, seed=1, groups=groups)
+    assert copies["p_miss"] == pytest.approx(0.5, abs=0.05) and copies["mean_missed"] == pytest.approx(2 * copies["p_miss"])
     assert X.parse_policies("0.5:0, 0.25:0.08,0.35") == [(0.5, 0.0), (0.25, 0.08), (0.35, 0.0)]
     for bad_item in ("x:1", "0:0.1", "0.5:1", ""):
         with pytest.raises(DefectclsError, match="--policies"):
