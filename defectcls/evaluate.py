@@ -119,7 +119,7 @@ TRADEOFF_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.05)   # the FNR targets a policy's
 def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float = 0.01,
                      method: str = "conformal", names: Sequence[str] | None = None,
                      held: Sequence[bool] | None = None, no_miss_share: float = NO_MISS_SHARE,
-                     no_miss_min_fpr: float = NO_MISS_MIN_FPR) -> dict:
+                     no_miss_min_fpr: float = NO_MISS_MIN_FPR, groups: Sequence[int] | None = None) -> dict:
     """Pick the decision threshold on validation scores so that FNR on *new* parts meets TARGET_FNR.
 
     method='conformal': split-conformal on the bad-class scores. With n validation bad
@@ -135,6 +135,10 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     HELD: parts whose photos are held (``data.photo_check``): judged bad whatever their score, so the
     threshold has only the others to catch; their bad parts are left out of the choice (a photo taken
     at a slant can score near 0 and would set every false alarm) and counted in ``held_bad_val``.
+    GROUPS (copies of one shot share a number: ``copies.copy_groups``): the exchangeable unit is then the shot,
+    not the photo, so the bad scores above are each shot's lowest (its copies are not new draws) and n counts
+    shots (``n_bad_groups_val``): the guarantee and the bound hold for new shots, and a target above 0 needs
+    1 / target shots where it needed as many photos.
     Returns {threshold, method, target_fnr, guaranteed_fnr, fnr_upper95, n_bad_val (those not held), held_bad_val,
     no_miss_share and no_miss_min_fpr (conformal with k = 0: the share of s_1 taken, and the share of good parts
     the threshold rejects at least), floor_by (conformal with k = 0 where that floor set the threshold: the good
@@ -151,13 +155,14 @@ def choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fn
     """
     if problem := no_miss_problem(no_miss_share, no_miss_min_fpr):
         raise ValueError(problem)
-    policy = _choose_threshold(y_true, prob_bad, target_fnr, method, names, held, no_miss_share, no_miss_min_fpr)
+    policy = _choose_threshold(y_true, prob_bad, target_fnr, method, names, held, no_miss_share, no_miss_min_fpr,
+                               groups)
     if "set_by" in policy:
         keys = ("target_fnr", "threshold", "guaranteed_fnr", "fnr_upper95", "val_fnr", "val_fpr")
         policy["tradeoff"] = [{k: alt[k] for k in keys} for alt in
                               (policy if t == target_fnr else
                                _choose_threshold(y_true, prob_bad, t, method, held=held, no_miss_share=no_miss_share,
-                                                 no_miss_min_fpr=no_miss_min_fpr)
+                                                 no_miss_min_fpr=no_miss_min_fpr, groups=groups)
                                for t in sorted({*TRADEOFF_TARGETS, target_fnr}))]
     return policy
 
@@ -176,11 +181,16 @@ def tradeoff_text(policy: dict) -> str | None:
 
 def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_fnr: float, method: str,
                       names: Sequence[str] | None = None, held: Sequence[bool] | None = None,
-                      no_miss_share: float = NO_MISS_SHARE, no_miss_min_fpr: float = NO_MISS_MIN_FPR) -> dict:
+                      no_miss_share: float = NO_MISS_SHARE, no_miss_min_fpr: float = NO_MISS_MIN_FPR,
+                      groups: Sequence[int] | None = None) -> dict:
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob_bad, dtype=float)
     h = _held(held, len(y))
     order = _judged_bad(y, p, h)
+    n_photos = len(order)
+    if groups is not None:   # each shot once, by its lowest-scored copy (order is ascending: the first seen)
+        g = np.asarray(groups)[order]
+        order = order[np.sort(np.unique(g, return_index=True)[1])]
     bad = p[order]
     n = len(bad)
     if n == 0:
@@ -217,7 +227,8 @@ def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_f
     set_by = {"name": None if names is None else str(names[order[at]]), "prob_bad": float(bad[at]),
               "next_prob_bad": float(bad[at + 1]) if at + 1 < n else None}
     return {"threshold": t, "method": method, "target_fnr": target_fnr, "guaranteed_fnr": guaranteed,
-            "fnr_upper95": clopper_pearson_upper(int(np.sum(bad < t)), n), "n_bad_val": n,
+            "fnr_upper95": clopper_pearson_upper(int(np.sum(bad < t)), n), "n_bad_val": n_photos,
+            **({"n_bad_groups_val": n} if groups is not None else {}),
             "held_bad_val": int((h & (y == 1)).sum()), "val_fnr": c["fn"] / (c["fn"] + c["tp"]),
             "val_fpr": c["fp"] / n_good if n_good else None, "set_by": set_by,
             **({"no_miss_share": no_miss_share, "no_miss_min_fpr": no_miss_min_fpr}

@@ -623,7 +623,7 @@ def resplit_policy(y: np.ndarray, p: np.ndarray, held: np.ndarray, part: np.ndar
             vb, tb, vg, tg = pb[:nbv], pb[nbv:], pg[:ngv], pg[ngv:]
         v = np.concatenate([vb, vg])
         t = _choose_threshold(y[v], p[v], 0.0, "conformal", held=held[v], no_miss_share=share,
-                              no_miss_min_fpr=least_fpr)["threshold"]
+                              no_miss_min_fpr=least_fpr, groups=None if groups is None else groups[v])["threshold"]
         missed.append(int(np.sum((p[tb] < t) & ~held[tb])))
         fpr.append(float(np.mean((p[tg] >= t) | held[tg])) if len(tg) else float("nan"))
     m, f = np.array(missed[1:]), np.array(fpr[1:])

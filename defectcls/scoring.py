@@ -152,8 +152,10 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     temperature = card.temperature if views == card.tta else fit_temperature(parts["val"][1], parts["val"][0])
     probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
     y_val, p_val = probs["val"]
+    kept = dict(saved.get("copy_groups", []))   # copies of one shot, as the model's split kept them
+    val_groups = [kept.get(x, -1 - i) for i, x in enumerate(val_names)] if kept else None   # unknown: alone
     policy = choose_threshold(y_val, p_val, target_fnr, method, names=val_names, held=held["val"],
-                              no_miss_share=no_miss_share, no_miss_min_fpr=no_miss_min_fpr)
+                              no_miss_share=no_miss_share, no_miss_min_fpr=no_miss_min_fpr, groups=val_groups)
     thr = policy["threshold"]
     screen_card = None
     if screen:

@@ -665,7 +665,8 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     held_val = data.held(val_idx)
     policy = choose_threshold(y_val, prob_val, cfg.target_fnr, cfg.threshold_method,
                               names=[data.rel(i) for i in val_idx], held=held_val, no_miss_share=cfg.no_miss_share,
-                              no_miss_min_fpr=cfg.no_miss_min_fpr)
+                              no_miss_min_fpr=cfg.no_miss_min_fpr,
+                              groups=None if data.groups is None else data.groups[val_idx])
     thr = policy["threshold"]
     metrics = {"val": compute_metrics(y_val, prob_val, thr, held_val)}
     if test_idx:
@@ -835,7 +836,8 @@ def train_folds(cfg: TrainConfig) -> dict:
     held_pool = data.held(pool)
     policy = choose_threshold(y_pool, prob_oof, cfg.target_fnr, cfg.threshold_method,
                               names=[data.rel(i) for i in pool], held=held_pool, no_miss_share=cfg.no_miss_share,
-                              no_miss_min_fpr=cfg.no_miss_min_fpr)
+                              no_miss_min_fpr=cfg.no_miss_min_fpr,
+                              groups=None if data.groups is None else data.groups[pool])
     policy["chosen_on"] = "out-of-fold predictions: each part scored by the member that did not train on it"
     thr = policy["threshold"]
     metrics = {"oof": compute_metrics(y_pool, prob_oof, thr, held_pool)}

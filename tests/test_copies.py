@@ -110,6 +110,13 @@ def test_training_with_group_copies_keeps_copies_out_of_validation_and_test(tmp_
         assert part_of[a] == part_of[b], (a, part_of[a], b, part_of[b])
     card = json.loads((out / "card.json").read_text())
     assert card["train"]["config"]["group_copies"] is True
+    policy = card["threshold_policy"]   # validation's bad shots, each once
+    n_shots = len({group_of[rel] for rel, lab in split["val"] if lab == 1})
+    assert policy["n_bad_groups_val"] == n_shots < policy["n_bad_val"] + policy["held_bad_val"]
+    from defectcls.scoring import recalibrate
+
+    again = recalibrate(out, target_fnr=0.0, write=False)   # the threshold chosen anew counts the same shots
+    assert again["threshold_policy"]["n_bad_groups_val"] == n_shots
 
 
 def test_copies_command_counts_held_out_photos_seen_in_training(tmp_path, capsys):

@@ -67,6 +67,25 @@ def test_threshold_with_few_bad_parts_reports_its_real_guarantee():
     assert emp["threshold"] == pytest.approx(0.6)
 
 
+def test_copies_of_one_shot_count_once_in_the_threshold_and_its_guarantee():
+    """Ten bad shots of ten copies each: a 5% target is 5 of 101 photos, but 0 of 11 shots, so with the groups the
+    policy falls back to no miss and its guarantee is 1/11; the lowest copy of each shot is what counts."""
+    y = np.array([0] * 100 + [1] * 100)
+    shot_low = np.linspace(0.2, 0.9, 10)
+    bad = np.concatenate([low + np.linspace(0, 0.05, 10) for low in shot_low])
+    p = np.concatenate([np.linspace(0, 0.1, 100), bad])
+    groups = np.concatenate([np.arange(100), 1000 + np.repeat(np.arange(10), 10)])
+    photos = E.choose_threshold(y, p, target_fnr=0.05, no_miss_min_fpr=0)
+    shots = E.choose_threshold(y, p, target_fnr=0.05, no_miss_min_fpr=0, groups=groups)
+    assert photos["threshold"] > 0.2 and photos["guaranteed_fnr"] == pytest.approx(5 / 101)
+    assert shots["threshold"] == pytest.approx(0.2 * E.NO_MISS_SHARE) and shots["val_fnr"] == 0
+    assert shots["guaranteed_fnr"] == pytest.approx(1 / 11)
+    assert shots["n_bad_groups_val"] == 10 and shots["n_bad_val"] == 100 and "n_bad_groups_val" not in photos
+    # 2 shots of 11 for a 20% target: the threshold is the second shot's lowest copy, not the 20th photo
+    twenty = E.choose_threshold(y, p, target_fnr=0.2, groups=groups)
+    assert twenty["threshold"] == pytest.approx(shot_low[1]) and twenty["guaranteed_fnr"] == pytest.approx(2 / 11)
+
+
 def test_threshold_names_the_bad_part_it_rests_on_and_warns_when_it_is_a_lone_outlier():
     y = np.array([0] * 6 + [1] * 4)
     names = [f"good/{i}.png" for i in range(6)] + ["bad/a.png", "bad/slanted.png", "bad/c.png", "bad/d.png"]
