@@ -88,7 +88,8 @@ def match(a: np.ndarray, b: np.ndarray) -> float:
 def copy_groups(paths: Sequence[str], color: str = "gray", link: float = LINK, workers: int | None = None,
                 progress: bool = False) -> np.ndarray:
     """A group number per photo of PATHS; copies of one photo (``match`` >= LINK, linked in chains) share one.
-    A photo without a part that stands out, or unreadable, is a group of its own."""
+    A photo without a part that stands out, or unreadable, is a group of its own. Holds every photo's
+    fingerprint at once, about 150 kB a photo (1 GB for the 6633 casting photos); about 45 s for those on 2 cores."""
     fps = D._map_photos(_fingerprint_one, [(str(p), color) for p in paths], workers, progress)
     n = len(fps)
     parent = list(range(n))
