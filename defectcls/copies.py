@@ -121,6 +121,13 @@ def copy_groups(paths: Sequence[str], color: str = "gray", link: float = LINK, w
     return groups.astype(int)
 
 
+def split_groups(split: dict, names: Sequence[str]) -> list[int] | None:
+    """The group number of each of NAMES (paths relative to the training folder) as a model's split.json kept
+    them (its ``copy_groups``); a name it does not list stands alone. None for a split made photo by photo."""
+    kept = dict(split.get("copy_groups", []))
+    return [kept.get(x, -1 - i) for i, x in enumerate(names)] if kept else None
+
+
 def report(data: str | os.PathLike, model: str | os.PathLike | None = None, color: str = "gray",
            workers: int | None = None, csv_path: str | os.PathLike | None = None, progress: bool = False) -> dict:
     """The copies in folder DATA (good/, bad/): how many groups, how large; with MODEL (a model directory with its

@@ -640,6 +640,7 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
     DATA: the folder the models were trained on (their split.json names its parts). Each model's validation and
     test scores (its card's views and temperature) are kept in OUT/scores/<name>.csv; REUSE reads them back when
     the same weights, temperature and views scored them."""
+    from .copies import split_groups
     from .models import model_id, read_card
     from .scoring import evaluate_model
 
@@ -692,8 +693,8 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
                             for q, a, b, c, d in zip(got["path"], y, p, held, part, strict=True))
         if progress:
             print(f"{name}: {int(np.sum(part == 0))} validation / {int(np.sum(part == 1))} test photos", flush=True)
-        kept = dict(json.loads((m / "split.json").read_text(encoding="utf-8")).get("copy_groups", []))
-        groups = np.array([kept.get(x, -1 - i) for i, x in enumerate(paths)]) if kept else None  # unknown: alone
+        groups = split_groups(json.loads((m / "split.json").read_text(encoding="utf-8")), paths)
+        groups = None if groups is None else np.array(groups)
         for share, least in pols:
             rows.append({"model": name, **resplit_policy(y, p, held, part, share, least, reps, seed, groups)})
     summary = []

@@ -92,6 +92,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     Threshold, policy, views, temperature, background, screen and val/test metrics are replaced, atomically.
     """
     from .config import NO_MISS_MIN_FPR, NO_MISS_SHARE, no_miss_problem
+    from .copies import split_groups
     from .evaluate import choose_threshold, fit_temperature
     from .models import read_card, write_card
 
@@ -152,10 +153,9 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     temperature = card.temperature if views == card.tta else fit_temperature(parts["val"][1], parts["val"][0])
     probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
     y_val, p_val = probs["val"]
-    kept = dict(saved.get("copy_groups", []))   # copies of one shot, as the model's split kept them
-    val_groups = [kept.get(x, -1 - i) for i, x in enumerate(val_names)] if kept else None   # unknown: alone
     policy = choose_threshold(y_val, p_val, target_fnr, method, names=val_names, held=held["val"],
-                              no_miss_share=no_miss_share, no_miss_min_fpr=no_miss_min_fpr, groups=val_groups)
+                              no_miss_share=no_miss_share, no_miss_min_fpr=no_miss_min_fpr,
+                              groups=split_groups(saved, val_names))
     thr = policy["threshold"]
     screen_card = None
     if screen:
