@@ -355,10 +355,11 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
              "each kept in one part of the split", rank)
     parts = D.stratified_split(labels.tolist(), tuple(cfg.split), cfg.seed, groups)
     if groups is not None:
-        for name in ("val", "test"):
-            if cfg.split[("train", "val", "test").index(name)] > 0 and len(np.unique(labels[parts[name]])) < 2:
-                raise DefectclsError(f"--group-copies: the {name} part has no image of one class: its copies fall in "
-                                     "too few groups to share among train, val and test")
+        for name, share in zip(("val", "test"), cfg.split[1:], strict=True):
+            if share > 0 and len(np.unique(labels[parts[name]])) < 2:
+                raise DefectclsError(f"the {name} part has no image of one class: with copies of one photo kept together "
+                                     "they fall in too few groups to share among train, val and test "
+                                     "(--no-group-copies splits photo by photo)")
     masks = known = None
     if cfg.masks:
         masks, known, problems = D.load_masks(samples, cfg.masks, cfg.img_size)
