@@ -113,9 +113,10 @@ def _add_train(sub) -> None:
                         "Ctrl-C or SIGTERM also end the loop: the best epoch so far is saved, then exit status 130")
     p.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
                    help="validate and keep an exponential moving average of the weights (e.g. 0.995); 0: off")
-    p.add_argument("--balance", choices=["loss", "sampler", "background", "none"], default=d.balance,
+    p.add_argument("--balance", choices=["loss", "sampler", "background", "shots", "none"], default=d.balance,
                    help="class imbalance: weighted loss, balanced sampler, a sampler balanced within each band "
-                        "of background level (so the light behind the part cannot stand in for the class), or none")
+                        "of background level (so the light behind the part cannot stand in for the class), a sampler "
+                        "that weighs every shot of each class alike, its copies sharing its weight, or none")
     p.add_argument("--hard-share", type=float, default=d.hard_share, metavar="F",
                    help="share of each epoch (after the first) drawn again in proportion to each photo's recent "
                         "loss, so rare defects the network still misses are seen more often; 0: off")

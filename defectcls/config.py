@@ -195,7 +195,7 @@ class TrainConfig:
     group_copies: bool = True         # copies of one photo (turned, mirrored, zoomed, relit: ``copies.copy_groups``)
                                       # kept in one part of the split (and one fold), so no part scores the
                                       # network on a photo it trained on
-    balance: str = "loss"             # loss | sampler | background | none
+    balance: str = "loss"             # loss | sampler | background | shots | none
     hard_share: float = 0.25          # share of each epoch (after the first) drawn again by the photos' recent
                                       # loss (hard examples); 0: off
     rank_weight: float = 0.0          # > 0: beside the class loss, this weight times the mean over a batch's good

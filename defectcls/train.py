@@ -224,13 +224,32 @@ def background_balance_weights(y: np.ndarray, level: np.ndarray, bins: int = BG_
     return w / w.sum()
 
 
+def shot_balance_weights(y: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Drawing weights (summing to 1) under which both classes weigh the same and, within a class, every shot.
+
+    GROUPS numbers the copies of one shot (``copies.copy_groups``; None: every photo its own shot). On a folder
+    built by augmenting a few hundred shots (the casting photos: 556 shots, one of them 276 photos), drawing photo
+    by photo lets the largest groups outvote the rest; drawn this way each shot counts once, its copies sharing
+    its weight.
+    """
+    g = np.arange(len(y)) if groups is None else np.asarray(groups)
+    w = np.zeros(len(y))
+    for c in (0, 1):
+        m = y == c
+        if not m.any():
+            continue
+        shots, inverse, size = np.unique(g[m], return_inverse=True, return_counts=True)
+        w[m] = 0.5 / (len(shots) * size[inverse])
+    return w / w.sum()
+
+
 def epoch_order(y: np.ndarray, n_epoch: int, balance: str, gen: torch.Generator, hard_share: float = 0.0,
                 sample_loss: np.ndarray | None = None, weights: np.ndarray | None = None) -> torch.Tensor:
     """Indices of the training photos one epoch visits, in order.
 
-    BALANCE "sampler" draws both classes equally often ("background": by WEIGHTS, from
-    ``background_balance_weights``), otherwise each photo is visited once per pass. With HARD_SHARE > 0
-    and the previous epochs' SAMPLE_LOSS, that share of the epoch is drawn again in proportion to each
+    BALANCE "sampler" draws both classes equally often ("background" and "shots": by WEIGHTS, from
+    ``background_balance_weights`` or ``shot_balance_weights``), otherwise each photo is visited once per pass.
+    With HARD_SHARE > 0 and the previous epochs' SAMPLE_LOSS, that share of the epoch is drawn again in proportion to each
     photo's recent loss (capped at 1), so the rare defects the network still misses (a 1-3 px pin mark
     among thousands of obvious blotches) are seen many times more often than once an epoch, instead of
     being outvoted.
@@ -239,7 +258,7 @@ def epoch_order(y: np.ndarray, n_epoch: int, balance: str, gen: torch.Generator,
     if hard_share > 0 and sample_loss is not None and np.isfinite(sample_loss).any():
         n_hard = int(round(hard_share * n_epoch))   # hard_share < 1: checked by resolve_config
     n_base = n_epoch - n_hard
-    if balance in ("sampler", "background"):
+    if balance in ("sampler", "background", "shots"):
         w = weights if weights is not None else \
             np.where(y == 1, 0.5 / max(int((y == 1).sum()), 1), 0.5 / max(int((y == 0).sum()), 1))
         order = torch.multinomial(torch.tensor(w), n_base, replacement=True, generator=gen) if n_base else \
@@ -346,15 +365,15 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
     if len(np.unique(labels)) < 2:
         raise DefectclsError("training needs readable images of both classes (good/ and bad/)")
     groups = None
-    if cfg.group_copies:
+    if cfg.group_copies or cfg.balance == "shots":
         from .copies import copy_groups
 
         groups = copy_groups([s.path for s in samples], cfg.color, workers=cfg.workers, progress=cfg.progress and rank == 0)
         sizes = np.bincount(groups)
-        _log(f"copies of one photo: {len(sizes)} groups of {len(groups)} photos (largest {int(sizes.max())}), "
-             "each kept in one part of the split", rank)
-    parts = D.stratified_split(labels.tolist(), tuple(cfg.split), cfg.seed, groups)
-    if groups is not None:
+        _log(f"copies of one photo: {len(sizes)} groups of {len(groups)} photos (largest {int(sizes.max())})"
+             + (", each kept in one part of the split" if cfg.group_copies else ""), rank)
+    parts = D.stratified_split(labels.tolist(), tuple(cfg.split), cfg.seed, groups if cfg.group_copies else None)
+    if cfg.group_copies:
         for name, share in zip(("val", "test"), cfg.split[1:], strict=True):
             if share > 0 and len(np.unique(labels[parts[name]])) < 2:
                 raise DefectclsError(f"the {name} part has no image of one class: with copies of one photo kept together "
@@ -498,11 +517,13 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
          mean_t: torch.Tensor, std_t: torch.Tensor, device: torch.device, gen: torch.Generator, what: str,
          rank: int = 0, world: int = 1, distributed: bool = False,
          masks: tuple[np.ndarray, np.ndarray] | None = None,
-         held_val: np.ndarray | None = None) -> tuple[nn.Module, int, list[dict]]:
+         held_val: np.ndarray | None = None,
+         groups_train: np.ndarray | None = None) -> tuple[nn.Module, int, list[dict]]:
     """Train one network (CFG resolved by resolve_config); returns it with the weights of its best validation
     epoch (on rank 0), that epoch, history. MASKS: the training images' defect masks and which are known
     (``cfg.mask_weight`` times ``mask_loss`` joins the class loss). HELD_VAL: which validation photos are
-    held (``data.photo_check``), for the epoch's score as the threshold will be chosen."""
+    held (``data.photo_check``), for the epoch's score as the threshold will be chosen. GROUPS_TRAIN: the copy group
+    of each training photo, for ``--balance shots``."""
     c = x_train.shape[1]
     model = build_model(cfg.arch, in_chans=c, num_classes=2, pretrained=cfg.pretrained,
                         pretrained_file=cfg.pretrained_file, input_norm=cfg.input_norm, pool=cfg.pool)
@@ -525,7 +546,8 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     n_bad, n_good = int((y_train == 1).sum()), int((y_train == 0).sum())
     class_w = torch.tensor([len(y_train) / (2 * n_good), len(y_train) / (2 * n_bad)], device=device) \
         if cfg.balance == "loss" else None
-    draw_w = background_balance_weights(y_train, border_level(x_train), BG_BINS, BG_CAP) if cfg.balance == "background" else None
+    draw_w = background_balance_weights(y_train, border_level(x_train), BG_BINS, BG_CAP) if cfg.balance == "background" \
+        else shot_balance_weights(y_train, groups_train) if cfg.balance == "shots" else None
     n_epoch = epoch_samples(len(y_train), cfg.epoch_size)
     steps_per_epoch = max(1, math.ceil(n_epoch / (cfg.batch_size * world)))
     opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -744,7 +766,7 @@ def train(cfg: TrainConfig) -> dict:
     held_val = data.held(val_idx) if rank == 0 else None   # the epochs are scored on rank 0
     model, best_epoch, history = _fit(cfg, x_train, y_train, images[val_idx], labels[val_idx], mean_t, std_t, device,
                                       gen, f"val {len(val_idx)}, test {len(test_idx)}", rank, world, distributed,
-                                      masks, held_val)
+                                      masks, held_val, None if data.groups is None else data.groups[train_idx])
     summary: dict = {}
     if rank == 0:
         summary = _save_single(cfg, model, data, mean, std, {"train": train_idx, "val": val_idx, "test": test_idx},
@@ -819,7 +841,8 @@ def train_folds(cfg: TrainConfig) -> dict:
                                           labels[parts["val"]], mean_t, std_t, device, gen,
                                           f"fold {k + 1}/{cfg.folds}: val {len(val_pos)}, test {len(test_idx)}",
                                           masks=(data.masks[parts["train"]], data.mask_known[parts["train"]])
-                                          if data.masks is not None else None, held_val=data.held(parts["val"]))
+                                          if data.masks is not None else None, held_val=data.held(parts["val"]),
+                                          groups_train=None if data.groups is None else data.groups[parts["train"]])
         oof_logits[val_pos] = predict_logits(with_tta(model, cfg.tta), images[parts["val"]], mean_t, std_t, device)
         s = _save_single(cfg, model, data, mean, std, parts, out / f"fold_{k}", device, 1, t0, best_epoch, history,
                          {"fold": k, "folds": cfg.folds, "ensemble": out.name})

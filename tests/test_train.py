@@ -340,6 +340,37 @@ def test_background_balance_draws_both_classes_alike_in_each_band_of_background_
     assert np.isclose(capped[~dark & (y == 1)].max() / capped[~dark & (y == 0)].min(), 4.0 / (400 / 760))
 
 
+def test_shot_balance_weighs_every_shot_of_a_class_alike_whatever_its_number_of_copies():
+    import numpy as np
+    import torch
+
+    from defectcls.train import epoch_order, shot_balance_weights
+
+    # good: one shot of 90 copies and ten single shots; bad: five shots of 2 copies
+    y = np.array([0] * 100 + [1] * 10)
+    groups = np.r_[np.zeros(90, int), np.arange(1, 11), 20 + np.arange(10) // 2]
+    w = shot_balance_weights(y, groups)
+    assert np.isclose(w.sum(), 1.0)
+    assert np.isclose(w[y == 0].sum(), 0.5) and np.isclose(w[y == 1].sum(), 0.5)
+    per_shot = {g: w[groups == g].sum() for g in np.unique(groups)}
+    assert np.allclose([per_shot[g] for g in range(11)], 0.5 / 11)       # the 90 copies weigh as one single shot
+    assert np.allclose([per_shot[g] for g in range(20, 25)], 0.5 / 5)
+    order = epoch_order(y, 22000, "shots", torch.Generator().manual_seed(0), weights=w).numpy()
+    assert abs((groups[order] == 0).mean() - 0.5 / 11) < 0.01            # not 90/100 of the good draws
+    # without copy groups every photo is its own shot: the class-balanced sampler
+    flat = shot_balance_weights(y, None)
+    assert np.allclose(flat[y == 0], 0.5 / 100) and np.allclose(flat[y == 1], 0.5 / 10)
+
+
+def test_balance_shots_finds_copies_even_when_the_split_goes_photo_by_photo(tiny_data, tmp_path):
+    out = tmp_path / "m"
+    train(_tiny_cfg(tiny_data, out, balance="shots", group_copies=False))
+    card = json.loads((out / "card.json").read_text())
+    assert card["train"]["config"]["balance"] == "shots"
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["copy_groups"]) == sum(len(split[k]) for k in ("train", "val", "test"))
+
+
 def test_hard_share_out_of_range_is_a_clear_error(tiny_data, tmp_path):
     from defectcls.errors import DefectclsError
 
