@@ -128,6 +128,18 @@ def split_groups(split: dict, names: Sequence[str]) -> list[int] | None:
     return [kept.get(x, -1 - i) for i, x in enumerate(names)] if kept else None
 
 
+def mixed_groups(paths: list[str], labels: np.ndarray, groups: np.ndarray) -> list[dict]:
+    """The groups of copies whose photos carry both labels: one shot called good and bad (a label to check), or
+    clean parts linked too loosely. Each: its number and its photos of each class, the largest groups first."""
+    out = []
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        if len(np.unique(labels[members])) > 1:
+            out.append({"group": int(g), **{name: [paths[i] for i in members if labels[i] == c]
+                                            for c, name in enumerate(D.LABELS)}})
+    return sorted(out, key=lambda m: -sum(len(m[name]) for name in D.LABELS))
+
+
 def report(data: str | os.PathLike, model: str | os.PathLike | None = None, color: str = "gray",
            workers: int | None = None, csv_path: str | os.PathLike | None = None, progress: bool = False) -> dict:
     """The copies in folder DATA (good/, bad/): how many groups, how large; with MODEL (a model directory with its
@@ -140,7 +152,8 @@ def report(data: str | os.PathLike, model: str | os.PathLike | None = None, colo
     sizes = np.bincount(groups)
     res = {"data": str(root), "n": len(samples), "groups": len(sizes), "largest": int(sizes.max()),
            "with_copy": int((sizes[groups] > 1).sum()),
-           "groups_by_class": {name: len(set(groups[labels == c].tolist())) for c, name in enumerate(D.LABELS)}}
+           "groups_by_class": {name: len(set(groups[labels == c].tolist())) for c, name in enumerate(D.LABELS)},
+           "mixed": mixed_groups([str(s.path) for s in samples], labels, groups)}
     if csv_path:
         with open(csv_path, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
@@ -171,6 +184,9 @@ def report_text(res: dict) -> str:
     by = ", ".join(f"{v} {k}" for k, v in res["groups_by_class"].items())
     lines = [f"{res['n']} photos in {res['groups']} groups of copies ({by}); the largest holds {res['largest']}; "
              f"{res['with_copy']} photos have at least one copy"]
+    for m in res.get("mixed", []):
+        lines.append(f"group {m['group']} is labelled both ways (check its labels): "
+                     + "; ".join(f"{len(m[k])} {k}, e.g. {m[k][0]}" for k in D.LABELS))
     for name, counts in res.get("seen_in_training", {}).items():
         parts = "; ".join(f"{k} {a} of {b}" for k, (a, b) in counts.items())
         lines.append(f"{res['model']} {name} part: a copy in its training part: {parts}")

@@ -145,8 +145,15 @@ def test_copies_command_counts_held_out_photos_seen_in_training(tmp_path, capsys
     assert res["seen_in_training"] == {"val": {"good": [1, 1], "bad": [1, 2]}, "test": {"good": [0, 1], "bad": [1, 2]}}
     rows = out_csv.read_text().splitlines()
     assert rows[0] == "path,label,group" and len(rows) == 13
+    assert res["mixed"] == []
     assert main(["copies", "--data", str(data), "--model", str(tmp_path)]) == 2
     assert "no split.json" in capsys.readouterr().err
+    # one shot labelled both ways: good/0 mirrored, filed under bad/
+    Image.fromarray(np.asarray(Image.open(data / "good" / "0.png"))[:, ::-1].copy()).save(data / "bad" / "odd.png")
+    assert main(["copies", "--data", str(data), "--workers", "1"]) == 0
+    said = capsys.readouterr().out
+    assert "labelled both ways (check its labels): 2 good, e.g. " in said and "1 bad, e.g. " in said
+    assert "odd.png" in said
 
 
 def test_grouping_is_the_default_and_a_folder_without_copies_splits_as_before():
