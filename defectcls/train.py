@@ -823,7 +823,7 @@ def train_folds(cfg: TrainConfig) -> dict:
         pool = np.array(_subset(pool.tolist(), labels, cfg.max_per_class, cfg.seed))
     test_idx = data.parts["test"]
     y_pool = labels[pool]
-    folds = stratified_folds(y_pool, cfg.folds, cfg.seed, None if data.groups is None else data.groups[pool])
+    folds = stratified_folds(y_pool, cfg.folds, cfg.seed, data.groups[pool] if cfg.group_copies else None)
     mean, std = _norm_stats(cfg, images[pool])
     c = images.shape[1]
     mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1)
