@@ -719,6 +719,9 @@ def _add_copies(sub) -> None:
              "defectcls copies --data ../shared/data/casting/train --model runs/my_model")
     p.add_argument("--data", required=True, help="folder with good/ and bad/")
     p.add_argument("--model", help="a model directory trained on DATA: count its held-out photos with a training copy")
+    p.add_argument("--against", metavar="DIR",
+                   help="a second folder with good/ and bad/ (photos to score): how many are copies of a photo of "
+                        "DATA, or with --model of its training part, i.e. shots the network has seen")
     p.add_argument("--csv", help="write each photo's path, label and group number here")
     p.add_argument("--color", choices=["gray", "rgb"], default="gray")
     p.add_argument("--workers", type=int, default=None)
@@ -729,7 +732,7 @@ def _add_copies(sub) -> None:
 def _run_copies(a) -> int:
     from .copies import report, report_text
 
-    res = report(a.data, a.model, a.color, a.workers, a.csv, progress=not a.json)
+    res = report(a.data, a.model, a.color, a.workers, a.csv, progress=not a.json, against=a.against)
     _emit(res, a.json, report_text(res))
     return 0
 

@@ -141,16 +141,21 @@ def mixed_groups(paths: list[str], labels: np.ndarray, groups: np.ndarray) -> li
 
 
 def report(data: str | os.PathLike, model: str | os.PathLike | None = None, color: str = "gray",
-           workers: int | None = None, csv_path: str | os.PathLike | None = None, progress: bool = False) -> dict:
+           workers: int | None = None, csv_path: str | os.PathLike | None = None, progress: bool = False,
+           against: str | os.PathLike | None = None) -> dict:
     """The copies in folder DATA (good/, bad/): how many groups, how large; with MODEL (a model directory with its
     split.json, trained on DATA), how many of its validation and test photos have a copy in its training part,
-    i.e. were scored as photos the network had seen. CSV_PATH: each photo's path, label and group."""
+    i.e. were scored as photos the network had seen. AGAINST: a second labelled folder (new photos to score):
+    how many of its photos are copies of a photo of DATA (with MODEL: of its training part), so a score on it
+    is known to measure shots the network saw, or new ones. CSV_PATH: each photo's path, label and group."""
     root = Path(data)
     samples = D.scan_folder(root)
-    groups = copy_groups([s.path for s in samples], color, workers=workers, progress=progress)
+    extra = D.scan_folder(Path(against)) if against is not None else []
+    groups = copy_groups([s.path for s in samples + extra], color, workers=workers, progress=progress)
+    groups, extra_groups = groups[:len(samples)], groups[len(samples):]
     labels = np.array([s.label for s in samples])
-    sizes = np.bincount(groups)
-    res = {"data": str(root), "n": len(samples), "groups": len(sizes), "largest": int(sizes.max()),
+    sizes = np.bincount(groups)   # within DATA
+    res = {"data": str(root), "n": len(samples), "groups": int((sizes > 0).sum()), "largest": int(sizes.max()),
            "with_copy": int((sizes[groups] > 1).sum()),
            "groups_by_class": {name: len(set(groups[labels == c].tolist())) for c, name in enumerate(D.LABELS)},
            "mixed": mixed_groups([str(s.path) for s in samples], labels, groups)}
@@ -158,9 +163,10 @@ def report(data: str | os.PathLike, model: str | os.PathLike | None = None, colo
         with open(csv_path, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["path", "label", "group"])
-            for s, g in zip(samples, groups, strict=True):
+            for s, g in zip(samples + extra, np.r_[groups, extra_groups], strict=True):
                 w.writerow([s.path, D.LABELS[s.label], int(g)])
         res["csv"] = str(csv_path)
+    known_groups = set(groups.tolist())
     if model is not None:
         split_file = Path(model) / "split.json"
         if not split_file.is_file():
@@ -171,11 +177,17 @@ def report(data: str | os.PathLike, model: str | os.PathLike | None = None, colo
         if not any(known.values()):
             raise DefectclsError(f"--model {model}: its split.json names none of the photos in {root}")
         seen = {group_of[rel] for rel, _ in known["train"]}
+        known_groups = seen
         res["model"] = str(model)
         res["seen_in_training"] = {
             name: {D.LABELS[c]: [sum(group_of[rel] in seen for rel, lab in known[name] if lab == c),
                                     sum(lab == c for _, lab in known[name])] for c in range(len(D.LABELS))}
             for name in ("val", "test") if known[name]}
+    if against is not None:
+        res["against"] = str(against)
+        res["against_seen"] = {name: [sum(int(g) in known_groups for s, g in zip(extra, extra_groups, strict=True)
+                                          if s.label == c), sum(s.label == c for s in extra)]
+                               for c, name in enumerate(D.LABELS)}
     return res
 
 
@@ -190,6 +202,10 @@ def report_text(res: dict) -> str:
     for name, counts in res.get("seen_in_training", {}).items():
         parts = "; ".join(f"{k} {a} of {b}" for k, (a, b) in counts.items())
         lines.append(f"{res['model']} {name} part: a copy in its training part: {parts}")
+    if "against" in res:
+        parts = "; ".join(f"{k} {a} of {b}" for k, (a, b) in res["against_seen"].items())
+        where = f"{res['model']}'s training part" if "model" in res else res["data"]
+        lines.append(f"{res['against']}: a copy in {where}: {parts}")
     if "csv" in res:
         lines.append(f"groups written to {res['csv']}")
     return "\n".join(lines)

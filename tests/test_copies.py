@@ -146,6 +146,22 @@ def test_copies_command_counts_held_out_photos_seen_in_training(tmp_path, capsys
     rows = out_csv.read_text().splitlines()
     assert rows[0] == "path,label,group" and len(rows) == 13
     assert res["mixed"] == []
+    # a new folder to score: a turned copy of good/1 (trained on), of good/2 and bad/2 (held out), and a new part
+    new = tmp_path / "new"
+    for cls in ("good", "bad"):
+        (new / cls).mkdir(parents=True)
+    for cls, k in (("good", 1), ("good", 2), ("bad", 2)):
+        a = np.asarray(Image.open(data / cls / f"{k}.png"))
+        Image.fromarray(_turn(a, 37)).save(new / cls / f"again_{k}.png")
+    Image.fromarray(np.asarray(render_part(40, bad=True, size=512)[0])).save(new / "bad" / "fresh.png")
+    assert main(["copies", "--data", str(data), "--model", str(model), "--against", str(new), "--json",
+                 "--workers", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["against_seen"] == {"good": [1, 2], "bad": [0, 2]}   # only good/1's shot trained the model
+    assert res["n"] == 12 and res["groups"] == 6                      # the counts of DATA stay DATA's
+    assert main(["copies", "--data", str(data), "--against", str(new), "--workers", "1"]) == 0
+    said = capsys.readouterr().out
+    assert f"{new}: a copy in {data}: good 2 of 2; bad 1 of 2" in said  # without --model: any photo of DATA
     assert main(["copies", "--data", str(data), "--model", str(tmp_path)]) == 2
     assert "no split.json" in capsys.readouterr().err
     # one shot labelled both ways: good/0 mirrored, filed under bad/
