@@ -274,6 +274,8 @@ def _run_evaluate(a) -> int:
             f"ECE {m['ece']:.4f}\n  FPR at no miss {m['fpr_at_no_miss']:.4f} (the best threshold set on these "
             f"photos themselves to miss none: the floor the ranking sets)\n"
             f"  confusion [[tn fp] [fn tp]] = {m['confusion_matrix']}"
+            + (f"\n  bad shots (copies of one photo counted once, as the card's bound counts them): "
+               f"{m['missed_shots']} of {m['bad_shots']} missed" if "bad_shots" in m else "")
             + (f"\n  held (judged bad whatever the model says: no part seen, or a slanted camera): "
                f"{m['held_bad']} bad, {m['held_good']} good" if m["held_bad"] or m["held_good"] else "")
             + (f"\n  skipped {len(res['skipped'])} unreadable file(s)" if res["skipped"] else ""))

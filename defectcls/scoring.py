@@ -39,6 +39,21 @@ def select_split(model_dir: str | os.PathLike, data_root: str | os.PathLike, sam
     return chosen, name
 
 
+def _shot_counts(model_dir: str | os.PathLike, data_root: str | os.PathLike, paths: list[str], y: np.ndarray,
+                 p: np.ndarray, thr: float, held: np.ndarray) -> dict:
+    """With a split that kept copies of one photo together (its ``copy_groups``): the bad shots among PATHS and
+    how many of them have a copy missed at THR, each shot counted once, as the card's bound counts them."""
+    from .copies import split_groups
+
+    saved = json.loads((Path(model_dir) / SPLIT_FILE).read_text())
+    groups = split_groups(saved, [os.path.relpath(x, data_root) for x in paths])
+    if groups is None:
+        return {}
+    g = np.asarray(groups)
+    missed = (y == 1) & ~np.asarray(held, bool) & (p < thr)
+    return {"bad_shots": int(len(np.unique(g[y == 1]))), "missed_shots": int(len(np.unique(g[missed])))}
+
+
 def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, split: str = "auto",
                    threshold: float | None = None, predictor: Predictor | None = None,
                    also: Sequence[Predictor] = ()) -> dict:
@@ -57,7 +72,10 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
     z = pred.logits_cached(images)
     p = prob_bad_from_logits(z, pred.card.temperature)
     thr = pred.threshold if threshold is None else threshold
-    return {"metrics": compute_metrics(y, p, thr, held), "y_true": y.tolist(), "prob_bad": p.tolist(),
+    metrics = compute_metrics(y, p, thr, held)
+    if used != "all":
+        metrics.update(_shot_counts(model_dir, data_root, [samples[i].path for i in ok], y, p, thr, held))
+    return {"metrics": metrics, "y_true": y.tolist(), "prob_bad": p.tolist(),
             "held": held.tolist(), "logits": z.tolist(),
             "paths": [samples[i].path for i in ok], "model_id": pred.model_id, "split": used,
             "skipped": [{"path": path, "error": err} for path, err in failed],

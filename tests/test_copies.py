@@ -1,6 +1,7 @@
 """Copies of one photo: found across turns, mirror images, zoom and light, and kept in one part of the split."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -117,6 +118,17 @@ def test_training_with_group_copies_keeps_copies_out_of_validation_and_test(tmp_
 
     again = recalibrate(out, target_fnr=0.0, write=False)   # the threshold chosen anew counts the same shots
     assert again["threshold_policy"]["n_bad_groups_val"] == n_shots
+    from defectcls.scoring import evaluate_model
+
+    test_shots = {group_of[rel] for rel, lab in split["test"] if lab == 1}
+    for thr in (0.0, 1.01):   # none missed; every bad shot with a photo not held (held photos are judged bad) missed
+        res = evaluate_model(out, data, threshold=thr)
+        m = res["metrics"]
+        assert res["split"] == "test" and m["bad_shots"] == len(test_shots) < m["n_bad"]
+        judged = {group_of[os.path.relpath(x, data)] for x, lab, h in zip(res["paths"], res["y_true"], res["held"],
+                                                                        strict=True) if lab == 1 and not h}
+        assert m["missed_shots"] == (0 if thr == 0.0 else len(judged)) and (thr == 0.0 or judged)
+    assert "bad_shots" not in evaluate_model(out, data, split="all")["metrics"]
 
 
 def test_copies_command_counts_held_out_photos_seen_in_training(tmp_path, capsys):
