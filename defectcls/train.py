@@ -259,8 +259,7 @@ def epoch_order(y: np.ndarray, n_epoch: int, balance: str, gen: torch.Generator,
         n_hard = int(round(hard_share * n_epoch))   # hard_share < 1: checked by resolve_config
     n_base = n_epoch - n_hard
     if balance in ("sampler", "background", "shots"):
-        w = weights if weights is not None else \
-            np.where(y == 1, 0.5 / max(int((y == 1).sum()), 1), 0.5 / max(int((y == 0).sum()), 1))
+        w = weights if weights is not None else shot_balance_weights(y, None)   # each photo its own shot
         order = torch.multinomial(torch.tensor(w), n_base, replacement=True, generator=gen) if n_base else \
             torch.zeros(0, dtype=torch.long)
     else:
@@ -323,6 +322,10 @@ class _Data:
     def rel(self, i: int) -> str:
         """Sample I's path relative to the folder, as split.json and the threshold policy name it."""
         return os.path.relpath(self.samples[i].path, self.root)
+
+    def groups_of(self, idx) -> np.ndarray | None:
+        """The copy group of each of samples IDX (``copies.copy_groups``); None when copies were not looked for."""
+        return None if self.groups is None else self.groups[idx]
 
     def held(self, idx) -> np.ndarray:
         """Whether the photos of samples IDX are held (``data.photo_check``: judged bad whatever the model
@@ -689,7 +692,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     policy = choose_threshold(y_val, prob_val, cfg.target_fnr, cfg.threshold_method,
                               names=[data.rel(i) for i in val_idx], held=held_val, no_miss_share=cfg.no_miss_share,
                               no_miss_min_fpr=cfg.no_miss_min_fpr,
-                              groups=None if data.groups is None else data.groups[val_idx])
+                              groups=data.groups_of(val_idx))
     thr = policy["threshold"]
     metrics = {"val": compute_metrics(y_val, prob_val, thr, held_val)}
     if test_idx:
@@ -766,7 +769,7 @@ def train(cfg: TrainConfig) -> dict:
     held_val = data.held(val_idx) if rank == 0 else None   # the epochs are scored on rank 0
     model, best_epoch, history = _fit(cfg, x_train, y_train, images[val_idx], labels[val_idx], mean_t, std_t, device,
                                       gen, f"val {len(val_idx)}, test {len(test_idx)}", rank, world, distributed,
-                                      masks, held_val, None if data.groups is None else data.groups[train_idx])
+                                      masks, held_val, data.groups_of(train_idx))
     summary: dict = {}
     if rank == 0:
         summary = _save_single(cfg, model, data, mean, std, {"train": train_idx, "val": val_idx, "test": test_idx},
@@ -842,7 +845,7 @@ def train_folds(cfg: TrainConfig) -> dict:
                                           f"fold {k + 1}/{cfg.folds}: val {len(val_pos)}, test {len(test_idx)}",
                                           masks=(data.masks[parts["train"]], data.mask_known[parts["train"]])
                                           if data.masks is not None else None, held_val=data.held(parts["val"]),
-                                          groups_train=None if data.groups is None else data.groups[parts["train"]])
+                                          groups_train=data.groups_of(parts["train"]))
         oof_logits[val_pos] = predict_logits(with_tta(model, cfg.tta), images[parts["val"]], mean_t, std_t, device)
         s = _save_single(cfg, model, data, mean, std, parts, out / f"fold_{k}", device, 1, t0, best_epoch, history,
                          {"fold": k, "folds": cfg.folds, "ensemble": out.name})
@@ -861,7 +864,7 @@ def train_folds(cfg: TrainConfig) -> dict:
     policy = choose_threshold(y_pool, prob_oof, cfg.target_fnr, cfg.threshold_method,
                               names=[data.rel(i) for i in pool], held=held_pool, no_miss_share=cfg.no_miss_share,
                               no_miss_min_fpr=cfg.no_miss_min_fpr,
-                              groups=None if data.groups is None else data.groups[pool])
+                              groups=data.groups_of(pool))
     policy["chosen_on"] = "out-of-fold predictions: each part scored by the member that did not train on it"
     thr = policy["threshold"]
     metrics = {"oof": compute_metrics(y_pool, prob_oof, thr, held_pool)}
