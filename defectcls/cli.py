@@ -142,6 +142,10 @@ def _add_train(sub) -> None:
                         "datasets ship them) and keep each photo's copies in one part of the split and one fold, so "
                         "validation and test score photos the network never saw; --no-group-copies splits photo by "
                         "photo")
+    p.add_argument("--mixed", choices=["keep", "bad", "drop"], default=d.mixed,
+                   help="a shot whose copies are filed under both labels (`defectcls copies` names them), in "
+                        "training: keep each copy's label, train every copy as bad (a defect one inspector saw), or "
+                        "leave the shot out; validation and test keep the labels as filed")
     p.add_argument("--folds", type=int, default=d.folds,
                    help="K > 1: K-fold cross-validation; writes OUT/fold_0..K-1 and OUT as their ensemble")
     p.add_argument("--fp16-weights", action="store_true", help="store weights as float16 (half the size)")
@@ -209,7 +213,7 @@ def _run_train(a) -> int:
                       max_minutes=a.max_minutes, ema=a.ema, rank_weight=a.rank_weight, rank_k=a.rank_k,
                       balance=a.balance, hard_share=a.hard_share, pretrained=a.pretrained, pretrained_file=a.pretrained_file,
                       extra_labels=a.extra_labels, init=a.init, max_per_class=tuple(a.max_per_class) if a.max_per_class else None,
-                      folds=a.folds, group_copies=a.group_copies, fp16_weights=a.fp16_weights,
+                      folds=a.folds, group_copies=a.group_copies, mixed=a.mixed, fp16_weights=a.fp16_weights,
                       focus_restore=not a.no_focus_restore, workers=a.workers, disk_cache=not a.no_cache,
                       progress=not a.json, aug=AugConfig.preset(a.aug), input_norm=a.input_norm, pool=a.pool, tta=a.tta,
                       frame=a.frame, masks=a.masks, mask_weight=a.mask_weight)

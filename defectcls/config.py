@@ -195,6 +195,8 @@ class TrainConfig:
     group_copies: bool = True         # copies of one photo (turned, mirrored, zoomed, relit: ``copies.copy_groups``)
                                       # kept in one part of the split (and one fold), so no part scores the
                                       # network on a photo it trained on
+    mixed: str = "bad"                # a shot filed under both labels (copies labelled good and bad), in training:
+                                      # bad (every copy trains as bad) | keep (each copy as filed) | drop (left out)
     balance: str = "loss"             # loss | sampler | background | shots | none
     hard_share: float = 0.25          # share of each epoch (after the first) drawn again by the photos' recent
                                       # loss (hard examples); 0: off

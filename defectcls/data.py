@@ -816,7 +816,9 @@ def stratified_split(labels: Sequence[int], fractions: tuple[float, float, float
     GROUPS (a group number per image, e.g. ``copies.copy_groups``): each class's images of one group go to one
     part, so no part holds a copy of another's photo. Groups are dealt in a seeded order, each to the part
     furthest below its share, so the parts' sizes miss their shares by at most about one group. A class without
-    copies (every group a single image) is split as without GROUPS.
+    copies (every group a single image) is split as without GROUPS. A group whose images carry both labels (one
+    shot filed as good and as bad) then goes whole to the part its more numerous class was dealt to, so no part
+    scores a shot that another trained with the other label.
     """
     if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise DefectclsError(f"split fractions must sum to 1, got {fractions}")
@@ -844,6 +846,19 @@ def stratified_split(labels: Sequence[int], fractions: tuple[float, float, float
             name = max((k for k in want if want[k] > 0), key=lambda k: (want[k] - got[k]) / want[k])
             parts[name] += group
             got[name] += len(group)
+    if groups is not None:   # a shot filed under both labels goes whole to the part of its more numerous class
+        part_of = {int(i): k for k, v in parts.items() for i in v}
+        shots: dict[int, list[int]] = {}
+        for i, g in enumerate(np.asarray(groups).tolist()):
+            shots.setdefault(int(g), []).append(i)
+        for shot in shots.values():
+            if len({part_of[i] for i in shot}) > 1:
+                ys = labels[shot].tolist()
+                lead = max(set(ys), key=lambda c: (ys.count(c), c))   # a tie goes with the bad photos
+                where = part_of[shot[ys.index(lead)]]
+                for i in shot:
+                    part_of[i] = where
+        parts = {k: [i for i, p in part_of.items() if p == k] for k in parts}
     return {k: sorted(v) for k, v in parts.items()}
 
 

@@ -127,6 +127,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if min(fills) < 0 or sum(fills) > 1:
         raise DefectclsError("the fill shares fill_border_p, fill_reflect_p and fill_const_p must be >= 0 and "
                              f"sum to at most 1, got {', '.join(f'{f:g}' for f in fills)}")
+    if cfg.mixed not in MIXED:
+        raise DefectclsError(f"--mixed must be one of {', '.join(MIXED)}, got {cfg.mixed!r}")
     if cfg.mask_weight <= 0:
         raise DefectclsError(f"--mask-weight must be > 0, got {cfg.mask_weight}")
     if cfg.tta not in TTA_VIEWS:
@@ -337,6 +339,34 @@ class _Data:
         return np.array([self.held_known[int(i)] for i in idx], bool)
 
 
+MIXED = ("keep", "bad", "drop")
+
+
+def training_labels(labels: np.ndarray, groups: np.ndarray | None, idx, mixed: str) -> tuple[list[int], np.ndarray]:
+    """The training photos IDX and the labels they train with under the --mixed policy: a shot whose copies are
+    filed under both labels (over the whole folder, ``groups`` numbering the shots) keeps each copy's label
+    ("keep"), trains every copy as bad ("bad": a defect one inspector saw is one) or is left out ("drop")."""
+    idx = [int(i) for i in idx]
+    if mixed == "keep" or groups is None:
+        return idx, labels[idx].copy()
+    both = {int(g) for g in np.unique(groups) if len(np.unique(labels[groups == g])) > 1}
+    in_mixed = np.array([int(groups[i]) in both for i in idx], bool)
+    if mixed == "drop":
+        idx = [i for i, m in zip(idx, in_mixed, strict=True) if not m]
+        return idx, labels[idx].copy()
+    y = labels[idx].copy()
+    y[in_mixed] = 1
+    return idx, y
+
+
+def _mixed_log(cfg: TrainConfig, labels: np.ndarray, before: list[int], after: list[int], y: np.ndarray,
+               rank: int = 0) -> None:
+    if cfg.mixed == "drop" and len(after) < len(before):
+        _log(f"--mixed drop: {len(before) - len(after)} training photos of shots filed under both labels left out", rank)
+    elif cfg.mixed == "bad" and (changed := int((y != labels[after]).sum())):
+        _log(f"--mixed bad: {changed} good-labelled training photos of shots also filed bad train as bad", rank)
+
+
 def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _Data:
     root = Path(cfg.data)
     samples = D.scan_folder(root)
@@ -368,7 +398,7 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
     if len(np.unique(labels)) < 2:
         raise DefectclsError("training needs readable images of both classes (good/ and bad/)")
     groups = None
-    if cfg.group_copies or cfg.balance == "shots":
+    if cfg.group_copies or cfg.balance == "shots" or cfg.mixed != "keep":
         from .copies import copy_groups
 
         groups = copy_groups([s.path for s in samples], cfg.color, workers=cfg.workers, progress=cfg.progress and rank == 0)
@@ -759,7 +789,10 @@ def train(cfg: TrainConfig) -> dict:
     val_idx, test_idx = data.parts["val"], data.parts["test"]
     if not val_idx:
         raise DefectclsError("validation part is empty: need at least 3 images of each class")
-    x_train, y_train = images[train_idx], labels[train_idx]
+    filed = train_idx
+    train_idx, y_train = training_labels(labels, data.groups, filed, cfg.mixed)
+    _mixed_log(cfg, labels, filed, train_idx, y_train, rank)
+    x_train = images[train_idx]
     mean, std = _norm_stats(cfg, x_train)
     c = images.shape[1]
     mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1)
@@ -840,7 +873,10 @@ def train_folds(cfg: TrainConfig) -> dict:
         gen = seed_everything(cfg.seed + k)
         tr_pos = np.setdiff1d(np.arange(len(pool)), val_pos)
         parts = {"train": pool[tr_pos].tolist(), "val": pool[val_pos].tolist(), "test": test_idx}
-        model, best_epoch, history = _fit(cfg, images[parts["train"]], labels[parts["train"]], images[parts["val"]],
+        filed = parts["train"]
+        parts["train"], y_train = training_labels(labels, data.groups, filed, cfg.mixed)
+        _mixed_log(cfg, labels, filed, parts["train"], y_train)
+        model, best_epoch, history = _fit(cfg, images[parts["train"]], y_train, images[parts["val"]],
                                           labels[parts["val"]], mean_t, std_t, device, gen,
                                           f"fold {k + 1}/{cfg.folds}: val {len(val_pos)}, test {len(test_idx)}",
                                           masks=(data.masks[parts["train"]], data.mask_known[parts["train"]])

@@ -81,6 +81,46 @@ def test_grouped_split_keeps_each_group_in_one_part_and_stays_stratified_and_see
         D.stratified_split(labels, seed=0, groups=groups[:10])
 
 
+def test_a_shot_filed_under_both_labels_goes_whole_to_the_part_of_its_more_numerous_class():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 400 + [1] * 200)
+    groups = np.concatenate([rng.integers(0, 60, 400), 100 + rng.integers(0, 40, 200)])
+    groups[:30] = 900                       # one shot of 30 good copies ...
+    groups[400:404] = 900                   # ... and 4 bad ones
+    groups[30:32] = 901
+    groups[404:406] = 901                   # a tie: 2 good, 2 bad
+    apart = groups.copy()
+    apart[400:404] = 950                    # the same photos, the bad copies a shot of their own
+    apart[404:406] = 951
+    a = D.stratified_split(labels, (0.7, 0.15, 0.15), seed=4, groups=groups)
+    b = D.stratified_split(labels, (0.7, 0.15, 0.15), seed=4, groups=apart)
+    part_a = {i: k for k, idx in a.items() for i in idx}
+    part_b = {i: k for k, idx in b.items() for i in idx}
+    assert sorted(part_a) == list(range(600))
+    for g in np.unique(groups):
+        assert len({part_a[i] for i in np.flatnonzero(groups == g)}) == 1, f"group {g} split across parts"
+    assert {part_a[i] for i in [*range(30), *range(400, 404)]} == {part_b[0]}   # the good copies' part
+    assert part_a[30] == part_a[404] == part_b[404]                 # a tie follows the bad copies
+    others = [i for i in range(600) if groups[i] not in (900, 901)]
+    assert all(part_a[i] == part_b[i] for i in others)              # every other shot is dealt as before
+
+
+def test_training_labels_keep_relabel_or_drop_the_shots_filed_under_both_labels():
+    from defectcls.train import training_labels
+
+    labels = np.array([0, 0, 1, 0, 1, 1])
+    groups = np.array([7, 7, 7, 8, 9, 9])   # shot 7 is filed good twice and bad once
+    idx, y = training_labels(labels, groups, [0, 2, 3, 4], "keep")
+    assert idx == [0, 2, 3, 4] and y.tolist() == [0, 1, 0, 1]
+    idx, y = training_labels(labels, groups, [0, 2, 3, 4], "bad")
+    assert idx == [0, 2, 3, 4] and y.tolist() == [1, 1, 0, 1]
+    assert labels.tolist() == [0, 0, 1, 0, 1, 1]                    # the folder's labels stay as filed
+    idx, y = training_labels(labels, groups, [0, 2, 3, 4], "drop")
+    assert idx == [3, 4] and y.tolist() == [0, 1]
+    idx, y = training_labels(labels, None, [0, 1], "bad")           # no copies looked for: nothing to relabel
+    assert idx == [0, 1] and y.tolist() == [0, 0]
+
+
 def test_grouped_folds_keep_each_group_in_one_fold():
     labels = np.array([0] * 60 + [1] * 30)
     groups = np.concatenate([np.arange(60) // 3, 100 + np.arange(30) // 3])
@@ -190,5 +230,9 @@ def test_grouping_is_the_default_and_a_folder_without_copies_splits_as_before():
     parse = build_parser().parse_args
     assert parse(["train", "--data", "d", "--out", "o"]).group_copies is True
     assert parse(["train", "--data", "d", "--out", "o", "--no-group-copies"]).group_copies is False
+    assert parse(["train", "--data", "d", "--out", "o"]).mixed == "bad"
+    assert parse(["train", "--data", "d", "--out", "o", "--mixed", "keep"]).mixed == "keep"
+    with pytest.raises(SystemExit):
+        parse(["train", "--data", "d", "--out", "o", "--mixed", "good"])
     labels = [0] * 50 + [1] * 20
     assert D.stratified_split(labels, seed=3, groups=list(range(70))) == D.stratified_split(labels, seed=3)

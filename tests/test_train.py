@@ -371,6 +371,13 @@ def test_balance_shots_finds_copies_even_when_the_split_goes_photo_by_photo(tiny
     assert len(split["copy_groups"]) == sum(len(split[k]) for k in ("train", "val", "test"))
 
 
+def test_mixed_policy_out_of_range_is_a_clear_error(tiny_data, tmp_path):
+    from defectcls.errors import DefectclsError
+
+    with pytest.raises(DefectclsError, match="--mixed"):
+        train(_tiny_cfg(tiny_data, tmp_path / "m", mixed="good"))
+
+
 def test_hard_share_out_of_range_is_a_clear_error(tiny_data, tmp_path):
     from defectcls.errors import DefectclsError
 
