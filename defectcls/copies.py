@@ -132,11 +132,10 @@ def mixed_groups(paths: list[str], labels: np.ndarray, groups: np.ndarray) -> li
     """The groups of copies whose photos carry both labels: one shot called good and bad (a label to check), or
     clean parts linked too loosely. Each: its number and its photos of each class, the largest groups first."""
     out = []
-    for g in np.unique(groups):
+    for g in sorted(D.mixed_shots(labels, groups)):
         members = np.flatnonzero(groups == g)
-        if len(np.unique(labels[members])) > 1:
-            out.append({"group": int(g), **{name: [paths[i] for i in members if labels[i] == c]
-                                            for c, name in enumerate(D.LABELS)}})
+        out.append({"group": int(g), **{name: [paths[i] for i in members if labels[i] == c]
+                                        for c, name in enumerate(D.LABELS)}})
     return sorted(out, key=lambda m: -sum(len(m[name]) for name in D.LABELS))
 
 

@@ -809,6 +809,13 @@ def merge_labels(samples: list[Sample], extra: list[Sample]) -> tuple[list[Sampl
     return merged, overridden, added
 
 
+def mixed_shots(labels: Sequence[int], groups: Sequence[int]) -> set[int]:
+    """The group numbers (``copies.copy_groups``) whose images carry both labels: one shot filed as good and as bad."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    seen_good = set(groups[labels == 0].tolist())
+    return {int(g) for g in set(groups[labels != 0].tolist()) if g in seen_good}
+
+
 def stratified_split(labels: Sequence[int], fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
                      seed: int = 0, groups: Sequence[int] | None = None) -> dict[str, list[int]]:
     """Seeded per-class split into train/val/test index lists (each class in every part when it can be).

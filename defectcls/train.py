@@ -349,7 +349,7 @@ def training_labels(labels: np.ndarray, groups: np.ndarray | None, idx, mixed: s
     idx = [int(i) for i in idx]
     if mixed == "keep" or groups is None:
         return idx, labels[idx].copy()
-    both = {int(g) for g in np.unique(groups) if len(np.unique(labels[groups == g])) > 1}
+    both = D.mixed_shots(labels, groups)
     in_mixed = np.array([int(groups[i]) in both for i in idx], bool)
     if mixed == "drop":
         idx = [i for i, m in zip(idx, in_mixed, strict=True) if not m]
