@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import NO_MISS_MIN_FPR, NO_MISS_SHARE, AugConfig, no_miss_problem
+from .config import MIXED, NO_MISS_MIN_FPR, NO_MISS_SHARE, AugConfig, no_miss_problem
 from .errors import DefectclsError
 
 DEFAULT_MODEL_NAME = "mobilenet_v3_large_gray"
@@ -142,7 +142,7 @@ def _add_train(sub) -> None:
                         "datasets ship them) and keep each photo's copies in one part of the split and one fold, so "
                         "validation and test score photos the network never saw; --no-group-copies splits photo by "
                         "photo")
-    p.add_argument("--mixed", choices=["keep", "bad", "drop"], default=d.mixed,
+    p.add_argument("--mixed", choices=MIXED, default=d.mixed,
                    help="a shot whose copies are filed under both labels (`defectcls copies` names them), in "
                         "training: keep each copy's label, train every copy as bad (a defect one inspector saw), or "
                         "leave the shot out; validation and test keep the labels as filed")

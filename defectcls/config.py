@@ -169,6 +169,9 @@ class AugConfig:
                    blur_p=0, blur_sigma=0, noise=0, jpeg_p=0, ramp_start=0, ramp=0)
 
 
+MIXED = ("bad", "keep", "drop")   # what a shot filed under both labels trains as (TrainConfig.mixed)
+
+
 @dataclass
 class TrainConfig:
     data: str
@@ -195,7 +198,7 @@ class TrainConfig:
     group_copies: bool = True         # copies of one photo (turned, mirrored, zoomed, relit: ``copies.copy_groups``)
                                       # kept in one part of the split (and one fold), so no part scores the
                                       # network on a photo it trained on
-    mixed: str = "bad"                # a shot filed under both labels (copies labelled good and bad), in training:
+    mixed: str = "bad"                # (MIXED) a shot filed under both labels (copies labelled good and bad), in training:
                                       # bad (every copy trains as bad) | keep (each copy as filed) | drop (left out)
     balance: str = "loss"             # loss | sampler | background | shots | none
     hard_share: float = 0.25          # share of each epoch (after the first) drawn again by the photos' recent

@@ -855,16 +855,12 @@ def stratified_split(labels: Sequence[int], fractions: tuple[float, float, float
             got[name] += len(group)
     if groups is not None:   # a shot filed under both labels goes whole to the part of its more numerous class
         part_of = {int(i): k for k, v in parts.items() for i in v}
-        shots: dict[int, list[int]] = {}
-        for i, g in enumerate(np.asarray(groups).tolist()):
-            shots.setdefault(int(g), []).append(i)
-        for shot in shots.values():
-            if len({part_of[i] for i in shot}) > 1:
-                ys = labels[shot].tolist()
-                lead = max(set(ys), key=lambda c: (ys.count(c), c))   # a tie goes with the bad photos
-                where = part_of[shot[ys.index(lead)]]
-                for i in shot:
-                    part_of[i] = where
+        for g in mixed_shots(labels, groups):
+            shot = np.flatnonzero(np.asarray(groups) == g).tolist()
+            ys = labels[shot].tolist()
+            lead = max(set(ys), key=lambda c: (ys.count(c), c))   # a tie goes with the bad photos
+            for i in shot:
+                part_of[i] = part_of[shot[ys.index(lead)]]
         parts = {k: [i for i, p in part_of.items() if p == k] for k in parts}
     return {k: sorted(v) for k, v in parts.items()}
 

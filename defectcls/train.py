@@ -22,7 +22,7 @@ from torch import nn
 
 from . import data as D
 from .augment import augment
-from .config import TrainConfig, resolve_device, seed_everything
+from .config import MIXED, TrainConfig, resolve_device, seed_everything
 from .errors import DefectclsError
 from .evaluate import (
     choose_threshold,
@@ -339,9 +339,6 @@ class _Data:
         return np.array([self.held_known[int(i)] for i in idx], bool)
 
 
-MIXED = ("keep", "bad", "drop")
-
-
 def training_labels(labels: np.ndarray, groups: np.ndarray | None, idx, mixed: str) -> tuple[list[int], np.ndarray]:
     """The training photos IDX and the labels they train with under the --mixed policy: a shot whose copies are
     filed under both labels (over the whole folder, ``groups`` numbering the shots) keeps each copy's label
@@ -359,12 +356,14 @@ def training_labels(labels: np.ndarray, groups: np.ndarray | None, idx, mixed: s
     return idx, y
 
 
-def _mixed_log(cfg: TrainConfig, labels: np.ndarray, before: list[int], after: list[int], y: np.ndarray,
-               rank: int = 0) -> None:
-    if cfg.mixed == "drop" and len(after) < len(before):
-        _log(f"--mixed drop: {len(before) - len(after)} training photos of shots filed under both labels left out", rank)
-    elif cfg.mixed == "bad" and (changed := int((y != labels[after]).sum())):
+def _train_part(cfg: TrainConfig, data: _Data, idx, rank: int = 0) -> tuple[list[int], np.ndarray]:
+    """``training_labels`` for the training photos IDX of DATA under cfg.mixed, saying what it changed."""
+    out, y = training_labels(data.labels, data.groups, idx, cfg.mixed)
+    if cfg.mixed == "drop" and len(out) < len(idx):
+        _log(f"--mixed drop: {len(idx) - len(out)} training photos of shots filed under both labels left out", rank)
+    elif cfg.mixed == "bad" and (changed := int((y != data.labels[out]).sum())):
         _log(f"--mixed bad: {changed} good-labelled training photos of shots also filed bad train as bad", rank)
+    return out, y
 
 
 def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _Data:
@@ -789,9 +788,7 @@ def train(cfg: TrainConfig) -> dict:
     val_idx, test_idx = data.parts["val"], data.parts["test"]
     if not val_idx:
         raise DefectclsError("validation part is empty: need at least 3 images of each class")
-    filed = train_idx
-    train_idx, y_train = training_labels(labels, data.groups, filed, cfg.mixed)
-    _mixed_log(cfg, labels, filed, train_idx, y_train, rank)
+    train_idx, y_train = _train_part(cfg, data, train_idx, rank)
     x_train = images[train_idx]
     mean, std = _norm_stats(cfg, x_train)
     c = images.shape[1]
@@ -873,9 +870,7 @@ def train_folds(cfg: TrainConfig) -> dict:
         gen = seed_everything(cfg.seed + k)
         tr_pos = np.setdiff1d(np.arange(len(pool)), val_pos)
         parts = {"train": pool[tr_pos].tolist(), "val": pool[val_pos].tolist(), "test": test_idx}
-        filed = parts["train"]
-        parts["train"], y_train = training_labels(labels, data.groups, filed, cfg.mixed)
-        _mixed_log(cfg, labels, filed, parts["train"], y_train)
+        parts["train"], y_train = _train_part(cfg, data, parts["train"])
         model, best_epoch, history = _fit(cfg, images[parts["train"]], y_train, images[parts["val"]],
                                           labels[parts["val"]], mean_t, std_t, device, gen,
                                           f"fold {k + 1}/{cfg.folds}: val {len(val_pos)}, test {len(test_idx)}",
