@@ -47,7 +47,7 @@ METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "thr
 _SAME_RUN = ("data", "arch", "epochs", "img_size", "batch_size", "lr", "weight_decay", "color", "seed", "target_fnr",
              "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug",
              "input_norm", "pool", "ema", "epoch_size", "hard_share", "rank_weight", "rank_k", "frame", "focus_restore", "masks",
-             "mask_weight", "extra_labels", "init")
+             "mask_weight", "extra_labels", "init", "group_copies", "mixed")
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -98,8 +98,11 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
         have["pool"] = card.pool
         # cards from before an option were trained as it is off (before --epoch-size an epoch was one pass;
         # before the focus restore soft photos were judged as they came)
+        # (before --group-copies the split went photo by photo; before --mixed a shot's good and bad copies were
+        # dealt apart, a split no flag of today makes: such a card is never the same run)
         for key, off in (("hard_share", 0.0), ("ema", 0.0), ("rank_weight", 0.0), ("rank_k", 1), ("epoch_size", 0),
-                         ("focus_restore", False), ("frame", "full"), ("masks", None), ("extra_labels", None), ("init", None)):
+                         ("focus_restore", False), ("frame", "full"), ("masks", None), ("extra_labels", None), ("init", None),
+                         ("group_copies", False), ("mixed", "split before --mixed")):
             have.setdefault(key, off)
         if not have["masks"]:
             have["mask_weight"] = want["mask_weight"]   # the weight of a mask loss that was not there

@@ -177,6 +177,18 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
     card_path.write_text(json.dumps(card))              # counted them, so it is not today's recipe either
     X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
     assert weights.stat().st_mtime_ns != before and "held_bad_val" in json.loads(card_path.read_text())["threshold_policy"]
+    for key, other in (("mixed", "keep"), ("group_copies", False), ("mixed", None)):
+        before = weights.stat().st_mtime_ns
+        card = json.loads(card_path.read_text())
+        if other is None:
+            del card["train"]["config"][key]            # a model from before --mixed: its split dealt a shot apart
+        else:
+            card["train"]["config"][key] = other        # another split or other training labels: not the recipe
+        card_path.write_text(json.dumps(card))
+        X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
+        config = json.loads(card_path.read_text())["train"]["config"]
+        assert weights.stat().st_mtime_ns != before, key
+        assert (config["mixed"], config["group_copies"]) == (_recipe().mixed, _recipe().group_copies)
     before = weights.stat().st_mtime_ns
     card = json.loads(card_path.read_text())
     pol = card["threshold_policy"]
