@@ -311,6 +311,10 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--tta", type=int, choices=[1, 4, 8], default=None,
                    help="change the test-time views the model answers with (the temperature is refitted); "
                         "default: keep the card's")
+    p.add_argument("--refit-temperature", action="store_true",
+                   help="fit the temperature anew on validation with the views kept: the confidence by squared error, "
+                        "the policy's scale by NLL (for a model trained before the confidence was fitted so; the "
+                        "verdicts at the same policy do not change)")
     p.add_argument("--screen", action="store_true",
                    help="with test-time views: look at one view first; a part whose one-view P(bad) is below a "
                         "fifth of every flagged validation bad part's is good, one above every validation good "
@@ -340,9 +344,10 @@ def _run_calibrate(a) -> int:
 
     if a.photos_only:
         if (a.target_fnr is not None or a.tta is not None or a.screen or a.no_miss_share is not None
-                or a.no_miss_min_fpr is not None):
+                or a.no_miss_min_fpr is not None or a.refit_temperature):
             raise DefectclsError("--photos-only changes nothing but the photo range: drop --target-fnr, --tta, "
-                                 "--screen, --no-miss-share and --no-miss-min-fpr, or calibrate without it (which "
+                                 "--refit-temperature, --screen, --no-miss-share and --no-miss-min-fpr, or calibrate "
+                                 "without it (which "
                                  "records the range too)")
         res = record_photo_range(a.model, data_root=a.data, write=not a.dry_run,
                                  focus_restore=None if a.focus_restore is None else a.focus_restore == "on")
@@ -365,7 +370,8 @@ def _run_calibrate(a) -> int:
         raise DefectclsError("--focus-restore goes with --photos-only")
     _check_no_miss(a.no_miss_share, a.no_miss_min_fpr)
     res = recalibrate(a.model, a.target_fnr, a.threshold_method, data_root=a.data, write=not a.dry_run, tta=a.tta,
-                      screen=a.screen, no_miss_share=a.no_miss_share, no_miss_min_fpr=a.no_miss_min_fpr)
+                      screen=a.screen, no_miss_share=a.no_miss_share, no_miss_min_fpr=a.no_miss_min_fpr,
+                      refit_temperature=a.refit_temperature)
     pol, old = res["threshold_policy"], res["before"]
     lines = [f"{a.model}: threshold {old['threshold']:.6g} -> {res['threshold']:.6g} "
              f"({pol['method']}, target FNR {pol['target_fnr']}, "
@@ -381,9 +387,11 @@ def _run_calibrate(a) -> int:
     if res["background"] != old["background"]:
         lines.append(f"  background {res['background']} recorded: black or white corners a tool left get it "
                      "(data.restore_fill)")
-    if res["tta"] != old["tta"]:
+    if res["tta"] != old["tta"] or res["temperature"] != old["temperature"]:
         lines.append(f"  test-time views {old['tta']} -> {res['tta']}, temperature {old['temperature']:.4g} -> "
-                     f"{res['temperature']:.4g}")
+                     f"{res['temperature']:.4g} (the policy's scale {pol.get('chosen_at_temperature', old['temperature']):.4g}); "
+                     f"validation ECE {(old['metrics'] or {}).get('val', {}).get('ece', float('nan')):.4f} -> "
+                     f"{res['metrics']['val']['ece']:.4f}")
     if res["screen"]:
         sc = res["screen"]
         lines.append(f"  screen: one view first; P(bad) below {sc['below']:.4g} is good at once (a fifth of the lowest of "

@@ -268,14 +268,25 @@ def floor_note(policy: dict) -> str | None:
             "among them that validation did not draw would pass a share of the lowest (--no-miss-min-fpr)")
 
 
-def fit_temperature(logits: np.ndarray, y_true: Sequence[int]) -> float:
-    """Temperature T minimising validation NLL of softmax(logits / T) (scalar, > 0)."""
+def fit_temperature(logits: np.ndarray, y_true: Sequence[int], loss: str = "nll") -> float:
+    """Temperature T (scalar, > 0) of softmax(logits / T) fitted on validation.
+
+    LOSS "nll": minimising the negative log-likelihood, the classic fit and the scale the threshold policy's share
+    and floor were measured in (``threshold_temperatures``). A few confidently wrong parts (a pin-mark bad part
+    scored 0.01) dominate it, so on a validation part that drew some it flattens every score. "brier": minimising the
+    mean squared error of P(bad), bounded per part, so that the bulk of parts sets T: the card's temperature,
+    the confidence a user reads (docs/benchmarks.md, section 3, "Confidence fitted by squared error").
+    """
     import torch
 
+    if loss not in ("nll", "brier"):
+        raise ValueError(f"unknown temperature loss {loss!r}")
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(y_true), dtype=torch.long)
     if len(y) == 0 or len(torch.unique(y)) < 2:
         return 1.0
+    if loss == "brier":
+        return _fit_brier_temperature(z, y)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
 
@@ -288,6 +299,86 @@ def fit_temperature(logits: np.ndarray, y_true: Sequence[int]) -> float:
     opt.step(closure)
     t = float(log_t.detach().exp())
     return t if math.isfinite(t) and 0.01 < t < 100 else 1.0
+
+
+def _fit_brier_temperature(z, y) -> float:
+    """The T in [0.01, 100] minimising the mean of (P(bad) - y)^2: a grid over log T, then golden sections within
+    the best grid point's neighbours (the loss need not be convex in T; the grid finds the basin)."""
+    import torch
+
+    d = (z[:, 1] - z[:, 0]).double()
+    yf = (y == 1).double()
+
+    def brier(log_t: float) -> float:
+        return float(((torch.sigmoid(d / math.exp(log_t)) - yf) ** 2).mean())
+
+    grid = np.linspace(math.log(0.01), math.log(100.0), 161)
+    losses = [brier(g) for g in grid]
+    i = int(np.argmin(losses))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = brier(a), brier(b)
+    for _ in range(60):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = brier(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = brier(b)
+    best = min(((fa, a), (fb, b), (losses[i], grid[i])))[1]
+    return float(math.exp(best))
+
+
+def threshold_temperatures(logits: np.ndarray, y_true: Sequence[int]) -> tuple[float, float]:
+    """(the card's temperature, the threshold policy's) from validation LOGITS: squared error for the confidence a
+    user reads, NLL for the scale the policy's share and floor were chosen in (``fit_temperature``)."""
+    return fit_temperature(logits, y_true, "brier"), fit_temperature(logits, y_true, "nll")
+
+
+def at_temperature(prob_bad, t_from: float, t_to: float):
+    """P(bad) given at temperature T_FROM, at T_TO instead: the same logits, so the same order and the same side of a
+    threshold moved alike (``policy_at_temperature``). A float for a float."""
+    from scipy.special import expit, logit
+
+    with np.errstate(divide="ignore", over="ignore"):
+        out = expit(logit(np.asarray(prob_bad, dtype=np.float64)) * (t_from / t_to))
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def policy_at_temperature(policy: dict, t_from: float, t_to: float) -> dict:
+    """POLICY (``choose_threshold``'s, its scores P(bad) at temperature T_FROM) with every score at T_TO: the
+    threshold, the parts it rests on and the trade-off's thresholds. Each validation part stays on its side of the
+    threshold (the threshold is nudged down by a billionth, so that a part scored at it, rejected, stays rejected
+    after rounding), so the rates are unchanged. Records T_FROM as ``chosen_at_temperature``: the share and the floor
+    were taken at that scale. T_FROM == T_TO returns POLICY with the record alone."""
+    out = json.loads(json.dumps(policy))
+    out["chosen_at_temperature"] = float(t_from)
+    if t_from == t_to or "threshold" not in out:
+        return out
+
+    def move(p):
+        return None if p is None else at_temperature(p, t_from, t_to)
+
+    def thr(p):
+        return max(move(p) * (1 - 1e-9), np.finfo(np.float64).tiny)
+
+    out["threshold"] = thr(out["threshold"])
+    for key in ("set_by", "floor_by"):
+        for k in ("prob_bad", "next_prob_bad"):
+            if isinstance(out.get(key), dict) and k in out[key]:
+                out[key][k] = move(out[key][k])
+    for row in out.get("tradeoff") or ():
+        row["threshold"] = thr(row["threshold"])
+    return out
+
+
+def policy_temperature(card) -> float:
+    """The temperature a card's threshold policy was chosen at (``chosen_at_temperature``; a card from before it:
+    its own temperature)."""
+    return float((card.threshold_policy or {}).get("chosen_at_temperature", card.temperature))
 
 
 def prob_bad_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

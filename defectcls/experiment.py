@@ -644,6 +644,7 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
     test scores (its card's views and temperature) are kept in OUT/scores/<name>.csv; REUSE reads them back when
     the same weights, temperature and views scored them."""
     from .copies import split_groups
+    from .evaluate import at_temperature, policy_temperature
     from .models import model_id, read_card
     from .scoring import evaluate_model
 
@@ -698,6 +699,8 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
             print(f"{name}: {int(np.sum(part == 0))} validation / {int(np.sum(part == 1))} test photos", flush=True)
         groups = split_groups(json.loads((m / "split.json").read_text(encoding="utf-8")), paths)
         groups = None if groups is None else np.array(groups)
+        if policy_temperature(card) != card.temperature:   # the policies' shares are taken at the scale they were chosen at
+            p = np.asarray(at_temperature(p, card.temperature, policy_temperature(card)), dtype=float)
         for share, least in pols:
             rows.append({"model": name, **resplit_policy(y, p, held, part, share, least, reps, seed, groups)})
     summary = []

@@ -84,13 +84,16 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
 
 def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "conformal",
                 data_root: str | os.PathLike | None = None, write: bool = True, tta: int | None = None,
-                screen: bool = False, no_miss_share: float | None = None, no_miss_min_fpr: float | None = None) -> dict:
+                screen: bool = False, no_miss_share: float | None = None, no_miss_min_fpr: float | None = None,
+                refit_temperature: bool = False) -> dict:
     """Choose MODEL_DIR's threshold anew for TARGET_FNR on its own validation part, without retraining.
 
     The validation and test parts come from the model's split.json (DATA_ROOT: where its training
     folder is now, default the path it was trained from; the folder must hold the same files).
     TTA sets how many test-time views the model answers with from now on (1, 4 or 8); when it
-    changes, the temperature is fitted anew on validation, else the card's is kept. A card
+    changes (or with REFIT_TEMPERATURE), the temperatures are fitted anew on validation
+    (``evaluate.threshold_temperatures``: the card's by squared error, the policy's scale by NLL), else the card's
+    are kept and the policy is chosen at the scale it was chosen at before. A card
     written before ``background`` gets it from its training photos (``data.restore_fill``).
 
     With target 0 the threshold is a share ``no_miss_share`` of the lowest validation bad score, and rejects at
@@ -98,8 +101,9 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     was trained (``config.NO_MISS_SHARE`` and ``config.NO_MISS_MIN_FPR`` for a card from before the options).
     SCREEN (views 4 or 8): also choose the one-view screen (``inference.Predictor``): ``below`` is
     SCREEN_MARGIN times the lowest one-view P(bad) among the validation bad parts the full model
-    flags. A flagged part exchangeable with them scores below that lowest one with probability at
-    most 1/(n+1) (n of them, as for the conformal threshold); the margin is spare below it (with
+    flags (taken at the policy's scale, as the threshold's share is). A flagged part exchangeable with
+    them scores below that lowest one with probability at most 1/(n+1) (n of them, as for the conformal
+    threshold); the margin is spare below it (with
     half, the shipped model's own test part had one flagged bad part cleared, at 0.22 of the
     validation lowest: docs/benchmarks.md section 0). ``above`` is the highest one-view P(bad) of
     a validation good part, or the threshold if higher: a good part scores above it with
@@ -111,7 +115,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     """
     from .config import NO_MISS_MIN_FPR, NO_MISS_SHARE, no_miss_problem
     from .copies import split_groups
-    from .evaluate import choose_threshold, fit_temperature
+    from .evaluate import at_temperature, choose_threshold, policy_at_temperature, policy_temperature, threshold_temperatures
     from .models import read_card, write_card
 
     if not 0.0 <= target_fnr < 1.0:
@@ -168,16 +172,19 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
             val_names = [os.path.relpath(path, root) for path in res["paths"]]
         if one is not None:
             z1[name] = np.array(res["also_logits"][0], dtype=np.float32)
-    temperature = card.temperature if views == card.tta else fit_temperature(parts["val"][1], parts["val"][0])
-    probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
-    y_val, p_val = probs["val"]
+    if views == card.tta and not refit_temperature:   # the card's confidence kept, the policy at its own scale
+        temperature, t_policy = card.temperature, policy_temperature(card)
+    else:
+        temperature, t_policy = threshold_temperatures(parts["val"][1], parts["val"][0])
+    y_val, p_val = parts["val"][0], prob_bad_from_logits(parts["val"][1], t_policy)
     policy = choose_threshold(y_val, p_val, target_fnr, method, names=val_names, held=held["val"],
                               no_miss_share=no_miss_share, no_miss_min_fpr=no_miss_min_fpr,
                               groups=split_groups(saved, val_names))
-    thr = policy["threshold"]
+    thr = policy["threshold"]   # at t_policy until the screen is chosen, then everything at the card's temperature
+    probs = {name: (y, prob_bad_from_logits(z, temperature)) for name, (y, z) in parts.items()}
     screen_card = None
     if screen:
-        p1 = {name: prob_bad_from_logits(z, temperature) for name, z in z1.items()}
+        p1 = {name: prob_bad_from_logits(z, t_policy) for name, z in z1.items()}
         flagged = (y_val == 1) & (p_val >= thr)
         if not flagged.any():
             raise DefectclsError("no validation bad part reaches the threshold: nothing to choose a screen from")
@@ -189,6 +196,10 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
         above = max(highest, thr)
         n_good = int((y_val == 0).sum())
         all_views = {name: screen_all_views(p, below, above) for name, p in p1.items()}
+        if t_policy != temperature:   # the bounds at the card's temperature; a part at one stays on its side
+            below, above, lowest, highest = (at_temperature(v, t_policy, temperature)
+                                             for v in (below, above, lowest, highest))
+            below, above = below * (1 - 1e-9), above * (1 + 1e-9)
         screen_card = {"views": 1, "below": below, "above": above, "lowest_flagged_bad": lowest,
                        "highest_good": highest, "margin": SCREEN_MARGIN, "n_flagged_bad_val": int(flagged.sum()),
                        "clear_miss_bound": 1.0 / (int(flagged.sum()) + 1), "n_good_val": n_good,
@@ -196,7 +207,10 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
                        "all_views_val": float(np.mean(all_views["val"])),
                        "all_views_val_good": float(np.mean(all_views["val"][y_val == 0])),
                        "all_views_val_bad": float(np.mean(all_views["val"][y_val == 1]))}
-        probs = {name: (y, np.where(all_views[name], p, p1[name])) for name, (y, p) in probs.items()}
+        probs = {name: (y, np.where(all_views[name], p, prob_bad_from_logits(z1[name], temperature)))
+                 for name, (y, p) in probs.items()}
+    policy = policy_at_temperature(policy, t_policy, temperature)
+    thr = policy["threshold"]
     for name, (y, p) in probs.items():
         metrics[name] = compute_metrics(y, p, thr, held[name])
     before = {"threshold": card.threshold, "threshold_policy": card.threshold_policy, "metrics": card.metrics,

@@ -27,11 +27,12 @@ from .errors import DefectclsError
 from .evaluate import (
     choose_threshold,
     compute_metrics,
-    fit_temperature,
     floor_note,
     fpr_at_fnr,
     lone_threshold_warning,
+    policy_at_temperature,
     prob_bad_from_logits,
+    threshold_temperatures,
     tradeoff_text,
 )
 from .models import (
@@ -715,13 +716,14 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     y_val = data.labels[val_idx]
     scorer = with_tta(model, cfg.tta)   # the model as its directory will answer
     logits_val = predict_logits(scorer, data.images[val_idx], mean_t, std_t, device)
-    temperature = fit_temperature(logits_val, y_val)
-    prob_val = prob_bad_from_logits(logits_val, temperature)
+    temperature, t_policy = threshold_temperatures(logits_val, y_val)
     held_val = data.held(val_idx)
-    policy = choose_threshold(y_val, prob_val, cfg.target_fnr, cfg.threshold_method,
+    policy = choose_threshold(y_val, prob_bad_from_logits(logits_val, t_policy), cfg.target_fnr, cfg.threshold_method,
                               names=[data.rel(i) for i in val_idx], held=held_val, no_miss_share=cfg.no_miss_share,
                               no_miss_min_fpr=cfg.no_miss_min_fpr,
                               groups=data.groups_of(val_idx))
+    policy = policy_at_temperature(policy, t_policy, temperature)
+    prob_val = prob_bad_from_logits(logits_val, temperature)
     thr = policy["threshold"]
     metrics = {"val": compute_metrics(y_val, prob_val, thr, held_val)}
     if test_idx:
@@ -889,13 +891,14 @@ def train_folds(cfg: TrainConfig) -> dict:
                                     f"({done}); no ensemble (its threshold needs every fold's out-of-fold scores)")
 
     ensemble = Ensemble(members, [cfg.arch] * len(members)).to(device)
-    temperature = fit_temperature(oof_logits, y_pool)
-    prob_oof = prob_bad_from_logits(oof_logits, temperature)
+    temperature, t_policy = threshold_temperatures(oof_logits, y_pool)
     held_pool = data.held(pool)
-    policy = choose_threshold(y_pool, prob_oof, cfg.target_fnr, cfg.threshold_method,
+    policy = choose_threshold(y_pool, prob_bad_from_logits(oof_logits, t_policy), cfg.target_fnr, cfg.threshold_method,
                               names=[data.rel(i) for i in pool], held=held_pool, no_miss_share=cfg.no_miss_share,
                               no_miss_min_fpr=cfg.no_miss_min_fpr,
                               groups=data.groups_of(pool))
+    policy = policy_at_temperature(policy, t_policy, temperature)
+    prob_oof = prob_bad_from_logits(oof_logits, temperature)
     policy["chosen_on"] = "out-of-fold predictions: each part scored by the member that did not train on it"
     thr = policy["threshold"]
     metrics = {"oof": compute_metrics(y_pool, prob_oof, thr, held_pool)}

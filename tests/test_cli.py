@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from defectcls.cli import build_parser, main
+from tests.helpers import share_threshold
 
 from .badfiles import write_corpus
 
@@ -165,7 +166,7 @@ def test_aug_set_changes_single_ranges_and_refuses_unknown_ones(tmp_path, tiny_d
     assert aug["brightness"] == 0.3 and aug["gamma"] == 0.45 and aug["contrast"] == 0.35
     pol = card["threshold_policy"]                         # target 0: 0.6 of the lowest validation bad score
     assert card["train"]["config"]["no_miss_share"] == pol["no_miss_share"] == 0.6
-    assert card["threshold"] == pytest.approx(0.6 * pol["set_by"]["prob_bad"])   # no floor of good parts asked
+    assert card["threshold"] == pytest.approx(share_threshold(card, 0.6))   # no floor of good parts asked
     assert card["train"]["config"]["no_miss_min_fpr"] == pol["no_miss_min_fpr"] == 0
     assert main(["train", "--data", str(tiny_data), "--out", str(out), "--aug-set", "fog=1"]) == 2
     assert "--aug-set 'fog=1'" in capsys.readouterr().err

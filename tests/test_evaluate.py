@@ -4,6 +4,7 @@ from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_s
 
 from defectcls import data as D
 from defectcls import evaluate as E
+from tests.helpers import share_threshold
 
 
 def _scores(seed=0, n=400):
@@ -232,6 +233,55 @@ def test_temperature_recovers_known_scale():
     assert E.fit_temperature(logits, y) == pytest.approx(3.0, rel=0.1)
 
 
+def test_brier_temperature_recovers_known_scale_and_is_not_flattened_by_a_few_confident_errors():
+    rng = np.random.default_rng(1)
+    n = 4000
+    z = rng.normal(0, 2, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+    logits = np.stack([np.zeros(n), z * 3.0], 1)
+    assert E.fit_temperature(logits, y, "brier") == pytest.approx(3.0, rel=0.1)
+    # a network twice as cautious as it should be (the right T is 0.5) on most parts, and 2% of bad parts it scores as
+    # clearly good: NLL flattens every score to pay for those few, squared error keeps the bulk's scale
+    def draw(n=1000, k=20):
+        zt = rng.normal(0, 6, n)
+        yb = (rng.random(n) < 1 / (1 + np.exp(-zt))).astype(int)
+        zn = np.concatenate([zt / 2, rng.normal(-3, 0.3, k)])
+        return np.stack([np.zeros(len(zn)), zn], 1), np.concatenate([yb, np.ones(k, int)])
+
+    logits2, y2 = draw()
+    t_nll, t_brier = E.fit_temperature(logits2, y2), E.fit_temperature(logits2, y2, "brier")
+    assert t_brier == pytest.approx(0.5, abs=0.1) and t_nll > 0.65
+    fresh, y3 = draw()
+    ece = {t: E.expected_calibration_error(y3, E.prob_bad_from_logits(fresh, t)) for t in (t_nll, t_brier)}
+    assert ece[t_brier] < ece[t_nll]
+    assert E.threshold_temperatures(logits2, y2) == pytest.approx((t_brier, t_nll))
+    with pytest.raises(ValueError, match="temperature loss"):
+        E.fit_temperature(logits2, y2, "hinge")
+
+
+def test_a_policy_moved_to_another_temperature_keeps_every_part_on_its_side():
+    rng = np.random.default_rng(3)
+    y = np.array([0] * 300 + [1] * 100)
+    z = np.concatenate([rng.normal(-10, 1.5, 300), rng.normal(6, 1.5, 100)])
+    z[300:302] = [-3.0, -2.0]                                # two bad parts near the good ones
+    logits = np.stack([np.zeros(len(z)), z], 1)
+    t_from, t_to = 1.7, 0.4
+    for share, least in ((0.25, 0.0), (0.25, 0.08)):          # the share sets it, then the floor of good parts does
+        pol = E.choose_threshold(y, E.prob_bad_from_logits(logits, t_from), 0.0, no_miss_share=share,
+                                 no_miss_min_fpr=least)
+        moved = E.policy_at_temperature(pol, t_from, t_to)
+        assert ("floor_by" in pol) == (least > 0)
+        assert moved["chosen_at_temperature"] == t_from and "chosen_at_temperature" not in pol
+        m = E.compute_metrics(y, E.prob_bad_from_logits(logits, t_to), moved["threshold"])
+        assert (m["fpr"], m["fnr"]) == (pol["val_fpr"], pol["val_fnr"])
+        assert moved["set_by"]["prob_bad"] == pytest.approx(E.at_temperature(pol["set_by"]["prob_bad"], t_from, t_to))
+        assert [r["val_fpr"] for r in moved["tradeoff"]] == [r["val_fpr"] for r in pol["tradeoff"]]
+        if least:   # the good part the floor rests on scores the threshold itself: still rejected at the new scale
+            assert moved["floor_by"]["prob_bad"] >= moved["threshold"]
+    assert E.at_temperature(0.5, 2.0, 0.1) == pytest.approx(0.5) and E.at_temperature(0.0, 1.0, 0.5) == 0.0
+    assert E.policy_at_temperature(pol, 1.0, 1.0)["threshold"] == pol["threshold"]
+
+
 def test_fpr_at_fnr():
     y = np.array([0, 0, 0, 0, 1, 1])
     p = np.array([0.1, 0.2, 0.6, 0.9, 0.5, 0.95])
@@ -319,9 +369,10 @@ def test_calibrate_sets_a_new_threshold_from_the_model_own_validation_part(tiny_
     # target 0: the threshold is the chosen share of the lowest validation bad score, recorded on the card
     assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--no-miss-share", "0.8"]) == 0
     assert "0.8 of the lowest validation bad score" in capsys.readouterr().out
-    pol = json.loads((m / "card.json").read_text())["threshold_policy"]
-    assert pol["no_miss_share"] == 0.8 and pol["threshold"] == pytest.approx(0.8 * pol["set_by"]["prob_bad"], rel=1e-6)
-    assert pol["threshold"] == pytest.approx(0.8 * bad_val[0], rel=1e-6)
+    now = json.loads((m / "card.json").read_text())
+    pol = now["threshold_policy"]
+    assert pol["no_miss_share"] == 0.8 and pol["threshold"] == pytest.approx(share_threshold(now, 0.8), rel=1e-6)
+    assert pol["set_by"]["prob_bad"] == pytest.approx(bad_val[0], rel=1e-6)      # the lowest, as scored anew
     # by default the share the model was trained with, today's for a card from before the option
     assert recalibrate(m, 0.0, write=False)["threshold_policy"]["no_miss_share"] == E.NO_MISS_SHARE   # train's default
     trained = json.loads((m / "card.json").read_text())
@@ -378,8 +429,9 @@ def test_calibrate_tta_changes_the_views_refits_temperature_and_marks_exports_st
     from defectcls.scoring import select_split
     samples, _ = select_split(m, tiny_data, D.scan_folder(tiny_data), "val")
     images, ok, _ = D.decode_all(samples, card["img_size"], card["color"], use_disk_cache=False)
-    assert card["temperature"] == pytest.approx(fit_temperature(pred.logits_cached(images),
-                                                                [samples[i].label for i in ok]), rel=1e-6)
+    logits, labels = pred.logits_cached(images), [samples[i].label for i in ok]
+    assert card["temperature"] == pytest.approx(fit_temperature(logits, labels, "brier"), rel=1e-6)
+    assert card["threshold_policy"]["chosen_at_temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-6)
     assert card["metrics"]["val"]["fp"] == compute_metrics(val["y_true"], val["prob_bad"], card["threshold"])["fp"]
     # the model.onnx exported with one view no longer answers for this card: refused, or torch with a warning
     with pytest.raises(ModelLoadError, match="1 test-time view"):
@@ -391,6 +443,36 @@ def test_calibrate_tta_changes_the_views_refits_temperature_and_marks_exports_st
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", str(m), "--target-fnr", "0", "--tta", "3"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_calibrate_refits_an_old_cards_temperature_and_keeps_its_verdicts(tiny_model, tmp_path, capsys):
+    """A card from before the confidence was fitted by squared error: its temperature was the NLL fit, and so the
+    scale of its policy. --refit-temperature gives it today's confidence and the same verdicts."""
+    import json
+    import shutil
+
+    from defectcls.cli import main
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model, m)
+    today = json.loads((m / "card.json").read_text())
+    old = json.loads(json.dumps(today))
+    t_nll = old["threshold_policy"].pop("chosen_at_temperature")
+    old["temperature"] = t_nll
+    (m / "card.json").write_text(json.dumps(old))
+    assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--json"]) == 0     # kept: the old scale
+    kept = json.loads((m / "card.json").read_text())
+    assert kept["temperature"] == t_nll and kept["threshold_policy"]["chosen_at_temperature"] == t_nll
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--refit-temperature"]) == 0
+    assert "temperature" in capsys.readouterr().out
+    card = json.loads((m / "card.json").read_text())
+    assert card["temperature"] == pytest.approx(today["temperature"], rel=1e-3)
+    assert card["threshold_policy"]["chosen_at_temperature"] == pytest.approx(t_nll, rel=1e-3)
+    for part in ("val", "test"):
+        assert [card["metrics"][part][k] for k in ("fp", "fn")] == [kept["metrics"][part][k] for k in ("fp", "fn")]
+    assert main(["calibrate", "--model", str(m), "--photos-only", "--refit-temperature"]) == 2
+    assert "--refit-temperature" in capsys.readouterr().err
 
 
 def test_calibrate_records_the_training_photos_look_on_cards_without_it(tiny_model, tiny_data, tmp_path, capsys):

@@ -8,6 +8,7 @@ import pytest
 
 from defectcls import experiment as X
 from defectcls.errors import DefectclsError
+from tests.helpers import share_threshold
 
 ARCHS = ["mobilenet_v3_small", "resnet18"]
 FAST = dict(epochs=1, img_size=32, seed=0)
@@ -213,7 +214,7 @@ def _recipe():
 def _no_miss_threshold(card: dict) -> float:
     """The threshold today's no-miss policy gives on the card's own record of it."""
     pol = card["threshold_policy"]
-    return pol["floor_by"]["prob_bad"] if "floor_by" in pol else pol["no_miss_share"] * pol["set_by"]["prob_bad"]
+    return pol["floor_by"]["prob_bad"] if "floor_by" in pol else share_threshold(card)
 
 
 def test_sizes_and_caps():

@@ -11,7 +11,7 @@ import pytest
 from defectcls.data import scan_folder
 from defectcls.edge import session_meta
 from defectcls.errors import DefectclsError
-from defectcls.evaluate import prob_bad_from_logits
+from defectcls.evaluate import at_temperature, prob_bad_from_logits
 from defectcls.explain import SCREEN_GRID, normalize_cam, regrid_cam
 from defectcls.inference import Predictor
 from defectcls.models import read_card, write_card
@@ -87,7 +87,13 @@ def test_calibrate_with_screen_records_it_and_scores_the_screened_model(tiny_mod
     res = recalibrate(d, 0.0, data_root=tiny_data, screen=True)
     sc = read_card(d).screen
     assert sc == res["screen"] and sc["views"] == 1
-    assert sc["below"] == pytest.approx(min(SCREEN_MARGIN * sc["lowest_flagged_bad"], res["threshold"]))
+    t, t_pol = res["temperature"], res["threshold_policy"]["chosen_at_temperature"]   # the margin is the policy's
+
+    def at_policy(p):
+        return at_temperature(p, t, t_pol)
+
+    assert at_policy(sc["below"]) == pytest.approx(min(SCREEN_MARGIN * at_policy(sc["lowest_flagged_bad"]),
+                                                       at_policy(res["threshold"])))
     assert sc["above"] == pytest.approx(max(sc["highest_good"], res["threshold"])) and sc["above"] > sc["below"]
     assert sc["clear_miss_bound"] == pytest.approx(1 / (sc["n_flagged_bad_val"] + 1))
     # the recorded test metrics are those of the screened Predictor on the test part

@@ -9,6 +9,7 @@ import pytest
 
 from defectcls.config import AugConfig
 from defectcls.train import TrainConfig, train
+from tests.helpers import share_threshold
 
 
 def _tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
@@ -34,7 +35,7 @@ def test_tiny_model_card_is_complete(tiny_model):
     assert share == t["config"]["no_miss_share"] == TrainConfig.no_miss_share
     pol = card["threshold_policy"]                              # ... or lower, to reject the least FPR of good parts
     assert pol["no_miss_min_fpr"] == t["config"]["no_miss_min_fpr"] == TrainConfig.no_miss_min_fpr
-    by_share = share * pol["set_by"]["prob_bad"]
+    by_share = share_threshold(card)
     if "floor_by" in pol:
         assert card["threshold"] == pytest.approx(pol["floor_by"]["prob_bad"]) and card["threshold"] < by_share
     else:
