@@ -312,9 +312,9 @@ def _add_calibrate(sub) -> None:
                    help="change the test-time views the model answers with (the temperature is refitted); "
                         "default: keep the card's")
     p.add_argument("--refit-temperature", action="store_true",
-                   help="fit the temperature anew on validation with the views kept: the confidence by squared error, "
-                        "the policy's scale by NLL (for a model trained before the confidence was fitted so; the "
-                        "verdicts at the same policy do not change)")
+                   help="fit the temperature anew on validation with the views kept: the confidence by NLL or squared "
+                        "error, whichever leaves the lower validation ECE, the policy's scale by NLL (for a model "
+                        "trained before the confidence was fitted so; the verdicts at the same policy do not change)")
     p.add_argument("--screen", action="store_true",
                    help="with test-time views: look at one view first; a part whose one-view P(bad) is below a "
                         "fifth of every flagged validation bad part's is good, one above every validation good "

@@ -268,14 +268,14 @@ def floor_note(policy: dict) -> str | None:
             "among them that validation did not draw would pass a share of the lowest (--no-miss-min-fpr)")
 
 
-def fit_temperature(logits: np.ndarray, y_true: Sequence[int], loss: str = "nll") -> float:
+def fit_temperature(logits: np.ndarray, y_true: Sequence[int], loss: str = "nll") -> float | None:
     """Temperature T (scalar, > 0) of softmax(logits / T) fitted on validation.
 
     LOSS "nll": minimising the negative log-likelihood, the classic fit and the scale the threshold policy's share
     and floor were measured in (``threshold_temperatures``). A few confidently wrong parts (a pin-mark bad part
     scored 0.01) dominate it, so on a validation part that drew some it flattens every score. "brier": minimising the
-    mean squared error of P(bad), bounded per part, so that the bulk of parts sets T: the card's temperature,
-    the confidence a user reads (docs/benchmarks.md, section 3, "Confidence fitted by squared error").
+    mean squared error of P(bad), bounded per part, so that the bulk of parts sets T; None where it runs to the end
+    of its range (``_fit_brier_temperature``). ``threshold_temperatures`` picks between the two for the card.
     """
     import torch
 
@@ -301,9 +301,11 @@ def fit_temperature(logits: np.ndarray, y_true: Sequence[int], loss: str = "nll"
     return t if math.isfinite(t) and 0.01 < t < 100 else 1.0
 
 
-def _fit_brier_temperature(z, y) -> float:
-    """The T in [0.01, 100] minimising the mean of (P(bad) - y)^2: a grid over log T, then golden sections within
-    the best grid point's neighbours (the loss need not be convex in T; the grid finds the basin)."""
+def _fit_brier_temperature(z, y) -> float | None:
+    """The T in (0.01, 100) minimising the mean of (P(bad) - y)^2: a grid over log T, then golden sections within
+    the best grid point's neighbours (the loss need not be convex in T; the grid finds the basin). None when the
+    best is an end of the range: on a validation part whose few wrong parts cost at most 1 each, squared error can
+    always gain by sharpening the rest, and a T at the end of the range is that degenerate answer, not a fit."""
     import torch
 
     d = (z[:, 1] - z[:, 0]).double()
@@ -315,7 +317,9 @@ def _fit_brier_temperature(z, y) -> float:
     grid = np.linspace(math.log(0.01), math.log(100.0), 161)
     losses = [brier(g) for g in grid]
     i = int(np.argmin(losses))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    if i in (0, len(grid) - 1):
+        return None
+    lo, hi = grid[i - 1], grid[i + 1]
     ratio = (math.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     fa, fb = brier(a), brier(b)
@@ -333,9 +337,17 @@ def _fit_brier_temperature(z, y) -> float:
 
 
 def threshold_temperatures(logits: np.ndarray, y_true: Sequence[int]) -> tuple[float, float]:
-    """(the card's temperature, the threshold policy's) from validation LOGITS: squared error for the confidence a
-    user reads, NLL for the scale the policy's share and floor were chosen in (``fit_temperature``)."""
-    return fit_temperature(logits, y_true, "brier"), fit_temperature(logits, y_true, "nll")
+    """(the card's temperature, the threshold policy's) from validation LOGITS. The policy's is the NLL fit, the
+    scale its share and floor were measured in. The card's, the confidence a user reads, is whichever of the NLL
+    and the squared-error fit (``fit_temperature``) leaves the lower validation ECE (the NLL fit on a tie, or when
+    the squared-error fit runs to the end of its range): neither fit is the better one on every network
+    (docs/benchmarks.md, section 3, "Confidence fitted by squared error")."""
+    t_nll = fit_temperature(logits, y_true)
+    t_brier = fit_temperature(logits, y_true, "brier")
+    if t_brier is None or t_brier == t_nll:
+        return t_nll, t_nll
+    ece = {t: expected_calibration_error(y_true, prob_bad_from_logits(logits, t)) for t in (t_nll, t_brier)}
+    return (t_brier if ece[t_brier] < ece[t_nll] else t_nll), t_nll
 
 
 def at_temperature(prob_bad, t_from: float, t_to: float):

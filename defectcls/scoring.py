@@ -92,7 +92,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     folder is now, default the path it was trained from; the folder must hold the same files).
     TTA sets how many test-time views the model answers with from now on (1, 4 or 8); when it
     changes (or with REFIT_TEMPERATURE), the temperatures are fitted anew on validation
-    (``evaluate.threshold_temperatures``: the card's by squared error, the policy's scale by NLL), else the card's
+    (``evaluate.threshold_temperatures``: the card's by NLL or squared error, the policy's scale by NLL), else the card's
     are kept and the policy is chosen at the scale it was chosen at before. A card
     written before ``background`` gets it from its training photos (``data.restore_fill``).
 

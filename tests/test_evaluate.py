@@ -254,7 +254,18 @@ def test_brier_temperature_recovers_known_scale_and_is_not_flattened_by_a_few_co
     fresh, y3 = draw()
     ece = {t: E.expected_calibration_error(y3, E.prob_bad_from_logits(fresh, t)) for t in (t_nll, t_brier)}
     assert ece[t_brier] < ece[t_nll]
-    assert E.threshold_temperatures(logits2, y2) == pytest.approx((t_brier, t_nll))
+    assert E.threshold_temperatures(logits2, y2) == pytest.approx((t_brier, t_nll))   # its validation ECE is lower
+    # on a part where the NLL fit leaves the lower ECE, the card keeps it
+    logits4, y4 = logits2.copy(), y2.copy()
+    logits4[:1000, 1] *= 2                                                   # the bulk as sure as it should be
+    t4_nll, t4_brier = E.fit_temperature(logits4, y4), E.fit_temperature(logits4, y4, "brier")
+    ece4 = {t: E.expected_calibration_error(y4, E.prob_bad_from_logits(logits4, t)) for t in (t4_nll, t4_brier)}
+    assert E.threshold_temperatures(logits4, y4)[0] == (t4_brier if ece4[t4_brier] < ece4[t4_nll] else t4_nll)
+    # one wrong part among many sure right ones: squared error sharpens without end, no fit (the NLL fit stays)
+    z5 = np.concatenate([rng.normal(3, 0.5, 500), rng.normal(-3, 0.5, 500), [-40.0]])
+    logits5, y5 = np.stack([np.zeros(len(z5)), z5], 1), np.array([1] * 500 + [0] * 500 + [1])
+    assert E.fit_temperature(logits5, y5, "brier") is None
+    assert E.threshold_temperatures(logits5, y5) == (E.fit_temperature(logits5, y5),) * 2
     with pytest.raises(ValueError, match="temperature loss"):
         E.fit_temperature(logits2, y2, "hinge")
 
@@ -408,7 +419,7 @@ def test_calibrate_tta_changes_the_views_refits_temperature_and_marks_exports_st
 
     from defectcls.cli import main
     from defectcls.errors import ModelLoadError
-    from defectcls.evaluate import compute_metrics, fit_temperature
+    from defectcls.evaluate import compute_metrics, fit_temperature, threshold_temperatures
     from defectcls.export import export_onnx
     from defectcls.inference import Predictor
     from defectcls.scoring import evaluate_model
@@ -430,7 +441,8 @@ def test_calibrate_tta_changes_the_views_refits_temperature_and_marks_exports_st
     samples, _ = select_split(m, tiny_data, D.scan_folder(tiny_data), "val")
     images, ok, _ = D.decode_all(samples, card["img_size"], card["color"], use_disk_cache=False)
     logits, labels = pred.logits_cached(images), [samples[i].label for i in ok]
-    assert card["temperature"] == pytest.approx(fit_temperature(logits, labels, "brier"), rel=1e-6)
+    assert (card["temperature"], card["threshold_policy"]["chosen_at_temperature"]) == \
+        pytest.approx(threshold_temperatures(logits, labels), rel=1e-6)
     assert card["threshold_policy"]["chosen_at_temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-6)
     assert card["metrics"]["val"]["fp"] == compute_metrics(val["y_true"], val["prob_bad"], card["threshold"])["fp"]
     # the model.onnx exported with one view no longer answers for this card: refused, or torch with a warning
