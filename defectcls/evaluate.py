@@ -387,6 +387,16 @@ def policy_at_temperature(policy: dict, t_from: float, t_to: float) -> dict:
     return out
 
 
+def calibrated_policy(logits: np.ndarray, y_true: Sequence[int], target_fnr: float, method: str = "conformal",
+                      **choose) -> tuple[float, dict]:
+    """(the card's temperature, its threshold policy) from validation LOGITS: the temperatures of
+    ``threshold_temperatures``, the policy chosen at the NLL one (``choose_threshold`` with CHOOSE's keywords) and
+    moved to the card's (``policy_at_temperature``)."""
+    temperature, t_policy = threshold_temperatures(logits, y_true)
+    policy = choose_threshold(y_true, prob_bad_from_logits(logits, t_policy), target_fnr, method, **choose)
+    return temperature, policy_at_temperature(policy, t_policy, temperature)
+
+
 def policy_temperature(card) -> float:
     """The temperature a card's threshold policy was chosen at (``chosen_at_temperature``; a card from before it:
     its own temperature)."""

@@ -25,14 +25,12 @@ from .augment import augment
 from .config import MIXED, TrainConfig, resolve_device, seed_everything
 from .errors import DefectclsError
 from .evaluate import (
-    choose_threshold,
+    calibrated_policy,
     compute_metrics,
     floor_note,
     fpr_at_fnr,
     lone_threshold_warning,
-    policy_at_temperature,
     prob_bad_from_logits,
-    threshold_temperatures,
     tradeoff_text,
 )
 from .models import (
@@ -716,13 +714,11 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     y_val = data.labels[val_idx]
     scorer = with_tta(model, cfg.tta)   # the model as its directory will answer
     logits_val = predict_logits(scorer, data.images[val_idx], mean_t, std_t, device)
-    temperature, t_policy = threshold_temperatures(logits_val, y_val)
     held_val = data.held(val_idx)
-    policy = choose_threshold(y_val, prob_bad_from_logits(logits_val, t_policy), cfg.target_fnr, cfg.threshold_method,
-                              names=[data.rel(i) for i in val_idx], held=held_val, no_miss_share=cfg.no_miss_share,
-                              no_miss_min_fpr=cfg.no_miss_min_fpr,
-                              groups=data.groups_of(val_idx))
-    policy = policy_at_temperature(policy, t_policy, temperature)
+    temperature, policy = calibrated_policy(logits_val, y_val, cfg.target_fnr, cfg.threshold_method,
+                                            names=[data.rel(i) for i in val_idx], held=held_val,
+                                            no_miss_share=cfg.no_miss_share, no_miss_min_fpr=cfg.no_miss_min_fpr,
+                                            groups=data.groups_of(val_idx))
     prob_val = prob_bad_from_logits(logits_val, temperature)
     thr = policy["threshold"]
     metrics = {"val": compute_metrics(y_val, prob_val, thr, held_val)}
@@ -891,13 +887,11 @@ def train_folds(cfg: TrainConfig) -> dict:
                                     f"({done}); no ensemble (its threshold needs every fold's out-of-fold scores)")
 
     ensemble = Ensemble(members, [cfg.arch] * len(members)).to(device)
-    temperature, t_policy = threshold_temperatures(oof_logits, y_pool)
     held_pool = data.held(pool)
-    policy = choose_threshold(y_pool, prob_bad_from_logits(oof_logits, t_policy), cfg.target_fnr, cfg.threshold_method,
-                              names=[data.rel(i) for i in pool], held=held_pool, no_miss_share=cfg.no_miss_share,
-                              no_miss_min_fpr=cfg.no_miss_min_fpr,
-                              groups=data.groups_of(pool))
-    policy = policy_at_temperature(policy, t_policy, temperature)
+    temperature, policy = calibrated_policy(oof_logits, y_pool, cfg.target_fnr, cfg.threshold_method,
+                                            names=[data.rel(i) for i in pool], held=held_pool,
+                                            no_miss_share=cfg.no_miss_share, no_miss_min_fpr=cfg.no_miss_min_fpr,
+                                            groups=data.groups_of(pool))
     prob_oof = prob_bad_from_logits(oof_logits, temperature)
     policy["chosen_on"] = "out-of-fold predictions: each part scored by the member that did not train on it"
     thr = policy["threshold"]
