@@ -380,7 +380,7 @@ def _run_calibrate(a) -> int:
              + f"guaranteed {pol['guaranteed_fnr']}, "
              + (f"95% bound {pol['fnr_upper95']:.4g}, " if "fnr_upper95" in pol else "") +
              f"{pol['n_bad_val']} bad parts in validation)" + ("" if res["written"] else "  [dry run: not written]")]
-    if warning := lone_threshold_warning(pol):
+    if warning := lone_threshold_warning(pol, res["temperature"]):
         lines.append(f"  warning: {warning}")
     if tradeoff := tradeoff_text(pol):
         lines.append(f"  on validation, by FNR target: {tradeoff}")

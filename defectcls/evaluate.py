@@ -239,16 +239,22 @@ def _choose_threshold(y_true: Sequence[int], prob_bad: Sequence[float], target_f
 LONE_RATIO = 10.0   # the next validation bad part scoring this many times the one a threshold rests on: a lone outlier
 
 
-def lone_threshold_warning(policy: dict) -> str | None:
+def lone_threshold_warning(policy: dict, temperature: float | None = None) -> str | None:
     """A warning when the threshold rests on one validation bad part scored far below the next one up: that
     one photo then sets the false alarms (on the casting photos, one photo taken 42 degrees off the part's
     axis scored 0.00003 against 0.021 for the next, and a seed-regime model rejected 92% of good parts:
-    docs/benchmarks.md, section 4). None otherwise."""
+    docs/benchmarks.md, section 4). None otherwise. TEMPERATURE: the card's, whose scale the policy's scores are at;
+    the ratio is taken at the scale the policy was chosen at (``chosen_at_temperature``), where LONE_RATIO was set."""
     sb = policy.get("set_by") or {}
     if policy.get("floor_by"):
         return None   # the good parts' floor set the threshold, under the share of that part's score
     low, nxt = sb.get("prob_bad"), sb.get("next_prob_bad")
-    if low is None or nxt is None or nxt < LONE_RATIO * max(low, 1e-12):
+    if low is None or nxt is None:
+        return None
+    t_pol = policy.get("chosen_at_temperature", temperature)
+    at_pol = (low, nxt) if temperature is None or t_pol == temperature else \
+        (at_temperature(low, temperature, t_pol), at_temperature(nxt, temperature, t_pol))
+    if at_pol[1] < LONE_RATIO * max(at_pol[0], 1e-12):
         return None
     who = sb.get("name") or "one validation bad part"
     return (f"the threshold rests on {who}, P(bad) {low:.3g}; the next validation bad part scores {nxt:.3g}. "

@@ -67,9 +67,9 @@ def _log(msg: str, rank: int = 0) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _log_policy(policy: dict, where: str) -> None:
+def _log_policy(policy: dict, where: str, temperature: float) -> None:
     """What the saved threshold rests on: a lone outlier's warning, and the trade-off WHERE it was chosen."""
-    if warning := lone_threshold_warning(policy):
+    if warning := lone_threshold_warning(policy, temperature):
         _log(f"warning: {warning}")
     if note := floor_note(policy):
         _log(note)
@@ -750,7 +750,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     _log(f"saved {saved}: threshold {thr:.4f} ({policy['method']}), T {temperature:.3f}; "
          f"{'test' if 'test' in metrics else 'val'} FNR {t['fnr']:.4f} FPR {t['fpr']:.4f} AUROC {t['auroc']:.4f} "
          f"ECE {t['ece']:.4f} in {duration:.0f}s")
-    _log_policy(policy, "on validation")
+    _log_policy(policy, "on validation", temperature)
     return {"out": str(saved), "threshold": thr, "temperature": temperature, "metrics": metrics,
             "best_epoch": best_epoch, "stopped": card.train["stopped"], "duration_s": round(duration, 1)}
 
@@ -927,7 +927,7 @@ def train_folds(cfg: TrainConfig) -> dict:
          f"T {temperature:.3f}; {'test' if 'test' in metrics else 'out-of-fold'} FNR {t['fnr']:.4f} FPR {t['fpr']:.4f} "
          f"AUROC {t['auroc']:.4f} ECE {t['ece']:.4f}; out-of-fold FNR {metrics['oof']['fnr']:.4f} "
          f"FPR {metrics['oof']['fpr']:.4f} in {duration:.0f}s")
-    _log_policy(policy, "out of fold")
+    _log_policy(policy, "out of fold", temperature)
     return {"out": str(saved), "threshold": thr, "temperature": temperature, "metrics": metrics,
             "members": [str(saved / r["dir"]) for r in member_rows], "folds": member_rows,
             "duration_s": round(duration, 1)}

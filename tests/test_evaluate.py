@@ -101,6 +101,12 @@ def test_threshold_names_the_bad_part_it_rests_on_and_warns_when_it_is_a_lone_ou
     assert t["set_by"]["name"] == "bad/slanted.png" and E.lone_threshold_warning(t) is None
     assert E.choose_threshold(y, p, target_fnr=0.0)["set_by"]["name"] is None      # no names given
     assert E.lone_threshold_warning({"threshold": 0.5}) is None                   # cards from before set_by
+    # the ratio is taken at the scale the policy was chosen at: 0.33 and 0.55 there, 17 times apart at a card's
+    # sharper temperature (4.4 times sharper), is no lone outlier
+    at_nll = {"threshold": 0.08, "set_by": {"name": "bad/a.png", "prob_bad": 0.33, "next_prob_bad": 0.55}}
+    moved = E.policy_at_temperature(at_nll, 0.93, 0.21)
+    assert moved["set_by"]["next_prob_bad"] > E.LONE_RATIO * moved["set_by"]["prob_bad"]
+    assert E.lone_threshold_warning(moved, 0.21) is None and E.lone_threshold_warning(at_nll) is None
     one = E.choose_threshold(np.array([0, 1]), np.array([0.1, 0.5]), target_fnr=0.0)
     assert one["set_by"]["next_prob_bad"] is None and E.lone_threshold_warning(one) is None
 
