@@ -251,10 +251,10 @@ def lone_threshold_warning(policy: dict, temperature: float | None = None) -> st
     low, nxt = sb.get("prob_bad"), sb.get("next_prob_bad")
     if low is None or nxt is None:
         return None
-    t_pol = policy.get("chosen_at_temperature", temperature)
-    at_pol = (low, nxt) if temperature is None or t_pol == temperature else \
-        (at_temperature(low, temperature, t_pol), at_temperature(nxt, temperature, t_pol))
-    if at_pol[1] < LONE_RATIO * max(at_pol[0], 1e-12):
+    t_pol = policy.get("chosen_at_temperature", temperature) if temperature is not None else None
+    lo_pol, nxt_pol = (low, nxt) if t_pol is None else (at_temperature(low, temperature, t_pol),
+                                                        at_temperature(nxt, temperature, t_pol))
+    if nxt_pol < LONE_RATIO * max(lo_pol, 1e-12):   # the ratio at the policy's scale, the text at the card's
         return None
     who = sb.get("name") or "one validation bad part"
     return (f"the threshold rests on {who}, P(bad) {low:.3g}; the next validation bad part scores {nxt:.3g}. "
@@ -358,9 +358,11 @@ def threshold_temperatures(logits: np.ndarray, y_true: Sequence[int]) -> tuple[f
 
 def at_temperature(prob_bad, t_from: float, t_to: float):
     """P(bad) given at temperature T_FROM, at T_TO instead: the same logits, so the same order and the same side of a
-    threshold moved alike (``policy_at_temperature``). A float for a float."""
+    threshold moved alike (``policy_at_temperature``). A float for a float; PROB_BAD as it is when T_FROM == T_TO."""
     from scipy.special import expit, logit
 
+    if t_from == t_to:
+        return float(prob_bad) if np.ndim(prob_bad) == 0 else np.asarray(prob_bad, dtype=np.float64)
     with np.errstate(divide="ignore", over="ignore"):
         out = expit(logit(np.asarray(prob_bad, dtype=np.float64)) * (t_from / t_to))
     return float(out) if np.ndim(out) == 0 else out

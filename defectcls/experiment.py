@@ -699,8 +699,7 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
             print(f"{name}: {int(np.sum(part == 0))} validation / {int(np.sum(part == 1))} test photos", flush=True)
         groups = split_groups(json.loads((m / "split.json").read_text(encoding="utf-8")), paths)
         groups = None if groups is None else np.array(groups)
-        if policy_temperature(card) != card.temperature:   # the policies' shares are taken at the scale they were chosen at
-            p = np.asarray(at_temperature(p, card.temperature, policy_temperature(card)), dtype=float)
+        p = at_temperature(p, card.temperature, policy_temperature(card))   # the shares are taken at the policy's scale
         for share, least in pols:
             rows.append({"model": name, **resplit_policy(y, p, held, part, share, least, reps, seed, groups)})
     summary = []
