@@ -279,7 +279,10 @@ def _run_evaluate(a) -> int:
             f"photos themselves to miss none: the floor the ranking sets)\n"
             f"  confusion [[tn fp] [fn tp]] = {m['confusion_matrix']}"
             + (f"\n  bad shots (copies of one photo counted once, as the card's bound counts them): "
-               f"{m['missed_shots']} of {m['bad_shots']} missed" if "bad_shots" in m else "")
+               f"{m['missed_shots']} of {m['bad_shots']} missed; good shots: {m['rejected_shots']} of "
+               f"{m['good_shots']} with a copy rejected"
+               + (f" (95% bound for new good shots {m['rejected_shots_upper95']:.3f})"
+                  if "rejected_shots_upper95" in m else "") if "bad_shots" in m else "")
             + (f"\n  held (judged bad whatever the model says: no part seen, or a slanted camera): "
                f"{m['held_bad']} bad, {m['held_good']} good" if m["held_bad"] or m["held_good"] else "")
             + (f"\n  skipped {len(res['skipped'])} unreadable file(s)" if res["skipped"] else ""))

@@ -131,7 +131,7 @@ def test_grouped_folds_keep_each_group_in_one_fold():
         assert len({fold_of[i] for i in np.flatnonzero(groups == g)}) == 1
 
 
-def test_training_with_group_copies_keeps_copies_out_of_validation_and_test(tmp_path, tiny_data):
+def test_training_with_group_copies_keeps_copies_out_of_validation_and_test(tmp_path, tiny_data, capsys):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     copied = []
@@ -161,6 +161,7 @@ def test_training_with_group_copies_keeps_copies_out_of_validation_and_test(tmp_
     from defectcls.scoring import evaluate_model
 
     test_shots = {group_of[rel] for rel, lab in split["test"] if lab == 1}
+    test_good_shots = {group_of[rel] for rel, lab in split["test"] if lab == 0}
     for thr in (0.0, 1.01):   # none missed; every bad shot with a photo not held (held photos are judged bad) missed
         res = evaluate_model(out, data, threshold=thr)
         m = res["metrics"]
@@ -168,7 +169,21 @@ def test_training_with_group_copies_keeps_copies_out_of_validation_and_test(tmp_
         judged = {group_of[os.path.relpath(x, data)] for x, lab, h in zip(res["paths"], res["y_true"], res["held"],
                                                                         strict=True) if lab == 1 and not h}
         assert m["missed_shots"] == (0 if thr == 0.0 else len(judged)) and (thr == 0.0 or judged)
+        # good shots: at 0 every one is rejected, at 1.01 only those with a held photo (held photos are rejected)
+        rejected = {group_of[os.path.relpath(x, data)] for x, lab, h in zip(res["paths"], res["y_true"],
+                                                                          res["held"], strict=True)
+                    if lab == 0 and (h or thr == 0.0)}
+        assert m["good_shots"] == len(test_good_shots) <= m["n_good"]
+        assert m["rejected_shots"] == len(rejected) and (thr > 0.0 or rejected == test_good_shots)
+        assert 0.0 < m["rejected_shots_upper95"] <= 1.0
+        assert (m["rejected_shots_upper95"] == 1.0) == (m["rejected_shots"] == m["good_shots"])
     assert "bad_shots" not in evaluate_model(out, data, split="all")["metrics"]
+    from defectcls.cli import main
+
+    assert main(["evaluate", "--model", str(out), "--data", str(data), "--threshold", "0"]) == 0
+    text = capsys.readouterr().out
+    n = len(test_good_shots)
+    assert f"0 of {len(test_shots)} missed; good shots: {n} of {n} with a copy rejected (95% bound" in text
 
 
 def test_copies_command_counts_held_out_photos_seen_in_training(tmp_path, capsys):
