@@ -95,7 +95,12 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--color", choices=["gray", "rgb"], default=d.color)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="the network's start, the order of its photos and their augmentation; also the split's unless "
+                        "--split-seed")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="which photos go to train / val / test (and the folds, the --max-per-class subset); default: "
+                        "--seed. One split with two --seed values tells the network's luck from the split's draw")
     p.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:1")
     p.add_argument("--target-fnr", type=float, default=d.target_fnr, help="FNR the threshold must meet on new parts")
     p.add_argument("--threshold-method", choices=["conformal", "empirical"], default=d.threshold_method)
@@ -207,7 +212,7 @@ def _run_train(a) -> int:
     from .train import TrainConfig, train
 
     cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, epoch_size=a.epoch_size, img_size=a.img_size,
-                      batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, device=a.device,
+                      batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, split_seed=a.split_seed, device=a.device,
                       target_fnr=a.target_fnr, threshold_method=a.threshold_method, no_miss_share=a.no_miss_share,
                       no_miss_min_fpr=a.no_miss_min_fpr, patience=a.patience,
                       max_minutes=a.max_minutes, ema=a.ema, rank_weight=a.rank_weight, rank_k=a.rank_k,

@@ -185,7 +185,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     color: str = "gray"
-    seed: int = 0
+    seed: int = 0                     # the network's start, the order of its photos and their augmentation
+    split_seed: int | None = None     # which photos go to train / val / test (and the folds, the --max-per-class
+                                      # subset); None: SEED. Two runs of one split seed and two seeds tell the
+                                      # network's luck from the split's draw
     device: str = "auto"
     target_fnr: float = 0.0            # 0: no missed defect (threshold under every validation bad part)
     threshold_method: str = "conformal"
@@ -232,6 +235,11 @@ class TrainConfig:
     disk_cache: bool = True
     progress: bool = True
     aug: AugConfig = field(default_factory=AugConfig)
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the split, the folds and the --max-per-class subset."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -47,7 +47,7 @@ METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "thr
 _SAME_RUN = ("data", "arch", "epochs", "img_size", "batch_size", "lr", "weight_decay", "color", "seed", "target_fnr",
              "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug",
              "input_norm", "pool", "ema", "epoch_size", "hard_share", "rank_weight", "rank_k", "frame", "focus_restore", "masks",
-             "mask_weight", "extra_labels", "init", "group_copies", "mixed")
+             "mask_weight", "extra_labels", "init", "group_copies", "mixed", "split_seed")
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -102,8 +102,10 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
         # dealt apart, a split no flag of today makes: such a card is never the same run)
         for key, off in (("hard_share", 0.0), ("ema", 0.0), ("rank_weight", 0.0), ("rank_k", 1), ("epoch_size", 0),
                          ("focus_restore", False), ("frame", "full"), ("masks", None), ("extra_labels", None), ("init", None),
-                         ("group_copies", False), ("mixed", "split before --mixed")):
+                         ("group_copies", False), ("mixed", "split before --mixed"), ("split_seed", None)):
             have.setdefault(key, off)
+        for d in (have, want):   # no split seed: the seed's split
+            d["split_seed"] = d.get("seed") if d["split_seed"] is None else d["split_seed"]
         if not have["masks"]:
             have["mask_weight"] = want["mask_weight"]   # the weight of a mask loss that was not there
         # a card from before held photos (``data.photo_check``) chose its epoch and threshold counting them

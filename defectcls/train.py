@@ -403,7 +403,7 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
         sizes = np.bincount(groups)
         _log(f"copies of one photo: {len(sizes)} groups of {len(groups)} photos (largest {int(sizes.max())})"
              + (", each kept in one part of the split" if cfg.group_copies else ""), rank)
-    parts = D.stratified_split(labels.tolist(), tuple(cfg.split), cfg.seed, groups if cfg.group_copies else None)
+    parts = D.stratified_split(labels.tolist(), tuple(cfg.split), cfg.data_seed, groups if cfg.group_copies else None)
     if cfg.group_copies:
         for name, share in zip(("val", "test"), cfg.split[1:], strict=True):
             if share > 0 and len(np.unique(labels[parts[name]])) < 2:
@@ -745,7 +745,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     )
     saved = save_model_dir(model.cpu().to(memory_format=torch.contiguous_format), card, out, fp16=cfg.fp16_weights)
     model.to(device)
-    _write_split(saved, data, cfg.seed, fingerprint, parts)
+    _write_split(saved, data, cfg.data_seed, fingerprint, parts)
     t = metrics.get("test", metrics["val"])
     _log(f"saved {saved}: threshold {thr:.4f} ({policy['method']}), T {temperature:.3f}; "
          f"{'test' if 'test' in metrics else 'val'} FNR {t['fnr']:.4f} FPR {t['fpr']:.4f} AUROC {t['auroc']:.4f} "
@@ -782,7 +782,7 @@ def train(cfg: TrainConfig) -> dict:
     labels, images = data.labels, data.images
     train_idx = data.parts["train"]
     if cfg.max_per_class:
-        train_idx = _subset(train_idx, labels, cfg.max_per_class, cfg.seed)
+        train_idx = _subset(train_idx, labels, cfg.max_per_class, cfg.data_seed)
     val_idx, test_idx = data.parts["val"], data.parts["test"]
     if not val_idx:
         raise DefectclsError("validation part is empty: need at least 3 images of each class")
@@ -851,10 +851,10 @@ def train_folds(cfg: TrainConfig) -> dict:
     labels, images = data.labels, data.images
     pool = np.array(sorted(data.parts["train"] + data.parts["val"]))
     if cfg.max_per_class:
-        pool = np.array(_subset(pool.tolist(), labels, cfg.max_per_class, cfg.seed))
+        pool = np.array(_subset(pool.tolist(), labels, cfg.max_per_class, cfg.data_seed))
     test_idx = data.parts["test"]
     y_pool = labels[pool]
-    folds = stratified_folds(y_pool, cfg.folds, cfg.seed, data.groups[pool] if cfg.group_copies else None)
+    folds = stratified_folds(y_pool, cfg.folds, cfg.data_seed, data.groups[pool] if cfg.group_copies else None)
     mean, std = _norm_stats(cfg, images[pool])
     c = images.shape[1]
     mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1)
@@ -920,7 +920,7 @@ def train_folds(cfg: TrainConfig) -> dict:
     fold_of = np.empty(len(pool), int)
     for k, val_pos in enumerate(folds):
         fold_of[val_pos] = k
-    _write_split(saved, data, cfg.seed, fingerprint, {"train": pool.tolist(), "val": [], "test": test_idx},
+    _write_split(saved, data, cfg.data_seed, fingerprint, {"train": pool.tolist(), "val": [], "test": test_idx},
                  folds=[[data.rel(i), int(labels[i]), int(f)] for i, f in zip(pool, fold_of, strict=True)])
     t = metrics.get("test", metrics["oof"])
     _log(f"saved ensemble of {cfg.folds} folds {saved}: threshold {thr:.4f} ({policy['method']}, out-of-fold), "

@@ -162,7 +162,7 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
     assert weights.stat().st_mtime_ns != before and json.loads(card_path.read_text())["train"]["stopped"] == "completed"
     before = weights.stat().st_mtime_ns
     card = json.loads(card_path.read_text())
-    for key in ("frame", "masks", "mask_weight", "extra_labels", "init", "rank_weight", "rank_k"):
+    for key in ("frame", "masks", "mask_weight", "extra_labels", "init", "rank_weight", "rank_k", "split_seed"):
         del card["train"]["config"][key]                # a model from before these options, trained as they are off
     card_path.write_text(json.dumps(card))
     X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
@@ -190,6 +190,14 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
         config = json.loads(card_path.read_text())["train"]["config"]
         assert weights.stat().st_mtime_ns != before, key
         assert (config["mixed"], config["group_copies"]) == (_recipe().mixed, _recipe().group_copies)
+    for split_seed, same in ((0, True), (5, False)):    # the seed's own split named is the same run; another is not
+        before = weights.stat().st_mtime_ns
+        card = json.loads(card_path.read_text())
+        card["train"]["config"]["split_seed"] = split_seed
+        card_path.write_text(json.dumps(card))
+        X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
+        assert (weights.stat().st_mtime_ns == before) == same, split_seed
+    assert json.loads(card_path.read_text())["train"]["config"]["split_seed"] is None
     before = weights.stat().st_mtime_ns
     card = json.loads(card_path.read_text())
     pol = card["threshold_policy"]

@@ -586,3 +586,25 @@ def test_mask_head_reads_the_cam_layer_and_leaves_no_hook_behind():
     assert logits.shape == (3, 2) and cells.shape == (3, 1, 2, 2)
     assert head.remove() is model and not layer._forward_hooks
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_split_seed_keeps_one_split_under_another_network_seed(tiny_data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from defectcls.cli import main
+
+    tiny = ["--arch", "mobilenet_v3_small", "--epochs", "1", "--img-size", "32", "--batch-size", "16",
+            "--epoch-size", "0", "--workers", "1", "--no-cache", "--tta", "1", "--json"]
+    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "a"), "--seed", "0", "--split-seed", "1",
+                 *tiny]) == 0
+    capsys.readouterr()
+    train(_tiny_cfg(tiny_data, tmp_path / "b", seed=1, tta=1))    # the same split, its own network seed
+    train(_tiny_cfg(tiny_data, tmp_path / "c", seed=0, tta=1))    # the same network seed, its own split
+    split = {k: json.loads((tmp_path / k / "split.json").read_text()) for k in "abc"}
+    parts = {k: {p: split[k][p] for p in ("train", "val", "test")} for k in "abc"}
+    assert parts["a"] == parts["b"] != parts["c"]
+    assert (split["a"]["seed"], split["b"]["seed"], split["c"]["seed"]) == (1, 1, 0)   # the split's seed
+    card = json.loads((tmp_path / "a" / "card.json").read_text())
+    assert card["train"]["seed"] == 0 and card["train"]["config"]["split_seed"] == 1
+    wa, wb = (load_file(str(tmp_path / k / "model.safetensors")) for k in "ab")
+    assert any(not (wa[n] == wb[n]).all() for n in wa)            # another start: another network
