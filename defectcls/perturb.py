@@ -277,13 +277,15 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
     perturbation works on that decoded array in memory and goes through the model's own
     preprocessing and photo check (held photos judged bad: ``data.photo_check``). Returns {model_id,
     split, threshold, seed, n, rows: [{name, fnr, fpr, fn, fp, n_bad, n_good, held_bad, held_good, auroc,
-    ece}], worst: {fnr, fpr}, skipped, seconds, scores}; rows[0] is ``clean``.
+    ece, fpr_at_no_miss}], worst: {fnr, fpr}, skipped, seconds, scores}; rows[0] is ``clean``. On a part of a split
+    that kept copies of one photo together, each row also counts shots (``scoring._shot_counts``: bad_shots,
+    missed_shots, good_shots, rejected_shots, rejected_shots_upper95).
     ``scores`` holds each photo's path, label, P(bad) and hold per perturbation (``write_report`` puts it
     in perturb_scores.csv: which parts flip, and under what).
     """
     from .evaluate import compute_metrics
     from .inference import Predictor
-    from .scoring import select_split
+    from .scoring import _shot_counts, select_split
 
     t0 = time.perf_counter()
     pred = predictor or Predictor(model_dir)
@@ -325,7 +327,8 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
     held = {name: np.concatenate(holds[name]) for name in cols}
     for name in cols:
         m = compute_metrics(y, p_bad[name], thr, held[name])
-        rows.append({"name": name, **{k: m[k] for k in ROW_KEYS}})
+        shots = _shot_counts(model_dir, data_root, paths, y, p_bad[name], thr, held[name]) if used != "all" else {}
+        rows.append({"name": name, **{k: m[k] for k in ROW_KEYS}, **shots})
     worst = {}
     for k in ("fnr", "fpr"):
         if len(rows) > 1:
@@ -358,11 +361,18 @@ def format_table(res: dict) -> str:
              "| perturbation | FNR | missed bad | FPR | rejected good | held bad / good | AUROC | FPR at no miss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        lines.append(f"| {r['name']} | {_fmt(r['fnr'])} | {r['fn']}/{r['n_bad']} | {_fmt(r['fpr'])} | "
-                     f"{r['fp']}/{r['n_good']} | {r.get('held_bad', 0)} / {r.get('held_good', 0)} | "
+        shots = "good_shots" in r
+        missed = f"{r['fn']}/{r['n_bad']}" + (f" ({r['missed_shots']}/{r['bad_shots']} shots)" if shots else "")
+        rejected = f"{r['fp']}/{r['n_good']}" + (f" ({r['rejected_shots']}/{r['good_shots']} shots)" if shots else "")
+        lines.append(f"| {r['name']} | {_fmt(r['fnr'])} | {missed} | {_fmt(r['fpr'])} | {rejected} | "
+                     f"{r.get('held_bad', 0)} / {r.get('held_good', 0)} | "
                      f"{_fmt(r['auroc'])} | {_fmt(r.get('fpr_at_no_miss'))} |")
     lines += ["", "FPR at no miss: that of the best threshold set on these photos themselves to miss none of their "
                   "bad parts; how well the scores rank under the variation, whatever the card's threshold."]
+    if res["rows"] and "good_shots" in res["rows"][0]:
+        lines += ["", "Shots: copies of one photo (turned, mirrored, zoomed, relit) counted once; a shot is missed or "
+                      "rejected when any of its copies is. A part of a few dozen shots rejects good parts a shot at a "
+                      "time."]
     w = res.get("worst") or {}
     if w:
         lines += ["", f"worst FNR {_fmt(w['fnr']['value'])} ({worst_name(w['fnr'])}), "

@@ -184,6 +184,14 @@ def test_training_with_group_copies_keeps_copies_out_of_validation_and_test(tmp_
     text = capsys.readouterr().out
     n = len(test_good_shots)
     assert f"0 of {len(test_shots)} missed; good shots: {n} of {n} with a copy rejected (95% bound" in text
+    from defectcls.perturb import evaluate_perturbed, format_table
+
+    res = evaluate_perturbed(out, data, names="blur1.5", threshold=0.0)   # the --perturb table counts shots too
+    assert [r["name"] for r in res["rows"]] == ["clean", "blur1.5"]
+    for r in res["rows"]:
+        assert (r["rejected_shots"], r["good_shots"], r["missed_shots"], r["bad_shots"]) == (n, n, 0, len(test_shots))
+    assert f"({n}/{n} shots)" in format_table(res)
+    assert "good_shots" not in evaluate_perturbed(out, data, split="all", names="blur1.5")["rows"][0]
 
 
 def test_copies_command_counts_held_out_photos_seen_in_training(tmp_path, capsys):
