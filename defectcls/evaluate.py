@@ -65,6 +65,22 @@ def clopper_pearson_upper(k: int, n: int, conf: float = 0.95) -> float:
     return float(beta.ppf(conf, k + 1, n - k))
 
 
+def shot_counts(groups, y, p, thr: float, held=None) -> dict:
+    """Copies of one photo (GROUPS: each photo's group) counted once: the bad shots and how many have a copy
+    missed at THR, as the card's bound counts them; the good shots and how many have a copy rejected (held photos
+    are rejected), with the 95% upper bound on the share of new good shots rejected (Clopper-Pearson over shots:
+    on a part of a few dozen good shots one shot is a few percent of the photos, and a photo FPR under that
+    cannot be told from it)."""
+    g, y, p = np.asarray(groups), np.asarray(y), np.asarray(p, dtype=float)
+    held = _held(held, len(y))
+    missed = (y == 1) & ~held & (p < thr)
+    rejected = (y == 0) & (held | (p >= thr))
+    good_shots, rejected_shots = int(len(np.unique(g[y == 0]))), int(len(np.unique(g[rejected])))
+    return {"bad_shots": int(len(np.unique(g[y == 1]))), "missed_shots": int(len(np.unique(g[missed]))),
+            "good_shots": good_shots, "rejected_shots": rejected_shots,
+            **({"rejected_shots_upper95": clopper_pearson_upper(rejected_shots, good_shots)} if good_shots else {})}
+
+
 def compute_metrics(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float,
                     held: Sequence[bool] | None = None) -> dict:
     """FNR, FPR, precision, recall, AUROC, AP, ECE and the confusion matrix of the verdicts at THRESHOLD

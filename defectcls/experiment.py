@@ -42,7 +42,8 @@ CAM_ARCHS = ("mobilenet_v3_large", "resnet50")
 DEFAULT_SIZES = ("100", "350", "1350", "full")
 SEED_GOOD_SHARE = 1000 / 1350          # the seed regime: 1000 good / 350 bad
 SHOW_SIZE = 192                          # side of the heat-map samples drawn in reports
-METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "threshold", "fpr_at_no_miss")
+METRIC_KEYS = ("fnr", "fpr", "auroc", "ece", "fn", "n_bad", "fp", "n_good", "threshold", "fpr_at_no_miss",
+               "missed_shots", "bad_shots", "rejected_shots", "good_shots")
 # settings that make two training runs the same run (for --reuse)
 _SAME_RUN = ("data", "arch", "epochs", "img_size", "batch_size", "lr", "weight_decay", "color", "seed", "target_fnr",
              "threshold_method", "patience", "split", "balance", "pretrained", "max_per_class", "folds", "aug",
@@ -494,6 +495,13 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
 
 # ---------------------------------------------------------------- data-size
 
+def _of(row: dict, k: str, n: str, k_shots: str, n_shots: str) -> str:
+    """'48/560 (5/51 shots)' from a row's test_K/test_N and, when counted, its shots; '48/560' without them."""
+    text = f"{row[f'test_{k}']}/{row[f'test_{n}']}"
+    return text + (f" ({row[f'test_{k_shots}']}/{row[f'test_{n_shots}']} shots)"
+                   if row.get(f"test_{n_shots}") is not None else "")
+
+
 def parse_sizes(sizes: Sequence[str] | str) -> list[str]:
     """'100,350,1350,full' -> ['100', '350', '1350', 'full'] (checked)."""
     items = [s.strip() for s in (sizes.split(",") if isinstance(sizes, str) else sizes) if str(s).strip()]
@@ -563,11 +571,12 @@ def run_data_size(data: str | os.PathLike, out: str | os.PathLike, sizes: Sequen
             "parts are the full seeded 15%/15% parts, the same for every size.", "",
             md_table(["size", "train good", "train bad", "FNR", "missed", "FNR 95% upper", "FPR", "rejected", "AUROC",
                       "threshold", "FPR at no miss", "val FPR at target FNR 1%", "train s"],
-                     [[r["size"], r["n_good"], r["n_bad"], r["test_fnr"], f"{r['test_fn']}/{r['test_n_bad']}",
-                       r["fnr_upper95"], r["test_fpr"], f"{r['test_fp']}/{r['test_n_good']}", r["test_auroc"],
+                     [[r["size"], r["n_good"], r["n_bad"], r["test_fnr"], _of(r, "fn", "n_bad", "missed_shots", "bad_shots"),
+                       r["fnr_upper95"], r["test_fpr"], _of(r, "fp", "n_good", "rejected_shots", "good_shots"), r["test_auroc"],
                        r["test_threshold"], r["test_fpr_at_no_miss"], r["val_fpr_at_fnr_1pct"],
                        _num(r["train_s"], 0)] for r in rows]),
-            "", "FNR and FPR are the test part's at the card's threshold (its target, by default no miss); the "
+            "", "FNR and FPR are the test part's at the card's threshold (its target, by default no miss), missed and "
+            "rejected also counted by shot where the split kept copies of one photo together; the "
             "validation FPR at target FNR 1% is what the same policy would cost with a 1% target "
             "(`threshold_policy.tradeoff`; n/a on cards from before it). FPR at no miss is the test part's FPR at the "
             "best threshold that misses none of its bad parts, chosen on those photos themselves: the least any "

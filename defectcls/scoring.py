@@ -12,7 +12,7 @@ import numpy as np
 
 from . import data as D
 from .errors import DefectclsError
-from .evaluate import compute_metrics, prob_bad_from_logits
+from .evaluate import compute_metrics, prob_bad_from_logits, shot_counts
 from .explain import screen_all_views
 from .inference import Predictor
 from .train import SPLIT_FILE
@@ -41,26 +41,12 @@ def select_split(model_dir: str | os.PathLike, data_root: str | os.PathLike, sam
 
 def _shot_counts(model_dir: str | os.PathLike, data_root: str | os.PathLike, paths: list[str], y: np.ndarray,
                  p: np.ndarray, thr: float, held: np.ndarray) -> dict:
-    """With a split that kept copies of one photo together (its ``copy_groups``): the bad shots among PATHS and
-    how many of them have a copy missed at THR, each shot counted once, as the card's bound counts them; the
-    good shots and how many have a copy rejected (held photos are rejected), with the 95% upper bound on the
-    share of new good shots rejected (Clopper-Pearson over shots: on a test part of a few dozen good shots one
-    shot is a few percent of the photos, and a photo FPR under that cannot be told from it)."""
+    """``evaluate.shot_counts`` of PATHS with the copy groups of MODEL_DIR's split.json; {} for a split without."""
     from .copies import split_groups
-    from .evaluate import clopper_pearson_upper
 
     saved = json.loads((Path(model_dir) / SPLIT_FILE).read_text())
     groups = split_groups(saved, [os.path.relpath(x, data_root) for x in paths])
-    if groups is None:
-        return {}
-    g = np.asarray(groups)
-    held = np.asarray(held, bool)
-    missed = (y == 1) & ~held & (p < thr)
-    rejected = (y == 0) & (held | (p >= thr))
-    good_shots, rejected_shots = int(len(np.unique(g[y == 0]))), int(len(np.unique(g[rejected])))
-    return {"bad_shots": int(len(np.unique(g[y == 1]))), "missed_shots": int(len(np.unique(g[missed]))),
-            "good_shots": good_shots, "rejected_shots": rejected_shots,
-            **({"rejected_shots_upper95": clopper_pearson_upper(rejected_shots, good_shots)} if good_shots else {})}
+    return {} if groups is None else shot_counts(groups, y, p, thr, held)
 
 
 def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, split: str = "auto",

@@ -31,6 +31,7 @@ from .evaluate import (
     fpr_at_fnr,
     lone_threshold_warning,
     prob_bad_from_logits,
+    shot_counts,
     tradeoff_text,
 )
 from .models import (
@@ -328,6 +329,14 @@ class _Data:
         """The copy group of each of samples IDX (``copies.copy_groups``); None when copies were not looked for."""
         return None if self.groups is None else self.groups[idx]
 
+    def metrics(self, idx, prob: np.ndarray, thr: float) -> dict:
+        """``evaluate.compute_metrics`` of samples IDX (labels as filed, held photos rejected) at THR, and, when
+        copies were looked for, the same counted by shot (``evaluate.shot_counts``)."""
+        y, held = self.labels[idx], self.held(idx)
+        m = compute_metrics(y, prob, thr, held)
+        groups = self.groups_of(idx)
+        return m if groups is None else {**m, **shot_counts(groups, y, prob, thr, held)}
+
     def held(self, idx) -> np.ndarray:
         """Whether the photos of samples IDX are held (``data.photo_check``: judged bad whatever the model
         says), each photo checked once: the threshold and the metrics count verdicts as the product gives them."""
@@ -336,6 +345,12 @@ class _Data:
             color = "gray" if self.images.shape[1] == 1 else "rgb"
             self.held_known.update(zip(todo, D.held_all([self.samples[i].path for i in todo], color).tolist(), strict=True))
         return np.array([self.held_known[int(i)] for i in idx], bool)
+
+
+def _shots_text(m: dict) -> str:
+    """', shots missed 0/51 rejected 4/24' for metrics counted by shot (``evaluate.shot_counts``), else ''."""
+    return (f", shots missed {m['missed_shots']}/{m['bad_shots']} rejected {m['rejected_shots']}/{m['good_shots']}"
+            if "good_shots" in m else "")
 
 
 def training_labels(labels: np.ndarray, groups: np.ndarray | None, idx, mixed: str) -> tuple[list[int], np.ndarray]:
@@ -721,11 +736,11 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
                                             groups=data.groups_of(val_idx))
     prob_val = prob_bad_from_logits(logits_val, temperature)
     thr = policy["threshold"]
-    metrics = {"val": compute_metrics(y_val, prob_val, thr, held_val)}
+    metrics = {"val": data.metrics(val_idx, prob_val, thr)}
     if test_idx:
         prob_test = prob_bad_from_logits(predict_logits(scorer, data.images[test_idx], mean_t, std_t, device),
                                          temperature)
-        metrics["test"] = compute_metrics(data.labels[test_idx], prob_test, thr, data.held(test_idx))
+        metrics["test"] = data.metrics(test_idx, prob_test, thr)
     duration = time.perf_counter() - t0
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
@@ -749,7 +764,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     t = metrics.get("test", metrics["val"])
     _log(f"saved {saved}: threshold {thr:.4f} ({policy['method']}), T {temperature:.3f}; "
          f"{'test' if 'test' in metrics else 'val'} FNR {t['fnr']:.4f} FPR {t['fpr']:.4f} AUROC {t['auroc']:.4f} "
-         f"ECE {t['ece']:.4f} in {duration:.0f}s")
+         f"ECE {t['ece']:.4f}{_shots_text(t)} in {duration:.0f}s")
     _log_policy(policy, "on validation", temperature)
     return {"out": str(saved), "threshold": thr, "temperature": temperature, "metrics": metrics,
             "best_epoch": best_epoch, "stopped": card.train["stopped"], "duration_s": round(duration, 1)}
@@ -895,11 +910,11 @@ def train_folds(cfg: TrainConfig) -> dict:
     prob_oof = prob_bad_from_logits(oof_logits, temperature)
     policy["chosen_on"] = "out-of-fold predictions: each part scored by the member that did not train on it"
     thr = policy["threshold"]
-    metrics = {"oof": compute_metrics(y_pool, prob_oof, thr, held_pool)}
+    metrics = {"oof": data.metrics(pool, prob_oof, thr)}
     if test_idx:
         prob_test = prob_bad_from_logits(predict_logits(with_tta(ensemble, cfg.tta), images[test_idx], mean_t, std_t,
                                                         device), temperature)
-        metrics["test"] = compute_metrics(labels[test_idx], prob_test, thr, data.held(test_idx))
+        metrics["test"] = data.metrics(test_idx, prob_test, thr)
     duration = time.perf_counter() - t0
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(

@@ -162,6 +162,11 @@ def test_training_with_group_copies_keeps_copies_out_of_validation_and_test(tmp_
 
     test_shots = {group_of[rel] for rel, lab in split["test"] if lab == 1}
     test_good_shots = {group_of[rel] for rel, lab in split["test"] if lab == 0}
+    for part, m in card["metrics"].items():   # the card counts its parts by shot too, labels as filed
+        shots = {lab: {group_of[rel] for rel, y in split[part] if y == lab} for lab in (0, 1)}
+        assert (m["good_shots"], m["bad_shots"]) == (len(shots[0]), len(shots[1]))
+        assert 0 <= m["rejected_shots"] <= min(m["good_shots"], m["fp"])
+        assert 0 <= m["missed_shots"] <= min(m["bad_shots"], m["fn"])
     for thr in (0.0, 1.01):   # none missed; every bad shot with a photo not held (held photos are judged bad) missed
         res = evaluate_model(out, data, threshold=thr)
         m = res["metrics"]

@@ -126,7 +126,13 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
         assert r["test_fpr_at_no_miss"] == test["fpr_at_no_miss"] and 0 <= r["test_fpr_at_no_miss"] <= 1
         if r["test_fn"] == 0:                       # the card misses none: the best no-miss threshold rejects no more
             assert r["test_fpr_at_no_miss"] <= r["test_fpr"]
-    assert "FPR at no miss" in (tmp_path / "report.md").read_text()
+        for k in ("missed_shots", "bad_shots", "rejected_shots", "good_shots"):   # counted by shot, from the card
+            assert r[f"test_{k}"] == test[k]
+        assert r["test_bad_shots"] <= r["test_n_bad"] and r["test_missed_shots"] <= r["test_fn"]
+        assert r["test_good_shots"] <= r["test_n_good"] and r["test_rejected_shots"] <= r["test_fp"]
+    report = (tmp_path / "report.md").read_text()
+    assert "FPR at no miss" in report
+    assert f"{rows[0]['test_fp']}/{rows[0]['test_n_good']} ({rows[0]['test_rejected_shots']}/" in report
     weights = tmp_path / "models" / "n8" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     capsys.readouterr()
