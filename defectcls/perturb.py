@@ -278,14 +278,14 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
     preprocessing and photo check (held photos judged bad: ``data.photo_check``). Returns {model_id,
     split, threshold, seed, n, rows: [{name, fnr, fpr, fn, fp, n_bad, n_good, held_bad, held_good, auroc,
     ece, fpr_at_no_miss}], worst: {fnr, fpr}, skipped, seconds, scores}; rows[0] is ``clean``. On a part of a split
-    that kept copies of one photo together, each row also counts shots (``scoring._shot_counts``: bad_shots,
+    that kept copies of one photo together, each row also counts shots (``evaluate.shot_counts``: bad_shots,
     missed_shots, good_shots, rejected_shots, rejected_shots_upper95).
     ``scores`` holds each photo's path, label, P(bad) and hold per perturbation (``write_report`` puts it
     in perturb_scores.csv: which parts flip, and under what).
     """
-    from .evaluate import compute_metrics
+    from .evaluate import compute_metrics, shot_counts
     from .inference import Predictor
-    from .scoring import _shot_counts, select_split
+    from .scoring import select_split, split_copy_groups
 
     t0 = time.perf_counter()
     pred = predictor or Predictor(model_dir)
@@ -325,9 +325,10 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
     thr = pred.threshold if threshold is None else float(threshold)
     rows, p_bad = [], {name: np.concatenate(probs[name]) for name in cols}
     held = {name: np.concatenate(holds[name]) for name in cols}
+    groups = split_copy_groups(model_dir, data_root, paths) if used != "all" else None
     for name in cols:
         m = compute_metrics(y, p_bad[name], thr, held[name])
-        shots = _shot_counts(model_dir, data_root, paths, y, p_bad[name], thr, held[name]) if used != "all" else {}
+        shots = shot_counts(groups, y, p_bad[name], thr, held[name]) if groups is not None else {}
         rows.append({"name": name, **{k: m[k] for k in ROW_KEYS}, **shots})
     worst = {}
     for k in ("fnr", "fpr"):

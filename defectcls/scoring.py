@@ -39,13 +39,19 @@ def select_split(model_dir: str | os.PathLike, data_root: str | os.PathLike, sam
     return chosen, name
 
 
-def _shot_counts(model_dir: str | os.PathLike, data_root: str | os.PathLike, paths: list[str], y: np.ndarray,
-                 p: np.ndarray, thr: float, held: np.ndarray) -> dict:
-    """``evaluate.shot_counts`` of PATHS with the copy groups of MODEL_DIR's split.json; {} for a split without."""
+def split_copy_groups(model_dir: str | os.PathLike, data_root: str | os.PathLike, paths: list[str]) -> list[int] | None:
+    """The copy group of each of PATHS (photos of DATA_ROOT) as MODEL_DIR's split.json kept them; None for a split
+    made without looking for copies (``copies.split_groups``)."""
     from .copies import split_groups
 
     saved = json.loads((Path(model_dir) / SPLIT_FILE).read_text())
-    groups = split_groups(saved, [os.path.relpath(x, data_root) for x in paths])
+    return split_groups(saved, [os.path.relpath(x, data_root) for x in paths])
+
+
+def _shot_counts(model_dir: str | os.PathLike, data_root: str | os.PathLike, paths: list[str], y: np.ndarray,
+                 p: np.ndarray, thr: float, held: np.ndarray) -> dict:
+    """``evaluate.shot_counts`` of PATHS with the copy groups of MODEL_DIR's split.json; {} for a split without."""
+    groups = split_copy_groups(model_dir, data_root, paths)
     return {} if groups is None else shot_counts(groups, y, p, thr, held)
 
 
