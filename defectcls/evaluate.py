@@ -81,6 +81,11 @@ def shot_counts(groups, y, p, thr: float, held=None) -> dict:
             **({"rejected_shots_upper95": clopper_pearson_upper(rejected_shots, good_shots)} if good_shots else {})}
 
 
+def count_text(k: int, n: int, k_shots: int | None = None, n_shots: int | None = None) -> str:
+    """'41/431', or '41/431 (4/24 shots)' when the counts by shot (``shot_counts``) are given."""
+    return f"{k}/{n}" + ("" if n_shots is None else f" ({k_shots}/{n_shots} shots)")
+
+
 def compute_metrics(y_true: Sequence[int], prob_bad: Sequence[float], threshold: float,
                     held: Sequence[bool] | None = None) -> dict:
     """FNR, FPR, precision, recall, AUROC, AP, ECE and the confusion matrix of the verdicts at THRESHOLD

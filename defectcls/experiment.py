@@ -495,13 +495,6 @@ def run_cam_localization(data: str | os.PathLike, out: str | os.PathLike, archs:
 
 # ---------------------------------------------------------------- data-size
 
-def _of(row: dict, k: str, n: str, k_shots: str, n_shots: str) -> str:
-    """'48/560 (5/51 shots)' from a row's test_K/test_N and, when counted, its shots; '48/560' without them."""
-    text = f"{row[f'test_{k}']}/{row[f'test_{n}']}"
-    return text + (f" ({row[f'test_{k_shots}']}/{row[f'test_{n_shots}']} shots)"
-                   if row.get(f"test_{n_shots}") is not None else "")
-
-
 def parse_sizes(sizes: Sequence[str] | str) -> list[str]:
     """'100,350,1350,full' -> ['100', '350', '1350', 'full'] (checked)."""
     items = [s.strip() for s in (sizes.split(",") if isinstance(sizes, str) else sizes) if str(s).strip()]
@@ -533,6 +526,8 @@ def run_data_size(data: str | os.PathLike, out: str | os.PathLike, sizes: Sequen
                   img_size: int | None = None, seed: int = 0, progress: bool = False, reuse: bool = False,
                   command: str | None = None) -> dict:
     """The recipe on seeded training subsets (good:bad as in the seed regime); test FNR/FPR against size."""
+    from .evaluate import count_text
+
     sizes = parse_sizes(sizes)
     out, t0 = _start(data, out)
     rows = []
@@ -571,8 +566,11 @@ def run_data_size(data: str | os.PathLike, out: str | os.PathLike, sizes: Sequen
             "parts are the full seeded 15%/15% parts, the same for every size.", "",
             md_table(["size", "train good", "train bad", "FNR", "missed", "FNR 95% upper", "FPR", "rejected", "AUROC",
                       "threshold", "FPR at no miss", "val FPR at target FNR 1%", "train s"],
-                     [[r["size"], r["n_good"], r["n_bad"], r["test_fnr"], _of(r, "fn", "n_bad", "missed_shots", "bad_shots"),
-                       r["fnr_upper95"], r["test_fpr"], _of(r, "fp", "n_good", "rejected_shots", "good_shots"), r["test_auroc"],
+                     [[r["size"], r["n_good"], r["n_bad"], r["test_fnr"],
+                       count_text(r["test_fn"], r["test_n_bad"], r["test_missed_shots"], r["test_bad_shots"]),
+                       r["fnr_upper95"], r["test_fpr"],
+                       count_text(r["test_fp"], r["test_n_good"], r["test_rejected_shots"], r["test_good_shots"]),
+                       r["test_auroc"],
                        r["test_threshold"], r["test_fpr_at_no_miss"], r["val_fpr_at_fnr_1pct"],
                        _num(r["train_s"], 0)] for r in rows]),
             "", "FNR and FPR are the test part's at the card's threshold (its target, by default no miss), missed and "

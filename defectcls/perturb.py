@@ -357,14 +357,15 @@ def worst_name(w: dict) -> str:
 
 def format_table(res: dict) -> str:
     """The perturbation result as a markdown table (one row per perturbation, clean first)."""
+    from .evaluate import count_text
+
     lines = [f"{res['model_id']} on {res['data']} ({res['split']}, n={res['n']}), threshold {res['threshold']:.4f}, "
              f"seed {res['seed']}", "",
              "| perturbation | FNR | missed bad | FPR | rejected good | held bad / good | AUROC | FPR at no miss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        shots = "good_shots" in r
-        missed = f"{r['fn']}/{r['n_bad']}" + (f" ({r['missed_shots']}/{r['bad_shots']} shots)" if shots else "")
-        rejected = f"{r['fp']}/{r['n_good']}" + (f" ({r['rejected_shots']}/{r['good_shots']} shots)" if shots else "")
+        missed = count_text(r["fn"], r["n_bad"], r.get("missed_shots"), r.get("bad_shots"))
+        rejected = count_text(r["fp"], r["n_good"], r.get("rejected_shots"), r.get("good_shots"))
         lines.append(f"| {r['name']} | {_fmt(r['fnr'])} | {missed} | {_fmt(r['fpr'])} | {rejected} | "
                      f"{r.get('held_bad', 0)} / {r.get('held_good', 0)} | "
                      f"{_fmt(r['auroc'])} | {_fmt(r.get('fpr_at_no_miss'))} |")
