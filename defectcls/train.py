@@ -329,6 +329,14 @@ class _Data:
         """The copy group of each of samples IDX (``copies.copy_groups``); None when copies were not looked for."""
         return None if self.groups is None else self.groups[idx]
 
+    def calibrated(self, cfg: TrainConfig, idx, logits: np.ndarray) -> tuple[float, dict]:
+        """The card's temperature and threshold policy from the LOGITS of samples IDX (``evaluate.calibrated_policy``
+        with CFG's target and no-miss rule, the photos' holds and copy groups)."""
+        return calibrated_policy(logits, self.labels[idx], cfg.target_fnr, cfg.threshold_method,
+                                 names=[self.rel(i) for i in idx], held=self.held(idx),
+                                 no_miss_share=cfg.no_miss_share, no_miss_min_fpr=cfg.no_miss_min_fpr,
+                                 groups=self.groups_of(idx))
+
     def metrics(self, idx, prob: np.ndarray, thr: float) -> dict:
         """``evaluate.compute_metrics`` of samples IDX (labels as filed, held photos rejected) at THR, and, when
         copies were looked for, the same counted by shot (``evaluate.shot_counts``)."""
@@ -726,14 +734,9 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, c, 1, 1)
     val_idx, test_idx = parts["val"], parts["test"]
-    y_val = data.labels[val_idx]
     scorer = with_tta(model, cfg.tta)   # the model as its directory will answer
     logits_val = predict_logits(scorer, data.images[val_idx], mean_t, std_t, device)
-    held_val = data.held(val_idx)
-    temperature, policy = calibrated_policy(logits_val, y_val, cfg.target_fnr, cfg.threshold_method,
-                                            names=[data.rel(i) for i in val_idx], held=held_val,
-                                            no_miss_share=cfg.no_miss_share, no_miss_min_fpr=cfg.no_miss_min_fpr,
-                                            groups=data.groups_of(val_idx))
+    temperature, policy = data.calibrated(cfg, val_idx, logits_val)
     prob_val = prob_bad_from_logits(logits_val, temperature)
     thr = policy["threshold"]
     metrics = {"val": data.metrics(val_idx, prob_val, thr)}
@@ -902,11 +905,7 @@ def train_folds(cfg: TrainConfig) -> dict:
                                     f"({done}); no ensemble (its threshold needs every fold's out-of-fold scores)")
 
     ensemble = Ensemble(members, [cfg.arch] * len(members)).to(device)
-    held_pool = data.held(pool)
-    temperature, policy = calibrated_policy(oof_logits, y_pool, cfg.target_fnr, cfg.threshold_method,
-                                            names=[data.rel(i) for i in pool], held=held_pool,
-                                            no_miss_share=cfg.no_miss_share, no_miss_min_fpr=cfg.no_miss_min_fpr,
-                                            groups=data.groups_of(pool))
+    temperature, policy = data.calibrated(cfg, pool, oof_logits)
     prob_oof = prob_bad_from_logits(oof_logits, temperature)
     policy["chosen_on"] = "out-of-fold predictions: each part scored by the member that did not train on it"
     thr = policy["threshold"]
