@@ -48,13 +48,6 @@ def split_copy_groups(model_dir: str | os.PathLike, data_root: str | os.PathLike
     return split_groups(saved, [os.path.relpath(x, data_root) for x in paths])
 
 
-def _shot_counts(model_dir: str | os.PathLike, data_root: str | os.PathLike, paths: list[str], y: np.ndarray,
-                 p: np.ndarray, thr: float, held: np.ndarray) -> dict:
-    """``evaluate.shot_counts`` of PATHS with the copy groups of MODEL_DIR's split.json; {} for a split without."""
-    groups = split_copy_groups(model_dir, data_root, paths)
-    return {} if groups is None else shot_counts(groups, y, p, thr, held)
-
-
 def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, split: str = "auto",
                    threshold: float | None = None, predictor: Predictor | None = None,
                    also: Sequence[Predictor] = ()) -> dict:
@@ -74,8 +67,9 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
     p = prob_bad_from_logits(z, pred.card.temperature)
     thr = pred.threshold if threshold is None else threshold
     metrics = compute_metrics(y, p, thr, held)
-    if used != "all":
-        metrics.update(_shot_counts(model_dir, data_root, [samples[i].path for i in ok], y, p, thr, held))
+    groups = split_copy_groups(model_dir, data_root, [samples[i].path for i in ok]) if used != "all" else None
+    if groups is not None:
+        metrics.update(shot_counts(groups, y, p, thr, held))
     return {"metrics": metrics, "y_true": y.tolist(), "prob_bad": p.tolist(),
             "held": held.tolist(), "logits": z.tolist(),
             "paths": [samples[i].path for i in ok], "model_id": pred.model_id, "split": used,
