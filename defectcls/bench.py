@@ -187,7 +187,8 @@ def _onnx_dir(model_dir: Path, root: Path) -> tuple[Path, bool]:
     if (model_dir / ONNX_FILE).is_file():
         try:
             meta = session_meta(make_session(model_dir / ONNX_FILE))
-            if onnx_mismatch(meta, weights_sha256(model_dir), read_card(model_dir).tta) is None:
+            card = read_card(model_dir)
+            if onnx_mismatch(meta, weights_sha256(model_dir), card.tta, card.tta_top) is None:
                 return model_dir, False
         except Exception:  # unreadable file: export a fresh copy
             pass

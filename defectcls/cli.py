@@ -180,6 +180,9 @@ def _add_train(sub) -> None:
                    help="test-time views the model answers with: 8 = the 4 rotations by 90 degrees and their mirror "
                         "images, logits averaged (fewer missed parts and false alarms, 8x the compute); 1 = the photo "
                         "alone (fastest); threshold and temperature are chosen with the same views")
+    p.add_argument("--tta-top", type=int, default=d.tta_top, metavar="K",
+                   help="of those views, average the K with the highest bad margin (a defect that one view shows "
+                        "is not averaged away by the others); 0: all of them (default: %(default)s)")
     p.add_argument("--bad-degrade", type=float, default=AugConfig.bad_degrade, metavar="F",
                    help="blur and JPEG strength on bad parts, as a share of the good parts' (1: alike): lower "
                         "spares the smallest defects, but the more strongly blurred photos are then all good parts "
@@ -221,7 +224,7 @@ def _run_train(a) -> int:
                       folds=a.folds, group_copies=a.group_copies, mixed=a.mixed, fp16_weights=a.fp16_weights,
                       focus_restore=not a.no_focus_restore, workers=a.workers, disk_cache=not a.no_cache,
                       progress=not a.json, aug=AugConfig.preset(a.aug), input_norm=a.input_norm, pool=a.pool, tta=a.tta,
-                      frame=a.frame, masks=a.masks, mask_weight=a.mask_weight)
+                      tta_top=a.tta_top, frame=a.frame, masks=a.masks, mask_weight=a.mask_weight)
     if not 0 <= a.bad_degrade <= 1:
         raise DefectclsError("--bad-degrade must be in [0, 1]")
     cfg.aug = replace(cfg.aug, bad_degrade=a.bad_degrade, **_aug_overrides(a.aug_set))
@@ -319,6 +322,9 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--tta", type=int, choices=[1, 4, 8], default=None,
                    help="change the test-time views the model answers with (the temperature is refitted); "
                         "default: keep the card's")
+    p.add_argument("--tta-top", type=int, default=None, metavar="K",
+                   help="change how many of those views count: the K with the highest bad margin, 0 for all (the "
+                        "temperature is refitted); default: keep the card's")
     p.add_argument("--refit-temperature", action="store_true",
                    help="fit the temperature anew on validation with the views kept: the confidence by NLL or squared "
                         "error, whichever leaves the lower validation ECE, the policy's scale by NLL (for a model "
@@ -340,6 +346,10 @@ def _add_calibrate(sub) -> None:
     p.set_defaults(func=_run_calibrate)
 
 
+def _views_text(views: int, top: int) -> str:
+    return f"{views}" + (f" (the {top} most suspicious counted)" if top else "")
+
+
 def _photo_range_text(r: dict | None) -> str:
     if not r:
         return "none"
@@ -351,9 +361,9 @@ def _run_calibrate(a) -> int:
     from .scoring import recalibrate, record_photo_range
 
     if a.photos_only:
-        if (a.target_fnr is not None or a.tta is not None or a.screen or a.no_miss_share is not None
+        if (a.target_fnr is not None or a.tta is not None or a.tta_top is not None or a.screen or a.no_miss_share is not None
                 or a.no_miss_min_fpr is not None or a.refit_temperature):
-            raise DefectclsError("--photos-only changes nothing but the photo range: drop --target-fnr, --tta, "
+            raise DefectclsError("--photos-only changes nothing but the photo range: drop --target-fnr, --tta, --tta-top, "
                                  "--refit-temperature, --screen, --no-miss-share and --no-miss-min-fpr, or calibrate "
                                  "without it (which "
                                  "records the range too)")
@@ -379,7 +389,7 @@ def _run_calibrate(a) -> int:
     _check_no_miss(a.no_miss_share, a.no_miss_min_fpr)
     res = recalibrate(a.model, a.target_fnr, a.threshold_method, data_root=a.data, write=not a.dry_run, tta=a.tta,
                       screen=a.screen, no_miss_share=a.no_miss_share, no_miss_min_fpr=a.no_miss_min_fpr,
-                      refit_temperature=a.refit_temperature)
+                      refit_temperature=a.refit_temperature, tta_top=a.tta_top)
     pol, old = res["threshold_policy"], res["before"]
     lines = [f"{a.model}: threshold {old['threshold']:.6g} -> {res['threshold']:.6g} "
              f"({pol['method']}, target FNR {pol['target_fnr']}, "
@@ -395,8 +405,9 @@ def _run_calibrate(a) -> int:
     if res["background"] != old["background"]:
         lines.append(f"  background {res['background']} recorded: black or white corners a tool left get it "
                      "(data.restore_fill)")
-    if res["tta"] != old["tta"] or res["temperature"] != old["temperature"]:
-        lines.append(f"  test-time views {old['tta']} -> {res['tta']}, temperature {old['temperature']:.4g} -> "
+    if res["tta"] != old["tta"] or res["tta_top"] != old["tta_top"] or res["temperature"] != old["temperature"]:
+        lines.append(f"  test-time views {_views_text(old['tta'], old['tta_top'])} -> "
+                     f"{_views_text(res['tta'], res['tta_top'])}, temperature {old['temperature']:.4g} -> "
                      f"{res['temperature']:.4g} (the policy's scale {pol.get('chosen_at_temperature', old['temperature']):.4g}); "
                      f"validation ECE {(old['metrics'] or {}).get('val', {}).get('ece', float('nan')):.4f} -> "
                      f"{res['metrics']['val']['ece']:.4f}")
@@ -691,6 +702,9 @@ def _add_experiment(sub) -> None:
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), metavar="SHARE:LEAST_FPR,...",
                    help="threshold: no-miss policies to compare (--no-miss-share and --no-miss-min-fpr of train)")
     p.add_argument("--reps", type=int, default=1000, help="threshold: random re-splits per model")
+    p.add_argument("--tta-top", type=int, default=None, metavar="K",
+                   help="threshold: score with K of each model's test-time views counted, the most suspicious (0: "
+                        "all; default: as each card says), at the card's temperatures")
     p.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help="data-size: training-set sizes, comma-separated")
     p.add_argument("--perturb-names", default=None, help="archs: comma-separated perturbations (default: all)")
     p.add_argument("--latency-iters", type=int, default=50, help="archs: timed forward passes per model")
@@ -722,7 +736,7 @@ def _run_experiment(a) -> int:
     elif a.name == "cam-localization":
         kw.update(methods=a.methods, models=a.models, **({"archs": a.archs} if a.archs else {}))
     elif a.name == "threshold":
-        kw.update(models=a.models or (), policies=a.policies, reps=a.reps)
+        kw.update(models=a.models or (), policies=a.policies, reps=a.reps, tta_top=a.tta_top)
     elif a.name == "data-size":
         kw.update(sizes=a.sizes, **({"arch": a.archs[0]} if a.archs else {}))
     else:

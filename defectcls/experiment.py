@@ -78,10 +78,10 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
     """Train THE recipe (``TrainConfig`` defaults plus OVERRIDES) into OUT; returns the card as a dict.
 
     With REUSE, an existing model directory trained with the same settings on the same data is kept;
-    when only its test-time views differ from the recipe's, it is recalibrated with them
+    when only its test-time views (or how many of them count) differ from the recipe's, it is recalibrated with them
     (``scoring.recalibrate``: the views are not part of training).
     """
-    from .models import read_card
+    from .models import check_tta_top, read_card
     from .train import TrainConfig, epoch_samples, resolve_config, train
 
     cfg = TrainConfig(data=str(data), out=str(out), seed=seed, progress=progress, **overrides)
@@ -121,11 +121,11 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
             no_miss = "no_miss_share" in pol or (pol.get("target_fnr") == 0 and pol.get("method") == "conformal")
             old_policy = no_miss and (
                 pol.get("no_miss_share", 0.5), pol.get("no_miss_min_fpr", 0.0)) != (cfg.no_miss_share, cfg.no_miss_min_fpr)
-            if card.tta != cfg.tta or old_policy:
+            if (card.tta, card.tta_top) != (cfg.tta, check_tta_top(cfg.tta_top, cfg.tta)) or old_policy:
                 from .scoring import recalibrate
 
                 recalibrate(out, cfg.target_fnr, cfg.threshold_method, data_root=data, tta=cfg.tta,
-                            no_miss_share=cfg.no_miss_share, no_miss_min_fpr=cfg.no_miss_min_fpr)
+                            no_miss_share=cfg.no_miss_share, no_miss_min_fpr=cfg.no_miss_min_fpr, tta_top=cfg.tta_top)
                 return read_card(out).to_dict()
             return card.to_dict()
     train(cfg)
@@ -647,14 +647,17 @@ def resplit_policy(y: np.ndarray, p: np.ndarray, held: np.ndarray, part: np.ndar
 
 def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Sequence[str | os.PathLike] = (),
                   policies: Sequence[str] | str = DEFAULT_POLICIES, reps: int = 1000, seed: int = 0,
-                  progress: bool = False, reuse: bool = False, command: str | None = None, **_recipe_args) -> dict:
+                  progress: bool = False, reuse: bool = False, command: str | None = None, tta_top: int | None = None,
+                  **_recipe_args) -> dict:
     """No-miss threshold policies judged by re-splits of trained MODELS' held-out photos (``resplit_policy``).
     DATA: the folder the models were trained on (their split.json names its parts). Each model's validation and
     test scores (its card's views and temperature) are kept in OUT/scores/<name>.csv; REUSE reads them back when
-    the same weights, temperature and views scored them."""
+    the same weights, temperature and views scored them. TTA_TOP: score with that many of each card's views counted
+    (``models.top_views``; 0: all; None: as the card says), at the card's temperatures."""
     from .copies import split_groups
     from .evaluate import at_temperature, policy_temperature
-    from .models import model_id, read_card
+    from .inference import Predictor
+    from .models import model_id, read_card, with_views
     from .scoring import evaluate_model
 
     if _recipe_args.get("epochs") is not None or _recipe_args.get("img_size") is not None:
@@ -674,7 +677,9 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
         names.append(name)
         cache = out / "scores" / f"{name}.csv"
         card = read_card(m)
-        key = f"{model_id(m, card)} T {card.temperature!r} views {card.tta}"   # what the scores depend on
+        card = card if tta_top is None else with_views(card, card.tta, tta_top)
+        key = (f"{model_id(m, card)} T {card.temperature!r} views {card.tta}"   # what the scores depend on
+               + (f" top {card.tta_top}" if card.tta_top else ""))
         tab = []
         if reuse and cache.is_file():
             with open(cache, newline="", encoding="utf-8") as fh:
@@ -688,7 +693,8 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
         else:
             got = {k: [] for k in ("y", "p", "held", "part", "path")}
             for i, split in enumerate(("val", "test")):
-                res = evaluate_model(m, data, split=split)
+                res = evaluate_model(m, data, split=split,
+                                     predictor=None if tta_top is None else Predictor(m, tta_top=tta_top))
                 if res["skipped"]:
                     raise DefectclsError(f"{m}: {len(res['skipped'])} {split} photo(s) unreadable, e.g. "
                                          f"{res['skipped'][0]['path']}: {res['skipped'][0]['error']}")

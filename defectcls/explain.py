@@ -225,9 +225,11 @@ class CamSplit:
     mlp: tuple | None                     # the layers after global average pooling, when the tail is pool + MLP
     views: int = 1                        # test-time views (``models.dihedral_views``): logits and maps are
                                           # the mean over the views, each map turned back upright
+    top: int = 0                          # the logits over the TOP views with the highest bad margin
+                                          # (``models.top_views``); 0: all; the maps always over all
 
 
-def cam_split(model: nn.Module, arch: str, views: int = 1) -> CamSplit | None:
+def cam_split(model: nn.Module, arch: str, views: int = 1, top: int = 0) -> CamSplit | None:
     """Cut MODEL (the bare network) at ``models.cam_target_layer``; None for architectures without a known cut."""
     import torch
     from torch import nn
@@ -235,26 +237,28 @@ def cam_split(model: nn.Module, arch: str, views: int = 1) -> CamSplit | None:
 
     if arch.startswith("mobilenet_v3"):
         return CamSplit(model.features, lambda a: model.classifier(torch.flatten(model.avgpool(a), 1)),
-                        tuple(model.classifier), views)
+                        tuple(model.classifier), views, top)
     if arch == "mobilenet_v2":
         return CamSplit(model.features, lambda a: model.classifier(torch.flatten(F.adaptive_avg_pool2d(a, 1), 1)),
-                        tuple(model.classifier), views)
+                        tuple(model.classifier), views, top)
     if arch.startswith("resnet"):
         body = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
                              model.layer1, model.layer2, model.layer3, model.layer4)
-        return CamSplit(body, lambda a: model.fc(torch.flatten(model.avgpool(a), 1)), (model.fc,), views)
+        return CamSplit(body, lambda a: model.fc(torch.flatten(model.avgpool(a), 1)), (model.fc,), views, top)
     if arch.startswith("squeezenet"):
-        return CamSplit(model.features, lambda a: torch.flatten(model.classifier(a), 1), None, views)
+        return CamSplit(model.features, lambda a: torch.flatten(model.classifier(a), 1), None, views, top)
     return None
 
 
-def merge_views(logits: torch.Tensor, cam: torch.Tensor, views: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-view logits (V*N, K) and raw maps (V*N, h, w) -> the image's (N, K) and (N, h, w)."""
-    from .models import merge_view_maps
+def merge_views(logits: torch.Tensor, cam: torch.Tensor, views: int, top: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-view logits (V*N, K) and raw maps (V*N, h, w) -> the image's (N, K) and (N, h, w). The logits over all
+    views or the TOP with the highest bad margin (``models.merge_view_logits``); the map over all views, turned
+    back upright, whose drawing offsets (``models.model_cam_offset``) cancel only as a whole."""
+    from .models import merge_view_logits, merge_view_maps
 
     if views == 1:
         return logits, cam
-    return logits.reshape(views, -1, logits.shape[-1]).mean(dim=0), merge_view_maps(cam, views)
+    return merge_view_logits(logits, views, top), merge_view_maps(cam, views)
 
 
 def gradcam_torch(split: CamSplit, x: torch.Tensor, target: int = CAM_TARGET,
@@ -279,7 +283,7 @@ def gradcam_torch(split: CamSplit, x: torch.Tensor, target: int = CAM_TARGET,
     with torch.no_grad():
         w = grad.mean(dim=(2, 3), keepdim=True)
         cam = torch.relu((w * a).sum(dim=1))
-        return merge_views(logits.detach().float(), cam, split.views)
+        return merge_views(logits.detach().float(), cam, split.views, split.top)
 
 
 def _act_grad(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -306,7 +310,8 @@ def _mlp_supported(mlp: tuple | None) -> bool:
     return all(isinstance(m, ok) for m in mlp) and bool(core) and isinstance(core[-1], nn.Linear)
 
 
-def make_cam_graph(model: nn.Module, arch: str, target: int = CAM_TARGET, views: int = 1) -> nn.Module | None:
+def make_cam_graph(model: nn.Module, arch: str, target: int = CAM_TARGET, views: int = 1,
+                   top: int = 0) -> nn.Module | None:
     """A module whose forward returns (logits, raw Grad-CAM maps) with no autograd, for ONNX export.
 
     Works where the tail is global pooling + an MLP of Linear / ReLU / Hardswish / Dropout
@@ -314,13 +319,14 @@ def make_cam_graph(model: nn.Module, arch: str, target: int = CAM_TARGET, views:
     pooled features is written out by the chain rule, and the Grad-CAM channel weights are that
     gradient divided by h*w. That holds for average pooling and for ``models.AvgMaxPool2d`` alike:
     the max half sends half the gradient to one cell, whose spatial mean is again half of it / h*w.
-    VIEWS test-time views are merged as in ``gradcam_torch``. None for other architectures.
+    VIEWS test-time views (the TOP most suspicious, with TOP) are merged as in ``gradcam_torch``. None for other
+    architectures.
     """
     from torch import nn
 
     from .models import dihedral_views
 
-    split = cam_split(model, arch, views)
+    split = cam_split(model, arch, views, top)
     if split is None or not _mlp_supported(split.mlp):
         return None
 
@@ -347,7 +353,7 @@ def make_cam_graph(model: nn.Module, arch: str, target: int = CAM_TARGET, views:
                     g = g * slope
             w = g / (a.shape[2] * a.shape[3])
             cam = (a * w[:, :, None, None]).sum(dim=1).relu()
-            return merge_views(h, cam, views)
+            return merge_views(h, cam, views, top)
 
     return CamGraph().eval()
 

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from .errors import DefectclsError
 from .evaluate import prob_bad_from_logits
 from .explain import normalize_cam
 from .inference import ONNX_FILE, ONNX_INT8_FILE, Predictor
-from .models import check_tta, load_model_dir, model_cam_offset, weights_sha256, with_tta
+from .models import load_model_dir, model_cam_offset, weights_sha256, with_tta, with_views
 
 DEFAULT_OPSET = 17
 FP32_TOL = 1e-3          # max |P(bad) difference| between torch and the fp32 graph (and every verdict equal):
@@ -67,9 +66,9 @@ def _run(session, x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray | N
     return logits, cam
 
 
-def _torch_reference(model_dir: Path, x: np.ndarray, batch: int | None = None,
-                     views: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    pred = Predictor(model_dir, device="cpu", backend="torch", tta=views, screen=False)
+def _torch_reference(model_dir: Path, x: np.ndarray, batch: int | None = None, views: int | None = None,
+                     top: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    pred = Predictor(model_dir, device="cpu", backend="torch", tta=views, screen=False, tta_top=top)
     batch = batch or pred.card.scoring_batch()
     parts = [pred.forward_cam(x[i:i + batch]) if pred.has_fast_cam else (pred.logits(x[i:i + batch]), None)
              for i in range(0, len(x), batch)]
@@ -219,10 +218,11 @@ def _mb(path: Path) -> float:
 def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, int8: bool = False,
                 opset: int = DEFAULT_OPSET, check: bool = True, n_check: int = 200, n_calib: int = 256,
                 seed: int = 12345, render_size: int | None = None, views: int | None = None,
-                _inputs: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                top: int | None = None, _inputs: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Write model.onnx (and with INT8 model.int8.onnx) for MODEL_DIR into OUT (default: MODEL_DIR).
 
-    The graph answers with VIEWS test-time views (default: the card's ``tta``). A card's one-view
+    The graph answers with VIEWS test-time views, TOP of them counted (default: the card's ``tta`` and
+    ``tta_top``; ``models.with_views``). A card's one-view
     screen (``inference.Predictor``) is not in it: with VIEWS None such a card also gets
     model.screen.onnx, the one-view graph (parity-checked the same way), which
     ``edge.EdgePredictor`` runs in front of model.onnx. _INPUTS: the parity check's (inputs, labels)
@@ -241,16 +241,16 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     t_start = time.perf_counter()
     model_dir = Path(model_dir)
     model, card = load_model_dir(model_dir)
-    if views is not None:
-        card = replace(card, tta=check_tta(views))
+    if views is not None or top is not None:
+        card = with_views(card, card.tta if views is None else views, top)
     out_dir = Path(out) if out else model_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     sha = weights_sha256(model_dir)
     from .explain import make_cam_graph
 
-    graph = make_cam_graph(model, card.arch, views=card.tta)
+    graph = make_cam_graph(model, card.arch, views=card.tta, top=card.tta_top)
     outputs = [LOGITS_NAME, CAM_NAME] if graph is not None else [LOGITS_NAME]
-    module = graph if graph is not None else with_tta(model, card.tta)
+    module = graph if graph is not None else with_tta(model, card.tta, card.tta_top)
     dummy = torch.randn(2, card.in_chans, card.img_size, card.img_size, generator=torch.Generator().manual_seed(0))
     meta = {"card": json.dumps(card.to_dict()), "weights_sha256": sha, "model_id": f"{card.name}@{sha[:12]}",
             "outputs": ",".join(outputs), "cam_target": "1",
@@ -265,7 +265,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
         _set_metadata(tmp_fp32, {**meta, "precision": "fp32"})
         x, y = _inputs if _inputs is not None else synthetic_inputs(card, n_check, seed, render_size)
         batch = card.scoring_batch()   # the pixel budget of scoring: 448 px with 8 views, 2 parts
-        ref_logits, ref_cam = _torch_reference(model_dir, x, batch, views=card.tta)
+        ref_logits, ref_cam = _torch_reference(model_dir, x, batch, views=card.tta, top=card.tta_top)
         s32 = make_session(tmp_fp32)
         l32, c32 = _run(s32, x, batch)
         p_ref, v_ref = _verdicts(ref_logits, card)
@@ -287,7 +287,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
                                                     x, l32, c32, n_calib, seed + 1, render_size, check)
             if (out_dir / ONNX_INT8_FILE).is_file() and report["parity"]["int8"]["ok"]:
                 report["files"]["int8"] = {"path": str(out_dir / ONNX_INT8_FILE), "size_mb": _mb(out_dir / ONNX_INT8_FILE)}
-    if views is None and card.screen and card.tta > 1:
+    if views is None and top is None and card.screen and card.tta > 1:
         # the card's one-view screen runs a one-view graph beside this one (``edge.EdgePredictor``)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.") as tmp:
             sub = export_onnx(model_dir, out=tmp, opset=opset, check=check, views=1, _inputs=(x, y))
@@ -336,7 +336,7 @@ def _export_int8(fp32_path: Path, dst: Path, tmp: Path, card, meta: dict, x: np.
 
 
 def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                sha256: str | None = None, views: int | None = None) -> Path:
+                sha256: str | None = None, views: int | None = None, top: int | None = None) -> Path:
     """A model.onnx that matches MODEL_DIR's weights: the directory's own, else one exported once into a cache.
 
     The cache (CACHE_DIR, else $DEFECTCLS_CACHE_DIR, else ~/.cache/defectcls) is keyed by the weights'
@@ -352,13 +352,16 @@ def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
 
     model_dir = Path(model_dir)
     sha = sha256 or weights_sha256(model_dir)   # SHA256: the caller's hash of the weights, not read again
-    tta = read_card(model_dir).tta if views is None else views    # VIEWS: test-time views of the graph
+    card = read_card(model_dir)
+    if views is not None or top is not None:     # VIEWS, TOP: test-time views of the graph, and how many count
+        card = with_views(card, card.tta if views is None else views, top)
+    tta, top = card.tta, card.tta_top
 
     def current(path: Path) -> bool:
         if not path.is_file():
             return False
         try:
-            return onnx_mismatch(session_meta(make_session(path)), sha, tta) is None
+            return onnx_mismatch(session_meta(make_session(path)), sha, tta, top) is None
         except DefectclsError:
             return False
 
@@ -367,9 +370,9 @@ def ensure_onnx(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
     if tta == 1 and current(model_dir / SCREEN_ONNX_FILE):     # a screened card's one-view graph, exported beside
         return model_dir / SCREEN_ONNX_FILE
     root = Path(cache_dir or os.environ.get("DEFECTCLS_CACHE_DIR") or Path.home() / ".cache" / "defectcls")
-    target = root / "onnx" / (sha[:16] + (f"-tta{tta}" if tta > 1 else ""))
+    target = root / "onnx" / (sha[:16] + (f"-tta{tta}" if tta > 1 else "") + (f"-top{top}" if top else ""))
     target.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target / ".lock")):
         if not current(target / ONNX_FILE):
-            export_onnx(model_dir, out=target, n_check=16, views=tta)
+            export_onnx(model_dir, out=target, n_check=16, views=tta, top=top)
     return target / ONNX_FILE

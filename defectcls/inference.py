@@ -38,13 +38,13 @@ from .evaluate import prob_bad_from_logits
 from .explain import CAM_TARGET, cam_split, gradcam_torch, screen_all_views, screen_bounds, screened
 from .models import (
     ModelCard,
-    check_tta,
     load_model_dir,
     model_cam_offset,
     read_card,
     unwrap_tta,
     weights_sha256,
     with_tta,
+    with_views,
 )
 
 ImageSource = str | os.PathLike | bytes | np.ndarray
@@ -73,18 +73,22 @@ class Prediction:
         return asdict(self)
 
 
-def onnx_mismatch(meta: dict[str, str], sha: str, tta: int = 1) -> str | None:
+def onnx_mismatch(meta: dict[str, str], sha: str, tta: int = 1, top: int = 0) -> str | None:
     """Why an exported graph (its defectcls.* metadata) does not belong to weights SHA answering with TTA
-    test-time views, or None."""
+    test-time views, TOP of them counted (``ModelCard.tta_top``), or None."""
     have = meta.get("weights_sha256")
     if have != sha:
         return f"exported from other weights ({(have or 'unknown')[:12]} != {sha[:12]}); export again"
     try:
-        views = int(json.loads(meta.get("card") or "{}").get("tta", 1))
+        card = json.loads(meta.get("card") or "{}")
+        views, counted = int(card.get("tta", 1)), int(card.get("tta_top", 0))
     except (ValueError, TypeError, AttributeError):
-        views = 1
+        views, counted = 1, 0
     if views != tta:
         return f"exported with {views} test-time view(s) but the card says {tta}; export again"
+    if counted != top:
+        return (f"exported counting {counted or 'all'} of its views but the card says {top or 'all'} (tta_top); "
+                f"export again")
     return None
 
 
@@ -93,8 +97,10 @@ class Predictor:
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  backend: str = "auto", onnx_path: str | os.PathLike | None = None, fp16: bool | None = None,
-                 tta: int | None = None, export_missing: bool | None = None, screen: bool | None = None):
-        """TTA: answer with that many test-time views instead of the card's (1, 4 or 8; ``models.DihedralTTA``).
+                 tta: int | None = None, export_missing: bool | None = None, screen: bool | None = None,
+                 tta_top: int | None = None):
+        """TTA: answer with that many test-time views instead of the card's (1, 4 or 8; ``models.DihedralTTA``);
+        TTA_TOP: count that many of them, the most suspicious (0: all; None: the card's, ``models.with_views``).
 
         SCREEN (None: when the card has one and TTA is the card's; False: never): look at one view
         first; a part whose one-view P(bad) is below the card's ``screen["below"]`` is good and
@@ -112,9 +118,10 @@ class Predictor:
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model directory {model_dir} does not exist")
         self.card: ModelCard = read_card(model_dir)
-        own_views = tta is None or tta == self.card.tta     # the exported graph carries the card's views
+        own_views = ((tta is None or tta == self.card.tta)    # the exported graph carries the card's views
+                     and (tta_top is None or tta_top == self.card.tta_top))
         if not own_views:
-            self.card = replace(self.card, tta=check_tta(tta))
+            self.card = with_views(self.card, self.card.tta if tta is None else tta, tta_top)
         self.prep = D.Preprocessing.from_card(self.card)
         if not (self.model_dir / "model.safetensors").is_file():
             load_model_dir(model_dir)   # raises the precise reason (pickles, missing weights)
@@ -158,7 +165,7 @@ class Predictor:
         from .export import ensure_onnx
 
         try:
-            return ensure_onnx(self.model_dir, sha256=self.weights_sha256, views=self.card.tta)
+            return ensure_onnx(self.model_dir, sha256=self.weights_sha256, views=self.card.tta, top=self.card.tta_top)
         except Exception as exc:  # export touches torch.onnx, onnxruntime and the disk: any failure -> torch
             first = (str(exc).splitlines() or [""])[0][:200]
             warnings.warn(f"{self.model_dir}: no ONNX graph for onnxruntime ({type(exc).__name__}: {first}); "
@@ -176,7 +183,7 @@ class Predictor:
                 raise ModelLoadError(f"{path} does not exist (write it with `defectcls export --model {self.model_dir}`)")
             return "torch"
         session = make_session(path, self.threads)
-        why = onnx_mismatch(session_meta(session), self.weights_sha256, self.card.tta)
+        why = onnx_mismatch(session_meta(session), self.weights_sha256, self.card.tta, self.card.tta_top)
         size = session.get_inputs()[0].shape[-1]
         if why is None and isinstance(size, int) and size != self.card.img_size:
             why = f"takes {size} px inputs but the card says {self.card.img_size}; export again"
@@ -196,8 +203,8 @@ class Predictor:
                 if self._model is None:
                     m, _ = load_model_dir(self.model_dir)
                     m = m.to(self.device).to(memory_format=torch.channels_last).eval()
-                    self._split = cam_split(m, self.card.arch, self.card.tta)
-                    self._model = with_tta(m, self.card.tta)
+                    self._split = cam_split(m, self.card.arch, self.card.tta, self.card.tta_top)
+                    self._model = with_tta(m, self.card.tta, self.card.tta_top)
         return self._model
 
     def hookable_model(self) -> tuple[torch.nn.Module, threading.Lock]:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import urllib.error
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -303,6 +303,22 @@ def check_tta(views: int) -> int:
     return int(views)
 
 
+def with_views(card: ModelCard, views: int, top: int | None = None) -> ModelCard:
+    """CARD answering with VIEWS test-time views, TOP of them counted (``tta_top``; None: the card's where fewer
+    than VIEWS, else all)."""
+    views = check_tta(views)
+    top = (card.tta_top if card.tta_top < views else 0) if top is None else check_tta_top(top, views)
+    return replace(card, tta=views, tta_top=top)
+
+
+def check_tta_top(top: int, views: int) -> int:
+    """TOP of VIEWS test-time views that score a part (``top_views``) as stored: 0 (all) when TOP >= VIEWS."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise ModelLoadError(f"the test-time views that count (tta_top) must be a whole number >= 0 (0: all), "
+                             f"got {top!r}")
+    return 0 if top >= views else top
+
+
 def rot90(x: torch.Tensor, k: int) -> torch.Tensor:
     """``torch.rot90(x, k, dims=(-2, -1))`` from flips and a transpose, which every ONNX exporter writes."""
     k %= 4
@@ -328,6 +344,25 @@ def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def top_views(logits: torch.Tensor, views: int, top: int = 0) -> torch.Tensor | None:
+    """Which views of per-view logits (V*N, 2) score each image: the TOP views with the highest bad margin
+    (logit of bad minus good), as indices (TOP, N); None for all of them (TOP 0 or >= VIEWS)."""
+    if not top or top >= views:
+        return None
+    z = logits.reshape(views, -1, logits.shape[-1])
+    return (z[..., 1] - z[..., 0]).topk(top, dim=0).indices
+
+
+def merge_view_logits(logits: torch.Tensor, views: int, top: int = 0) -> torch.Tensor:
+    """Per-view logits (V*N, K) -> the image's (N, K): the mean over all views, or with TOP over the TOP views
+    with the highest bad margin (``top_views``: what one view sees of a defect is not averaged away)."""
+    if views == 1:
+        return logits
+    z = logits.reshape(views, -1, logits.shape[-1])
+    idx = top_views(logits, views, top)
+    return z.mean(dim=0) if idx is None else z.gather(0, idx[..., None].expand(-1, -1, z.shape[-1])).mean(dim=0)
+
+
 def merge_view_maps(maps: torch.Tensor, views: int) -> torch.Tensor:
     """Mean over views of per-view maps (V*N, h, w), each turned back to the upright image first: (N, h, w)."""
     if views == 1:
@@ -339,21 +374,22 @@ def merge_view_maps(maps: torch.Tensor, views: int) -> torch.Tensor:
 
 
 class DihedralTTA(nn.Module):
-    """Test-time augmentation as part of the network: the mean of NET's logits over ``dihedral_views``.
+    """Test-time augmentation as part of the network: the mean of NET's logits over ``dihedral_views``, or with
+    TOP over the TOP views with the highest bad margin (``merge_view_logits``).
 
     Wrapping the network (not the call sites) keeps torch, ONNX, int8 and the edge runtime
     on one definition. Training and fine-tuning use the bare network; ``ModelCard.tta`` says
-    how many views a model directory answers with (cards before it: 1).
+    how many views a model directory answers with (cards before it: 1), ``ModelCard.tta_top`` how many count.
     """
 
-    def __init__(self, net: nn.Module, views: int):
+    def __init__(self, net: nn.Module, views: int, top: int = 0):
         super().__init__()
         self.net = net
         self.views = check_tta(views)
+        self.top = check_tta_top(top, self.views)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        return self.net(dihedral_views(x, self.views)).reshape(self.views, n, -1).mean(dim=0)
+        return merge_view_logits(self.net(dihedral_views(x, self.views)), self.views, self.top)
 
 
 EVAL_PIXELS = 64 * 224 * 224   # pixels one scoring batch pushes through a network: 64 photos at 224 px, one view
@@ -365,9 +401,9 @@ def eval_batch(img_size: int, views: int = 1, members: int = 1) -> int:
     return max(1, EVAL_PIXELS // (max(1, views) * max(1, members) * img_size * img_size))
 
 
-def with_tta(model: nn.Module, views: int) -> nn.Module:
-    """MODEL answering with the mean over VIEWS test-time views (MODEL itself for 1)."""
-    return model if check_tta(views) == 1 else DihedralTTA(model, views)
+def with_tta(model: nn.Module, views: int, top: int = 0) -> nn.Module:
+    """MODEL answering over VIEWS test-time views, all of them or the TOP most suspicious (MODEL itself for 1)."""
+    return model if check_tta(views) == 1 else DihedralTTA(model, views, top)
 
 
 def unwrap_tta(model: nn.Module) -> nn.Module:
@@ -486,6 +522,8 @@ class ModelCard:
     members: list[str] = field(default_factory=list)  # ensembles: member directories, relative to this one
     input_norm: str = "none"  # "image": each image standardised inside the network (cards before it: none)
     tta: int = 1              # test-time views averaged per image (1, 4 or 8; ``DihedralTTA``; cards before it: 1)
+    tta_top: int = 0          # of those, the views with the highest bad margin that are averaged (``top_views``);
+                              # 0: all of them (cards before it)
     pool: str = "avg"         # global pooling before the classifier ("avg", "avgmax"; cards before it: avg)
     frame_ref: float | None = None  # framing on the part: its radius / the side of the square the model sees
                                     # (``data.fit_frame``); None: the whole photo (cards before it)
@@ -524,6 +562,10 @@ def read_card(model_dir: str | os.PathLike) -> ModelCard:
         raise ModelLoadError(f"{path}: not a valid model card ({exc})") from exc
     if card.tta not in TTA_VIEWS:
         raise ModelLoadError(f"{path}: tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {card.tta!r}")
+    try:
+        card.tta_top = check_tta_top(card.tta_top, card.tta)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
     if not card.name:
         card.name = Path(model_dir).resolve().name
     return card

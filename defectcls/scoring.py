@@ -80,12 +80,13 @@ def evaluate_model(model_dir: str | os.PathLike, data_root: str | os.PathLike, s
 def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "conformal",
                 data_root: str | os.PathLike | None = None, write: bool = True, tta: int | None = None,
                 screen: bool = False, no_miss_share: float | None = None, no_miss_min_fpr: float | None = None,
-                refit_temperature: bool = False) -> dict:
+                refit_temperature: bool = False, tta_top: int | None = None) -> dict:
     """Choose MODEL_DIR's threshold anew for TARGET_FNR on its own validation part, without retraining.
 
     The validation and test parts come from the model's split.json (DATA_ROOT: where its training
     folder is now, default the path it was trained from; the folder must hold the same files).
-    TTA sets how many test-time views the model answers with from now on (1, 4 or 8); when it
+    TTA sets how many test-time views the model answers with from now on (1, 4 or 8), TTA_TOP how many of them
+    count (``models.top_views``; 0: all; None: the card's where fewer than TTA); when either
     changes (or with REFIT_TEMPERATURE), the temperatures are fitted anew on validation
     (``evaluate.threshold_temperatures``: the card's by NLL or squared error, the policy's scale by NLL), else the card's
     are kept and the policy is chosen at the scale it was chosen at before. A card
@@ -139,7 +140,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
         no_miss_share = float(trained.get("no_miss_share", NO_MISS_SHARE))
     if no_miss_min_fpr is None:
         no_miss_min_fpr = float(trained.get("no_miss_min_fpr", NO_MISS_MIN_FPR))
-    pred = Predictor(model_dir, backend="torch", tta=tta, screen=False)
+    pred = Predictor(model_dir, backend="torch", tta=tta, screen=False, tta_top=tta_top)
     background = card.background
     if background is None:   # a card from before it: the training folder's background, as train estimates it
         background = D.estimate_background([x.path for x in folder], card.color, seed=int(card.train.get("seed", 0)))
@@ -149,7 +150,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
         photo_range = D.estimate_photo_range([x.path for x in folder], card.color, seed=int(card.train.get("seed", 0)))
         if photo_range is not None:
             photo_range["training_files"] = True   # the fingerprint was checked above
-    views = pred.card.tta
+    views, top = pred.card.tta, pred.card.tta_top
     if screen and views == 1:
         raise DefectclsError("--screen needs test-time views to save: use it with --tta 4 or 8 (or a card with them)")
     one = Predictor(model_dir, backend="torch", tta=1, screen=False) if screen else None   # the screen's view
@@ -167,7 +168,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
             val_names = [os.path.relpath(path, root) for path in res["paths"]]
         if one is not None:
             z1[name] = np.array(res["also_logits"][0], dtype=np.float32)
-    if views == card.tta and not refit_temperature:   # the card's confidence kept, the policy at its own scale
+    if views == card.tta and top == card.tta_top and not refit_temperature:   # the card's confidence, the policy's scale kept
         temperature, t_policy = card.temperature, policy_temperature(card)
     else:
         temperature, t_policy = threshold_temperatures(parts["val"][1], parts["val"][0])
@@ -209,16 +210,17 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
     for name, (y, p) in probs.items():
         metrics[name] = compute_metrics(y, p, thr, held[name])
     before = {"threshold": card.threshold, "threshold_policy": card.threshold_policy, "metrics": card.metrics,
-              "tta": card.tta, "temperature": card.temperature, "background": card.background, "screen": card.screen,
-              "photo_range": card.photo_range}
+              "tta": card.tta, "tta_top": card.tta_top, "temperature": card.temperature, "background": card.background,
+              "screen": card.screen, "photo_range": card.photo_range}
     if write:
         card.threshold, card.threshold_policy, card.metrics = thr, policy, metrics
-        card.tta, card.temperature, card.background, card.screen = views, temperature, background, screen_card
+        card.tta, card.tta_top, card.temperature = views, top, temperature
+        card.background, card.screen = background, screen_card
         card.photo_range = photo_range
         write_card(card, model_dir)
     stale = sorted(p.name for p in model_dir.glob("*.onnx"))
     return {"model": str(model_dir), "written": write, "threshold": thr, "threshold_policy": policy,
-            "tta": views, "temperature": temperature, "background": background, "screen": screen_card,
+            "tta": views, "tta_top": top, "temperature": temperature, "background": background, "screen": screen_card,
             "photo_range": photo_range, "metrics": metrics, "before": before,
             "stale_exports": stale}
 

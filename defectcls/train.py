@@ -44,6 +44,7 @@ from .models import (
     build_model,
     cam_offset,
     cam_target_layer,
+    check_tta_top,
     eval_batch,
     read_card,
     save_model_dir,
@@ -133,6 +134,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise DefectclsError(f"--mask-weight must be > 0, got {cfg.mask_weight}")
     if cfg.tta not in TTA_VIEWS:
         raise DefectclsError(f"--tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {cfg.tta!r}")
+    if isinstance(cfg.tta_top, bool) or not isinstance(cfg.tta_top, int) or cfg.tta_top < 0:
+        raise DefectclsError(f"--tta-top must be a whole number >= 0 (0: every view counts), got {cfg.tta_top!r}")
     frame = cfg.frame or ("part" if init_card and init_card.frame_ref else "full")
     if frame not in D.FRAMES:
         raise DefectclsError(f"--frame must be one of {', '.join(D.FRAMES)}, got {frame!r}")
@@ -734,7 +737,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, c, 1, 1)
     val_idx, test_idx = parts["val"], parts["test"]
-    scorer = with_tta(model, cfg.tta)   # the model as its directory will answer
+    scorer = with_tta(model, cfg.tta, cfg.tta_top)   # the model as its directory will answer
     logits_val = predict_logits(scorer, data.images[val_idx], mean_t, std_t, device)
     temperature, policy = data.calibrated(cfg, val_idx, logits_val)
     prob_val = prob_bad_from_logits(logits_val, temperature)
@@ -748,7 +751,8 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref,
+        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, tta_top=check_tta_top(cfg.tta_top, cfg.tta),
+        frame_ref=data.frame_ref,
         background=data.background, photo_range=data.photo_range, focus_below=data.focus_below,
         threshold=thr,
         temperature=temperature,
@@ -893,7 +897,7 @@ def train_folds(cfg: TrainConfig) -> dict:
                                           masks=(data.masks[parts["train"]], data.mask_known[parts["train"]])
                                           if data.masks is not None else None, held_val=data.held(parts["val"]),
                                           groups_train=data.groups_of(parts["train"]))
-        oof_logits[val_pos] = predict_logits(with_tta(model, cfg.tta), images[parts["val"]], mean_t, std_t, device)
+        oof_logits[val_pos] = predict_logits(with_tta(model, cfg.tta, cfg.tta_top), images[parts["val"]], mean_t, std_t, device)
         s = _save_single(cfg, model, data, mean, std, parts, out / f"fold_{k}", device, 1, t0, best_epoch, history,
                          {"fold": k, "folds": cfg.folds, "ensemble": out.name})
         member_rows.append({"dir": f"fold_{k}", "best_epoch": best_epoch, "n_train": len(tr_pos), "n_val": len(val_pos),
@@ -911,14 +915,15 @@ def train_folds(cfg: TrainConfig) -> dict:
     thr = policy["threshold"]
     metrics = {"oof": data.metrics(pool, prob_oof, thr)}
     if test_idx:
-        prob_test = prob_bad_from_logits(predict_logits(with_tta(ensemble, cfg.tta), images[test_idx], mean_t, std_t,
+        prob_test = prob_bad_from_logits(predict_logits(with_tta(ensemble, cfg.tta, cfg.tta_top), images[test_idx], mean_t, std_t,
                                                         device), temperature)
         metrics["test"] = data.metrics(test_idx, prob_test, thr)
     duration = time.perf_counter() - t0
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=ENSEMBLE_ARCH, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, frame_ref=data.frame_ref,
+        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, tta_top=check_tta_top(cfg.tta_top, cfg.tta),
+        frame_ref=data.frame_ref,
         background=data.background, photo_range=data.photo_range, focus_below=data.focus_below,
         threshold=thr,
         temperature=temperature,

@@ -463,6 +463,39 @@ def test_calibrate_tta_changes_the_views_refits_temperature_and_marks_exports_st
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_calibrate_tta_top_counts_the_most_suspicious_views_and_refits(tiny_model_tta, tiny_data, tmp_path, capsys):
+    """--tta-top K: the card counts its K most suspicious views from then on; temperature and threshold are chosen
+    anew on validation scored so, and the model directory answers with those scores."""
+    import json
+    import shutil
+
+    from defectcls.cli import main
+    from defectcls.evaluate import threshold_temperatures
+    from defectcls.inference import Predictor
+    from defectcls.scoring import evaluate_model
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model_tta, m)
+    assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--tta-top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "test-time views 8 -> 8 (the 2 most suspicious counted)" in out
+    card = json.loads((m / "card.json").read_text())
+    assert (card["tta"], card["tta_top"]) == (8, 2)
+    pred = Predictor(m, device="cpu", backend="torch")
+    assert pred.model.top == 2
+    val = evaluate_model(m, tiny_data, split="val", predictor=pred)
+    assert card["temperature"] == pytest.approx(threshold_temperatures(val["logits"], val["y_true"])[0], rel=1e-6)
+    every = evaluate_model(m, tiny_data, split="val", predictor=Predictor(m, device="cpu", backend="torch", tta_top=0))
+    assert np.abs(np.array(val["logits"]) - np.array(every["logits"])).max() > 1e-4
+    assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--tta-top", "0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["before"]["tta_top"], res["tta_top"]) == (2, 0)
+    assert json.loads((m / "card.json").read_text())["tta_top"] == 0
+    before = (m / "card.json").read_text()
+    assert main(["calibrate", "--model", str(m), "--target-fnr", "0", "--tta-top", "-1"]) == 2
+    assert "tta_top" in capsys.readouterr().err and (m / "card.json").read_text() == before
+
+
 def test_calibrate_refits_an_old_cards_temperature_and_keeps_its_verdicts(tiny_model, tmp_path, capsys):
     """A card from before the confidence was fitted by squared error: its temperature was the NLL fit, and so the
     scale of its policy. --refit-temperature gives it today's confidence and the same verdicts."""

@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import shutil
@@ -142,11 +143,16 @@ def test_data_size_curve_and_cli_reuse(masked_data, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["rows"][0]["size"] == "8"
     card_path = tmp_path / "models" / "n8" / "card.json"
     card = json.loads(card_path.read_text())
-    assert card["tta"] == 8
+    assert (card["tta"], card["tta_top"]) == (8, 2)
     card["tta"] = 1                                                          # a model from before the views
     card_path.write_text(json.dumps(card))
     res = X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
     assert weights.stat().st_mtime_ns == before and json.loads(card_path.read_text())["tta"] == 8  # recalibrated
+    card = json.loads(card_path.read_text())
+    card["tta_top"] = 0                                                      # a model counting all its views
+    card_path.write_text(json.dumps(card))
+    X.run_data_size(masked_data, tmp_path, sizes="8", arch="mobilenet_v3_small", reuse=True, **FAST)
+    assert weights.stat().st_mtime_ns == before and json.loads(card_path.read_text())["tta_top"] == 2
     assert res["rows"][0]["test_fpr"] == json.loads(card_path.read_text())["metrics"]["test"]["fpr"]
     card = json.loads(card_path.read_text())
     n_train = card["train"]["n"]["train"]
@@ -268,8 +274,8 @@ def test_resplit_policy_counts_the_splits_whose_validation_drew_none_of_the_low_
             X.parse_policies(bad_item)
 
 
-def test_threshold_experiment_on_a_trained_model_matches_its_card_and_reuses_scores(tiny_model, tiny_data, tmp_path,
-                                                                                     capsys):
+def test_threshold_experiment_on_a_trained_model_matches_its_card_and_reuses_scores(tiny_model, tiny_model_tta,
+                                                                                     tiny_data, tmp_path, capsys):
     from defectcls.cli import main
 
     out = tmp_path / "thr"
@@ -303,3 +309,19 @@ def test_threshold_experiment_on_a_trained_model_matches_its_card_and_reuses_sco
         assert why in capsys.readouterr().err
     assert main(["experiment", "threshold", "--data", str(tiny_data), "--out", str(out)]) == 2
     assert "needs --models" in capsys.readouterr().err
+    # --tta-top: each model scored with that many of its views counted, kept apart from the card's own scores
+    from defectcls.inference import Predictor
+    from defectcls.scoring import evaluate_model
+
+    assert main(["experiment", "threshold", "--data", str(tiny_data), "--out", str(out), "--models",
+                 str(tiny_model_tta), "--reps", "0", "--tta-top", "2", "--json"]) == 0
+    capsys.readouterr()
+    with open(out / "scores" / f"{tiny_model_tta.name}.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["scored_by"].endswith("views 8 top 2")
+    val = [float(r["p_bad"]) for r in rows if r["part"] == "0"]
+    top2, every = (evaluate_model(tiny_model_tta, tiny_data, split="val",
+                                  predictor=Predictor(tiny_model_tta, backend="torch", tta_top=k))["prob_bad"]
+                   for k in (2, 0))
+    np.testing.assert_allclose(val, top2, atol=1e-4)
+    assert np.abs(np.array(val) - np.array(every)).max() > 1e-4

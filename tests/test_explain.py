@@ -154,10 +154,11 @@ def test_encoders_round_trip():
     assert (np.asarray(Image.open(io.BytesIO(png))) == arr).all()
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "resnet50"])
-def test_fast_gradcam_with_views_is_the_mean_of_each_views_map_turned_upright(arch):
-    """With test-time views the verdict is the mean of the views' logits (DihedralTTA) and the map the
-    mean of each view's own Grad-CAM, turned back upright; the ONNX graph computes the same."""
+@pytest.mark.parametrize("arch,top", [("mobilenet_v3_large", 0), ("resnet50", 0), ("mobilenet_v3_large", 2)])
+def test_fast_gradcam_with_views_is_the_mean_of_each_views_map_turned_upright(arch, top):
+    """With test-time views the verdict is the mean of the views' logits (DihedralTTA; with TOP, of the TOP
+    most suspicious views') and the map the mean of each view's own Grad-CAM, turned back upright; the ONNX
+    graph computes the same."""
     from defectcls.models import DihedralTTA, dihedral_views, merge_view_maps
 
     torch.manual_seed(0)
@@ -165,12 +166,14 @@ def test_fast_gradcam_with_views_is_the_mean_of_each_views_map_turned_upright(ar
     x = _parts(2)
     calibrate_bn(model, x)
     views = 8
-    logits, raw = gradcam_torch(cam_split(model, arch, views), x)
+    logits, raw = gradcam_torch(cam_split(model, arch, views, top), x)
     per_logits, per_raw = gradcam_torch(cam_split(model, arch), dihedral_views(x, views))
     torch.testing.assert_close(raw, merge_view_maps(per_raw, views), atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        torch.testing.assert_close(logits, DihedralTTA(model, views)(x), atol=1e-5, rtol=0)
-        g_logits, g_raw = make_cam_graph(model, arch, views=views)(x)
+        torch.testing.assert_close(logits, DihedralTTA(model, views, top)(x), atol=1e-5, rtol=0)
+        if top:   # not the mean over all views: the TOP views' own
+            assert float((logits - DihedralTTA(model, views)(x)).abs().max()) > 1e-4
+        g_logits, g_raw = make_cam_graph(model, arch, views=views, top=top)(x)
     torch.testing.assert_close(g_logits, logits, atol=1e-5, rtol=0)
     assert np.abs(normalize_cam(g_raw.numpy(), SIZE) - normalize_cam(raw.numpy(), SIZE)).max() <= 1e-4
     # the views do not agree (else the test would not tell merging from taking the first view)

@@ -171,6 +171,33 @@ def test_export_with_views_matches_torch_and_the_edge_runtime(tiny_model_tta, ti
     assert ensure_onnx(tiny_model_tta, cache_dir=cache).parent.name.endswith("-tta8")
 
 
+def test_export_counting_the_most_suspicious_views_matches_torch(tiny_model_tta, tiny_data, tmp_path):
+    """A card that counts its 2 most suspicious of 8 views (tta_top) exports that choice into the graph; a graph
+    exported counting all views no longer answers for it, and the cache keeps the two apart."""
+    from defectcls.errors import ModelLoadError
+    from defectcls.explain import cam_fast
+    from defectcls.export import ensure_onnx, export_onnx
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_tta, d)
+    assert export_onnx(d, n_check=4)["ok"]                    # all 8 views counted
+    card = json.loads((d / "card.json").read_text())
+    (d / "card.json").write_text(json.dumps({**card, "tta_top": 2}))
+    with pytest.raises(ModelLoadError, match="counting all of its views but the card says 2"):
+        Predictor(d, device="cpu", backend="onnx")
+    rep = export_onnx(d, n_check=8)
+    assert rep["ok"] and rep["heatmap_output"]
+    files = sorted((tiny_data / "bad").glob("*.png"))[:3] + sorted((tiny_data / "good").glob("*.png"))[:3]
+    torch_p, onnx_p = Predictor(d, device="cpu", backend="torch"), Predictor(d, device="cpu", backend="onnx")
+    x = np.stack([torch_p.preprocess(f) for f in files])
+    np.testing.assert_allclose(onnx_p.logits(x), torch_p.logits(x), atol=1e-4)
+    np.testing.assert_allclose(cam_fast(onnx_p, x)[1], cam_fast(torch_p, x)[1], atol=1e-3)
+    every = Predictor(d, device="cpu", backend="torch", tta_top=0)
+    assert np.abs(every.logits(x) - torch_p.logits(x)).max() > 1e-4      # the choice is really in the graph
+    assert ensure_onnx(d, cache_dir=tmp_path / "cache") == d / "model.onnx"
+    assert ensure_onnx(d, cache_dir=tmp_path / "cache", views=4).parent.name.endswith("-tta4-top2")
+
+
 def test_cam_agreement_scores_only_the_selected_parts():
     from defectcls.export import _cam_agreement
 

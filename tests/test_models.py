@@ -218,6 +218,46 @@ def test_tta_wrapper_is_the_mean_over_views_and_cards_record_it(tmp_path, tiny_m
         M.read_card(bad)
 
 
+def test_tta_top_averages_the_views_with_the_highest_bad_margin(tmp_path, tiny_model_tta):
+    """tta_top K: the image's logits are the mean over its K views whose bad-minus-good margin is highest, so its
+    margin is the mean of the K highest view margins; 0, or K at least the views, is the mean over all."""
+    from defectcls.bench import calibrate_bn
+
+    torch.manual_seed(0)
+    net = M.build_model("mobilenet_v3_large")
+    x = torch.rand(3, 1, 64, 64)
+    calibrate_bn(net, x)      # realistic activation scales: an untrained network's views would all score alike
+    with torch.no_grad():
+        z = net(M.dihedral_views(x, 8)).reshape(8, 3, 2)
+        margins = (z[..., 1] - z[..., 0]).sort(dim=0).values          # per image, lowest view first
+        assert float((margins[-1] - margins[0]).min()) > 1e-4          # the views disagree on every image
+        for top in (1, 2, 4):
+            out = M.DihedralTTA(net, 8, top)(x)
+            torch.testing.assert_close(out[:, 1] - out[:, 0], margins[-top:].mean(0), atol=1e-5, rtol=0)
+            # the logits themselves are those views' mean (the good logit too), not a margin alone
+            idx = (z[..., 1] - z[..., 0]).topk(top, dim=0).indices
+            torch.testing.assert_close(out[:, 0], torch.stack([z[idx[:, n], n, 0].mean() for n in range(3)]))
+        torch.testing.assert_close(M.DihedralTTA(net, 8, 8)(x), z.mean(0), atol=1e-5, rtol=0)
+        torch.testing.assert_close(M.with_tta(net, 8)(x), z.mean(0), atol=1e-5, rtol=0)
+    assert M.with_tta(net, 1, 2) is net and M.DihedralTTA(net, 8, 9).top == 0
+    with pytest.raises(ModelLoadError, match="tta_top"):
+        M.with_tta(net, 8, -1)
+    # cards: before the field, all views; stored as given where fewer than the views, else 0; a bad value refused
+    assert M.read_card(tiny_model_tta).tta_top == 0
+    d = json.loads((tiny_model_tta / M.CARD_FILE).read_text())
+    for top, stored in ((2, 2), (8, 0)):
+        (tmp_path / str(top)).mkdir()
+        (tmp_path / str(top) / M.CARD_FILE).write_text(json.dumps({**d, "tta_top": top}))
+        assert M.read_card(tmp_path / str(top)).tta_top == stored
+    (tmp_path / "neg").mkdir()
+    (tmp_path / "neg" / M.CARD_FILE).write_text(json.dumps({**d, "tta_top": -1}))
+    with pytest.raises(ModelLoadError, match="tta_top"):
+        M.read_card(tmp_path / "neg")
+    card = M.read_card(tmp_path / "2")
+    assert (M.with_views(card, 1).tta, M.with_views(card, 1).tta_top) == (1, 0)     # one view: no choice left
+    assert M.with_views(card, 4).tta_top == 2 and M.with_views(card, 4, 0).tta_top == 0
+
+
 @pytest.mark.parametrize("arch,expected", [("mobilenet_v3_large", 15.5), ("mobilenet_v2", 15.5), ("resnet18", 15.5),
                                            ("resnet50", 15.5), ("squeezenet1_1", 0.5)])
 def test_cam_offset_matches_the_geometry_worked_by_hand(arch, expected):

@@ -148,14 +148,14 @@ def test_init_warm_starts_from_a_model_dir(tmp_path, tiny_data, tiny_model):
 
 def test_views_are_the_default_and_calibration_scores_as_the_saved_model_answers(tmp_path, tiny_data):
     """Threshold, temperature and metrics are chosen on the same test-time views the model directory
-    answers with: its test metrics are what evaluating the directory gives."""
+    answers with, as many of them counted: its test metrics are what evaluating the directory gives."""
     from defectcls.scoring import evaluate_model
 
-    assert TrainConfig(data="d", out="o").tta == 8
+    assert (TrainConfig(data="d", out="o").tta, TrainConfig(data="d", out="o").tta_top) == (8, 2)
     out = tmp_path / "m"
-    train(_tiny_cfg(tiny_data, out, tta=4))
+    train(_tiny_cfg(tiny_data, out, tta=4, tta_top=2))
     card = json.loads((out / "card.json").read_text())
-    assert card["tta"] == 4 and card["train"]["config"]["tta"] == 4
+    assert card["tta"] == 4 and card["train"]["config"]["tta"] == 4 and card["tta_top"] == 2
     fresh = evaluate_model(out, tiny_data, split="test")["metrics"]
     assert {k: card["metrics"]["test"][k] for k in ("tp", "fp", "tn", "fn")} == {k: fresh[k] for k in ("tp", "fp", "tn", "fn")}
     assert card["metrics"]["test"]["auroc"] == pytest.approx(fresh["auroc"], abs=1e-6)
@@ -163,6 +163,9 @@ def test_views_are_the_default_and_calibration_scores_as_the_saved_model_answers
 
     with pytest.raises(DefectclsError, match="--tta must be one of"):
         train(_tiny_cfg(tiny_data, tmp_path / "x", tta=2))
+    with pytest.raises(DefectclsError, match="--tta-top must be a whole number >= 0"):
+        train(_tiny_cfg(tiny_data, tmp_path / "x", tta_top=-1))
+    assert not (tmp_path / "x").exists()
 
 
 def test_ema_weights_are_what_is_validated_and_saved(tmp_path, tiny_data):
