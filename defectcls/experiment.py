@@ -692,9 +692,9 @@ def run_threshold(data: str | os.PathLike, out: str | os.PathLike, models: Seque
             held, part = np.array([r["held"] == "1" for r in tab]), np.array([int(r["part"]) for r in tab])
         else:
             got = {k: [] for k in ("y", "p", "held", "part", "path")}
+            pred = Predictor(m, tta_top=tta_top)     # loaded (and exported) once for both parts
             for i, split in enumerate(("val", "test")):
-                res = evaluate_model(m, data, split=split,
-                                     predictor=None if tta_top is None else Predictor(m, tta_top=tta_top))
+                res = evaluate_model(m, data, split=split, predictor=pred)
                 if res["skipped"]:
                     raise DefectclsError(f"{m}: {len(res['skipped'])} {split} photo(s) unreadable, e.g. "
                                          f"{res['skipped'][0]['path']}: {res['skipped'][0]['error']}")
