@@ -182,7 +182,8 @@ def _add_train(sub) -> None:
                         "alone (fastest); threshold and temperature are chosen with the same views")
     p.add_argument("--tta-top", type=int, default=d.tta_top, metavar="K",
                    help="of those views, average the K with the highest bad margin (a defect that one view shows "
-                        "is not averaged away by the others); 0: all of them (default: %(default)s)")
+                        "is not averaged away by the others); 0: all of them (default: %(default)s; 2 is "
+                        "measured in docs/benchmarks.md)")
     p.add_argument("--bad-degrade", type=float, default=AugConfig.bad_degrade, metavar="F",
                    help="blur and JPEG strength on bad parts, as a share of the good parts' (1: alike): lower "
                         "spares the smallest defects, but the more strongly blurred photos are then all good parts "

@@ -226,9 +226,10 @@ class TrainConfig:
                                       # with this decay per step (0.995: about the last 200 steps)
     tta: int = 8                      # test-time views the saved model answers with (1, 4, 8): the threshold and
                                       # temperature are chosen on its validation scores over the same views
-    tta_top: int = 2                  # of those, the views with the highest bad margin that are averaged
-                                      # (``models.top_views``); 0: all of them. 2: a defect that shows in
-                                      # only a few views is not averaged away (docs/benchmarks.md, section 7)
+    tta_top: int = 0                  # of those, the views with the highest bad margin that are averaged
+                                      # (``models.top_views``); 0: all of them. 2 missed fewer new shots on
+                                      # the full casting set but did worse on 1350 photos (docs/benchmarks.md,
+                                      # section 7, "The two most suspicious views")
     max_per_class: tuple[int, int] | None = None  # seeded subset (good, bad) of the training part
     folds: int = 1                    # K > 1: K-fold cross-validation, K members + their ensemble (train_folds)
     focus_restore: bool = True        # photos softer than the training photos' low end are sharpened back before the

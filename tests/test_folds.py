@@ -62,8 +62,8 @@ def test_predictor_loads_the_ensemble_and_its_logits_are_the_members_mean(folds_
     from defectcls.models import dihedral_views, merge_view_logits
 
     out, _ = folds_model
-    ens = Predictor(out, backend="torch", tta_top=0)                     # every view counted
-    members = [Predictor(out / f"fold_{k}", backend="torch", tta_top=0) for k in (0, 1)]
+    ens = Predictor(out, backend="torch")
+    members = [Predictor(out / f"fold_{k}", backend="torch") for k in (0, 1)]
     paths = sorted((tiny_data / "bad").glob("*.png"))[:3] + sorted((tiny_data / "good").glob("*.png"))[:3]
     x = np.stack([ens.preprocess(p) for p in paths])
     for m in members:
@@ -71,8 +71,8 @@ def test_predictor_loads_the_ensemble_and_its_logits_are_the_members_mean(folds_
     mean = np.mean([m.logits(x) for m in members], axis=0)
     assert np.allclose(ens.logits(x), mean, atol=1e-5)
     assert ens.predict(paths[0]).model_id.startswith("ens@")
-    # counting its two most suspicious views (the default), the ensemble picks them on the members' mean, view by view
-    top = Predictor(out, backend="torch")
+    # counting its two most suspicious views, the ensemble picks them on the members' mean, view by view
+    top = Predictor(out, backend="torch", tta_top=2)
     assert (top.card.tta, top.card.tta_top) == (8, 2)
     views = dihedral_views(torch.from_numpy(x), 8).numpy()
     per_view = np.mean([Predictor(out / f"fold_{k}", backend="torch", tta=1).logits(views) for k in (0, 1)], axis=0)

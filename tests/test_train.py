@@ -151,7 +151,7 @@ def test_views_are_the_default_and_calibration_scores_as_the_saved_model_answers
     answers with, as many of them counted: its test metrics are what evaluating the directory gives."""
     from defectcls.scoring import evaluate_model
 
-    assert (TrainConfig(data="d", out="o").tta, TrainConfig(data="d", out="o").tta_top) == (8, 2)
+    assert (TrainConfig(data="d", out="o").tta, TrainConfig(data="d", out="o").tta_top) == (8, 0)
     out = tmp_path / "m"
     train(_tiny_cfg(tiny_data, out, tta=4, tta_top=2))
     card = json.loads((out / "card.json").read_text())
