@@ -81,7 +81,7 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
     when only its test-time views (or how many of them count) differ from the recipe's, it is recalibrated with them
     (``scoring.recalibrate``: the views are not part of training).
     """
-    from .models import check_tta_top, read_card
+    from .models import read_card
     from .train import TrainConfig, epoch_samples, resolve_config, train
 
     cfg = TrainConfig(data=str(data), out=str(out), seed=seed, progress=progress, **overrides)
@@ -89,7 +89,8 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
         cfg.epochs = epochs
     if img_size:
         cfg.img_size = img_size
-    want = {k: v for k, v in _norm(resolve_config(cfg).to_dict()).items() if k in _SAME_RUN}
+    resolved = resolve_config(cfg)
+    want = {k: v for k, v in _norm(resolved.to_dict()).items() if k in _SAME_RUN}
     want["data"] = os.path.realpath(want["data"])
     card = read_card(out) if reuse and (Path(out) / "card.json").is_file() else None
     if card is not None and (card.train or {}).get("stopped") != "interrupted":   # an interrupted run: train again
@@ -121,7 +122,7 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
             no_miss = "no_miss_share" in pol or (pol.get("target_fnr") == 0 and pol.get("method") == "conformal")
             old_policy = no_miss and (
                 pol.get("no_miss_share", 0.5), pol.get("no_miss_min_fpr", 0.0)) != (cfg.no_miss_share, cfg.no_miss_min_fpr)
-            if (card.tta, card.tta_top) != (cfg.tta, check_tta_top(cfg.tta_top, cfg.tta)) or old_policy:
+            if (card.tta, card.tta_top) != (cfg.tta, resolved.tta_top) or old_policy:
                 from .scoring import recalibrate
 
                 recalibrate(out, cfg.target_fnr, cfg.threshold_method, data_root=data, tta=cfg.tta,

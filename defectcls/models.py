@@ -311,11 +311,11 @@ def with_views(card: ModelCard, views: int, top: int | None = None) -> ModelCard
     return replace(card, tta=views, tta_top=top)
 
 
-def check_tta_top(top: int, views: int) -> int:
-    """TOP of VIEWS test-time views that score a part (``top_views``) as stored: 0 (all) when TOP >= VIEWS."""
+def check_tta_top(top: int, views: int, what: str = "the test-time views that count (tta_top)") -> int:
+    """TOP of VIEWS test-time views that score a part (``top_views``) as stored: 0 (all) when TOP >= VIEWS.
+    WHAT names the setting in the error."""
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
-        raise ModelLoadError(f"the test-time views that count (tta_top) must be a whole number >= 0 (0: all), "
-                             f"got {top!r}")
+        raise ModelLoadError(f"{what} must be a whole number >= 0 (0: every view counts), got {top!r}")
     return 0 if top >= views else top
 
 

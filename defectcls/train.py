@@ -102,7 +102,7 @@ def predict_logits(model: nn.Module, images_u8: np.ndarray, mean: torch.Tensor, 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """CFG with ``input_norm`` and ``pool`` set: as asked, else the --init model's (fine-tuning keeps its
-    network), else the defaults ("image", "avg"); its other options checked."""
+    network), else the defaults ("image", "avg"); ``tta_top`` as the card stores it; its other options checked."""
     init_card = read_card(cfg.init) if cfg.init else None
     norm = cfg.input_norm or (init_card.input_norm if init_card else "image")
     if norm not in INPUT_NORMS:
@@ -134,8 +134,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise DefectclsError(f"--mask-weight must be > 0, got {cfg.mask_weight}")
     if cfg.tta not in TTA_VIEWS:
         raise DefectclsError(f"--tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {cfg.tta!r}")
-    if isinstance(cfg.tta_top, bool) or not isinstance(cfg.tta_top, int) or cfg.tta_top < 0:
-        raise DefectclsError(f"--tta-top must be a whole number >= 0 (0: every view counts), got {cfg.tta_top!r}")
     frame = cfg.frame or ("part" if init_card and init_card.frame_ref else "full")
     if frame not in D.FRAMES:
         raise DefectclsError(f"--frame must be one of {', '.join(D.FRAMES)}, got {frame!r}")
@@ -146,7 +144,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise DefectclsError("--masks needs --frame full: the masks are drawn on the whole photo")
     if cfg.masks and not Path(cfg.masks).is_dir():   # before the photos are decoded, not after
         raise DefectclsError(f"mask folder not found: {cfg.masks}")
-    return replace(cfg, input_norm=norm, pool=pool, frame=frame)
+    return replace(cfg, input_norm=norm, pool=pool, frame=frame,
+                   tta_top=check_tta_top(cfg.tta_top, cfg.tta, what="--tta-top"))   # stored as the card will be
 
 
 def init_weights(model: nn.Module, model_dir: str, arch: str, in_chans: int) -> None:
@@ -751,8 +750,7 @@ def _save_single(cfg: TrainConfig, model: nn.Module, data: _Data, mean: list[flo
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=cfg.arch, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, tta_top=check_tta_top(cfg.tta_top, cfg.tta),
-        frame_ref=data.frame_ref,
+        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, tta_top=cfg.tta_top, frame_ref=data.frame_ref,
         background=data.background, photo_range=data.photo_range, focus_below=data.focus_below,
         threshold=thr,
         temperature=temperature,
@@ -922,8 +920,7 @@ def train_folds(cfg: TrainConfig) -> dict:
     fingerprint = D.fingerprint(data.samples)
     card = ModelCard(
         arch=ENSEMBLE_ARCH, in_chans=c, color=cfg.color, img_size=cfg.img_size, mean=mean, std=std,
-        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, tta_top=check_tta_top(cfg.tta_top, cfg.tta),
-        frame_ref=data.frame_ref,
+        input_norm=cfg.input_norm, pool=cfg.pool, tta=cfg.tta, tta_top=cfg.tta_top, frame_ref=data.frame_ref,
         background=data.background, photo_range=data.photo_range, focus_below=data.focus_below,
         threshold=thr,
         temperature=temperature,
