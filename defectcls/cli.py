@@ -94,6 +94,8 @@ def _add_train(sub) -> None:
     p.add_argument("--img-size", type=int, default=d.img_size)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="WD",
+                   help="AdamW's decoupled weight decay (0: none)")
     p.add_argument("--color", choices=["gray", "rgb"], default=d.color)
     p.add_argument("--seed", type=int, default=d.seed,
                    help="the network's start, the order of its photos and their augmentation; also the split's unless "
@@ -216,7 +218,8 @@ def _run_train(a) -> int:
     from .train import TrainConfig, train
 
     cfg = TrainConfig(data=a.data, out=a.out, arch=a.arch, epochs=a.epochs, epoch_size=a.epoch_size, img_size=a.img_size,
-                      batch_size=a.batch_size, lr=a.lr, color=a.color, seed=a.seed, split_seed=a.split_seed, device=a.device,
+                      batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, color=a.color, seed=a.seed,
+                      split_seed=a.split_seed, device=a.device,
                       target_fnr=a.target_fnr, threshold_method=a.threshold_method, no_miss_share=a.no_miss_share,
                       no_miss_min_fpr=a.no_miss_min_fpr, patience=a.patience,
                       max_minutes=a.max_minutes, ema=a.ema, rank_weight=a.rank_weight, rank_k=a.rank_k,
@@ -228,6 +231,8 @@ def _run_train(a) -> int:
                       tta_top=a.tta_top, frame=a.frame, masks=a.masks, mask_weight=a.mask_weight)
     if not 0 <= a.bad_degrade <= 1:
         raise DefectclsError("--bad-degrade must be in [0, 1]")
+    if not a.weight_decay >= 0:
+        raise DefectclsError(f"--weight-decay must be 0 or more, got {a.weight_decay:g}")
     cfg.aug = replace(cfg.aug, bad_degrade=a.bad_degrade, **_aug_overrides(a.aug_set))
     from .models import arch_spec
 

@@ -160,10 +160,11 @@ def test_aug_set_changes_single_ranges_and_refuses_unknown_ones(tmp_path, tiny_d
     out = tmp_path / "m"
     assert main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "1", "--img-size", "32",
                  "--epoch-size", "0", "--tta", "1", "--aug-set", "brightness=0.3", "gamma=0.45", "--no-miss-share",
-                 "0.6", "--no-miss-min-fpr", "0", "--json"]) == 0
+                 "0.6", "--no-miss-min-fpr", "0", "--weight-decay", "0.05", "--json"]) == 0
     card = json.loads((out / "card.json").read_text())
     aug = card["train"]["config"]["aug"]
     assert aug["brightness"] == 0.3 and aug["gamma"] == 0.45 and aug["contrast"] == 0.35
+    assert card["train"]["config"]["weight_decay"] == 0.05
     pol = card["threshold_policy"]                         # target 0: 0.6 of the lowest validation bad score
     assert card["train"]["config"]["no_miss_share"] == pol["no_miss_share"] == 0.6
     assert card["threshold"] == pytest.approx(share_threshold(card, 0.6))   # no floor of good parts asked
@@ -174,6 +175,8 @@ def test_aug_set_changes_single_ranges_and_refuses_unknown_ones(tmp_path, tiny_d
     assert "--no-miss-share must be in (0, 1]" in capsys.readouterr().err
     assert main(["train", "--data", str(tiny_data), "--out", str(out), "--no-miss-min-fpr", "1"]) == 2
     assert "--no-miss-min-fpr must be in [0, 1)" in capsys.readouterr().err
+    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--weight-decay", "-0.1"]) == 2
+    assert "--weight-decay must be 0 or more" in capsys.readouterr().err
 
 
 def test_commands_keep_freed_memory_on_glibc(monkeypatch):
