@@ -26,7 +26,13 @@ import torch.nn.functional as F
 
 from .config import AugConfig
 
-__all__ = ["AugConfig", "augment", "geometric", "photometric", "gaussian_blur"]
+__all__ = ["AugConfig", "augment", "geometric", "photometric", "gaussian_blur", "paint_defects"]
+
+# Where and how large a painted blotch is, as shares of the image side, on a photo framed as the casting folder's are
+# (the part centred, its outer edge about 0.42 of the side from the centre, its dark inner ring inside about 0.26)
+PAINT_RADIUS = (0.27, 0.41)   # distance of the blotch's centre from the image centre: the bright ring and its outer edge
+PAINT_SIGMA = (0.006, 0.016)  # each lobe's Gaussian sigma: 1.2-3 px at 192 px, wider than a 1-3 px pin mark at 300 px
+PAINT_DEPTH = (0.5, 0.85)     # share of the light taken away at the blotch's core
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
@@ -174,6 +180,45 @@ def jpeg(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, labels: torch.Tens
     out = x.clone()
     out[pick.to(x.device)] = torch.from_numpy(np.stack(dec)).to(x.device, x.dtype) / 255.0
     return out
+
+
+def paint_defects(x: torch.Tensor, labels: torch.Tensor, share: float, g: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paint a dark blotch (three overlapping Gaussian lobes) on about SHARE of the good parts of a float [0, 1]
+    batch, on the part's bright ring or across its outer edge (``PAINT_RADIUS``), and label them bad.
+
+    A from-scratch network sees each of a few hundred real defects in many poses but few kinds of them; a rim chip
+    unlike any it trained on can score among the good parts. Blotches on good parts show it more places a defect can
+    be. They are larger than the pin marks the folder files both ways (``PAINT_SIGMA``), so they teach "dark and
+    irregular", not "any dot". Returns (images, labels, painted) with ``painted`` the boolean mask of the parts
+    changed; X and LABELS are not modified in place. Draws from G only when SHARE > 0.
+    """
+    painted = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
+    if share <= 0 or len(labels) == 0:
+        return x, labels, painted
+    n, _, h, w = x.shape
+    dev = x.device
+    painted = (labels == 0) & (_uniform(n, 0, 1, g, labels.device) < share)
+    k = int(painted.sum())
+    if k == 0:
+        return x, labels, painted
+    side = float(min(h, w))
+    ang = _uniform(k, 0, 2 * math.pi, g, dev)
+    rad = _uniform(k, *PAINT_RADIUS, g, dev) * side
+    cx, cy = (w - 1) / 2 + rad * torch.cos(ang), (h - 1) / 2 + rad * torch.sin(ang)
+    sigma = _uniform(k, *PAINT_SIGMA, g, dev) * side
+    depth = _uniform(k, *PAINT_DEPTH, g, dev)
+    yy = torch.arange(h, device=dev, dtype=x.dtype)[None, :, None]
+    xx = torch.arange(w, device=dev, dtype=x.dtype)[None, None, :]
+    blot = torch.zeros(k, h, w, device=dev, dtype=x.dtype)
+    for _ in range(3):   # lobes up to one sigma off the centre, of 0.6-1 of its width: an irregular outline
+        ox, oy = (_uniform(k, -1, 1, g, dev) * sigma, _uniform(k, -1, 1, g, dev) * sigma)
+        s = sigma * _uniform(k, 0.6, 1.0, g, dev)
+        d2 = (xx - (cx + ox)[:, None, None]) ** 2 + (yy - (cy + oy)[:, None, None]) ** 2
+        blot = torch.maximum(blot, torch.exp(-d2 / (2 * s[:, None, None] ** 2)))
+    out = x.clone()
+    out[painted] = x[painted] * (1 - depth[:, None, None, None] * blot[:, None])
+    return out, torch.where(painted, torch.ones_like(labels), labels), painted
 
 
 def augment(x: torch.Tensor, cfg: AugConfig, g: torch.Generator, labels: torch.Tensor | None = None,

@@ -122,6 +122,8 @@ class AugConfig:
                                  # (why 0.75: augment.photometric)
     ramp_start: float = 0.3      # share of training with pose augmentation only (learns the defects first)
     ramp: float = 0.6            # share of training after which light/sensor/zoom augmentation is at full strength
+    paint_bad: float = 0.0       # share of the good parts in a batch given a painted dark blotch on the part's ring and
+                                 # trained as bad (``augment.paint_defects``); 0: off. Not scaled by the ramp
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
-from .augment import augment
+from .augment import augment, paint_defects
 from .config import MIXED, TrainConfig, resolve_device, seed_everything
 from .errors import DefectclsError
 from .evaluate import (
@@ -130,6 +130,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
                              f"sum to at most 1, got {', '.join(f'{f:g}' for f in fills)}")
     if cfg.mixed not in MIXED:
         raise DefectclsError(f"--mixed must be one of {', '.join(MIXED)}, got {cfg.mixed!r}")
+    if not 0.0 <= cfg.aug.paint_bad < 1.0:
+        raise DefectclsError(f"paint_bad must be a share in [0, 1) (0: off), got {cfg.aug.paint_bad:g}")
+    if cfg.aug.paint_bad and cfg.masks:
+        raise DefectclsError("paint_bad with --masks: a painted blotch has no mask; use one or the other")
     if cfg.mask_weight <= 0:
         raise DefectclsError(f"--mask-weight must be > 0, got {cfg.mask_weight}")
     if cfg.tta not in TTA_VIEWS:
@@ -638,6 +642,9 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                     continue
                 xb = torch.from_numpy(x_train[idx]).to(device).float() / 255.0
                 yb = torch.from_numpy(y_train[idx]).to(device)
+                painted = None
+                if cfg.aug.paint_bad > 0:   # before the pose and light changes, which then apply to the blotch too
+                    xb, yb, painted = paint_defects(xb, yb, cfg.aug.paint_bad, gen)
                 aug = cfg.aug.at_strength(cfg.aug.strength((epoch * steps_per_epoch + step) / total_steps))
                 if masks is None:
                     xb = augment(xb, aug, gen, labels=yb)
@@ -665,7 +672,9 @@ def _fit(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
                 if cfg.hard_share > 0:   # only hard-example sampling reads them: no device->host copy otherwise
                     seen = per_sample.detach().cpu().double().numpy()
                     prev = sample_loss[idx]
-                    sample_loss[idx] = np.where(np.isnan(prev), seen, 0.5 * (prev + seen))
+                    merged = np.where(np.isnan(prev), seen, 0.5 * (prev + seen))
+                    # a painted good part's loss is not its photo's: the photo keeps the loss it had
+                    sample_loss[idx] = merged if painted is None else np.where(painted.cpu().numpy(), prev, merged)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
             if distributed and cfg.hard_share > 0:   # every rank draws the next epoch from the same losses

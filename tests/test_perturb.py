@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from defectcls import perturb as P
-from defectcls.augment import AugConfig, augment, border_median, geometric
+from defectcls.augment import PAINT_RADIUS, AugConfig, augment, border_median, geometric, paint_defects
 from defectcls.errors import DefectclsError
 
 from .parts import part_photo as _part
@@ -312,6 +313,32 @@ def test_blur_and_jpeg_reach_bad_parts_at_the_bad_degrade_share_noise_reaches_bo
     n0 = augment(x, AugConfig(**noise_only, bad_degrade=0.0), torch.Generator().manual_seed(5), labels)
     n1 = augment(x, AugConfig(**noise_only, bad_degrade=1.0), torch.Generator().manual_seed(5), labels)
     assert torch.equal(n0, n1) and float((n0 - x).abs().mean()) > 0.005
+
+
+def test_paint_defects_darkens_the_ring_of_the_chosen_good_parts_and_calls_them_bad():
+    x = torch.full((64, 1, 192, 192), 0.8)   # the recipe's working size
+    labels = torch.tensor([0, 1] * 32)
+    before = x.clone()
+    out, lab, painted = paint_defects(x, labels, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(x, before) and torch.equal(labels, torch.tensor([0, 1] * 32))   # inputs left as they were
+    assert bool(painted.any()) and not bool(painted[labels == 1].any())   # only good parts are painted
+    assert 8 <= int(painted.sum()) <= 24                                  # about half of the 32 good ones
+    assert torch.equal(lab, torch.where(painted, 1, labels))             # painted ones are bad now, no other changed
+    diff = (before - out)[:, 0]
+    assert torch.equal(out[~painted], before[~painted])
+    for i in torch.nonzero(painted).flatten().tolist():
+        d = diff[i]
+        assert 0.8 * 0.25 < float(d.max()) <= 0.8 * 0.85 + 1e-6   # a dark core (depth 0.5-0.85 of the light, a
+                                                                   # lobe's centre up to half a pixel off the grid)
+        assert float((d > 0.1).float().mean()) < 0.05             # a blotch, not a veil: under 5% of the image
+        yy, xx = torch.nonzero(d == d.max())[0].tolist()
+        r = math.hypot(xx - 95.5, yy - 95.5) / 192
+        assert PAINT_RADIUS[0] - 0.05 < r < PAINT_RADIUS[1] + 0.05   # on the part's ring (lobes sit up to a sigma off)
+    # share 0 changes nothing and draws nothing from the generator
+    g = torch.Generator().manual_seed(1)
+    same, lab0, none = paint_defects(x, labels, 0.0, g)
+    assert same is x and lab0 is labels and not bool(none.any())
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(1)))
 
 
 def _blob_batch(n: int = 24, size: int = 48, background: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

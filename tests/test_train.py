@@ -453,6 +453,22 @@ def test_rank_weight_joins_the_loss_and_the_card(tiny_data, tmp_path):
     assert not (tmp_path / "m").exists()   # refused before anything is written
 
 
+def test_paint_bad_trains_painted_good_parts_as_bad_and_is_recorded(tiny_data, tmp_path):
+    from defectcls.config import AugConfig
+    from defectcls.errors import DefectclsError
+
+    train(_tiny_cfg(tiny_data, tmp_path / "plain", seed=5))
+    train(_tiny_cfg(tiny_data, tmp_path / "painted", seed=5, aug=AugConfig(paint_bad=0.5)))
+    cards = [json.loads((tmp_path / d / "card.json").read_text()) for d in ("plain", "painted")]
+    assert cards[1]["train"]["config"]["aug"]["paint_bad"] == 0.5 and cards[0]["train"]["config"]["aug"]["paint_bad"] == 0
+    # same seed: only the painting differs, and it changes what the network was trained on
+    assert cards[0]["train"]["history"][0]["train_loss"] != cards[1]["train"]["history"][0]["train_loss"]
+    for bad in (-0.1, 1.0):
+        with pytest.raises(DefectclsError, match="paint_bad must be a share"):
+            train(_tiny_cfg(tiny_data, tmp_path / "m", aug=AugConfig(paint_bad=bad)))
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.fixture(scope="module")
 def masked_data(tmp_path_factory) -> Path:
     """24 good and 12 bad synthetic parts (96 px) with their defect masks in masks/."""
