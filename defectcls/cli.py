@@ -231,8 +231,6 @@ def _run_train(a) -> int:
                       tta_top=a.tta_top, frame=a.frame, masks=a.masks, mask_weight=a.mask_weight)
     if not 0 <= a.bad_degrade <= 1:
         raise DefectclsError("--bad-degrade must be in [0, 1]")
-    if not a.weight_decay >= 0:
-        raise DefectclsError(f"--weight-decay must be 0 or more, got {a.weight_decay:g}")
     cfg.aug = replace(cfg.aug, bad_degrade=a.bad_degrade, **_aug_overrides(a.aug_set))
     from .models import arch_spec
 

@@ -110,6 +110,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     pool = cfg.pool or (init_card.pool if init_card else "avg")
     if pool not in POOLS:
         raise DefectclsError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if not cfg.weight_decay >= 0:
+        raise DefectclsError(f"--weight-decay must be 0 or more, got {cfg.weight_decay:g}")
     if not 0.0 <= cfg.ema < 1.0:
         raise DefectclsError(f"--ema must be a decay in [0, 1) (0: off), got {cfg.ema}")
     if cfg.max_minutes is not None and not cfg.max_minutes > 0:
