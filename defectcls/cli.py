@@ -264,7 +264,9 @@ def _add_evaluate(sub) -> None:
                                            "'line', the line's drifts; 'stronger': past them; 'fills': turns and "
                                            "zooms with black, white, mirrored or edge corners; 'slant': the "
                                            "camera off the part's axis; 'all'; 'list' "
-                                           "prints the names)")
+                                           "prints the names; any other magnitude or combination composes "
+                                           "from steps joined by '+', e.g. blur2.5+jpeg25 or "
+                                           "rotate_any+scale0.8_black)")
     p.add_argument("--perturb-seed", type=int, default=0, help="seed of the random perturbations (noise, angles)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_evaluate)
@@ -669,10 +671,12 @@ def _run_export(a) -> int:
 # ---------------------------------------------------------------- evaluate --perturb, experiment
 
 def _run_evaluate_perturb(a) -> int:
-    from .perturb import PERTURBATIONS, evaluate_perturbed, format_table, summary, write_report
+    from .perturb import GRAMMAR, GROUPS, PERTURBATIONS, evaluate_perturbed, format_table, summary, write_report
 
     if a.perturb_names == "list":
-        _emit({"perturbations": list(PERTURBATIONS)}, a.json, "\n".join(PERTURBATIONS))
+        groups = {g: v for g, v in GROUPS.items() if g != "all"}
+        _emit({"perturbations": list(PERTURBATIONS), "groups": groups, "compose": GRAMMAR}, a.json,
+              "\n".join([*PERTURBATIONS, "", "groups: " + ", ".join([*GROUPS]), f"other names: {GRAMMAR}"]))
         return 0
     res = evaluate_perturbed(a.model or default_model_dir(), a.data, split=a.split, names=a.perturb_names,
                              seed=a.perturb_seed, threshold=a.threshold, progress=not a.json)

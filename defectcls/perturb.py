@@ -14,6 +14,10 @@ apparent size of the part (0.9: 10% smaller, around the centre), shift a fractio
 side. Geometric changes fill uncovered pixels with the image's own background: the median
 of its border pixels (the real photos have a light background, synthetic ones a dark one);
 the ``fills`` group repeats three pose changes with black, white, mirrored and edge fills.
+
+Beside the registered names (``PERTURBATIONS``, in groups), any magnitude or combination is a name composed
+of steps joined by ``+`` (``GRAMMAR``, ``compose``): ``blur2.5+jpeg25``, ``noise16``,
+``rotate_any+scale0.8+shift_y+6%_black``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -237,17 +242,143 @@ GROUPS = {"line": list(LINE), "stronger": list(STRONGER), "fills": list(FILLED),
           "all": list(PERTURBATIONS)}
 
 
+# ---------------------------------------------------------------- composed names
+
+GRAMMAR = ("steps joined by '+': brightness+N% or -N%, contrast+N% or -N%, gammaG, blurS (sigma at 300 px), jpegQ, "
+           "noiseS (8-bit levels), rotateA (degrees) or rotate_any, scaleS, shift_x/shift_y/shift_xy+N% or -N%, "
+           "slantQ (0 < Q <= 1), then optionally _black, _white, _reflect or _edge for the corners a pose uncovers; "
+           "e.g. blur2.5+jpeg25, rotate_any+scale0.8+shift_y+6%_black")
+_NUM = r"\d+(?:\.\d+)?"
+_STEP = re.compile(rf"(?P<light>brightness|contrast)(?P<pct>[+-]{_NUM})%|(?P<shift>shift_(?:xy|x|y))(?P<frac>[+-]{_NUM})%"
+                   rf"|rotate(?P<angle>{_NUM}|_any)|(?P<kind>gamma|blur|jpeg|noise|scale|slant)(?P<val>{_NUM})")
+_FILL_END = re.compile(r"_(black|white|reflect|edge)$")
+_POSE = ("rotate", "scale", "shift", "slant")
+
+
+def _photo_step(kind: str, v: float, step: str) -> Perturbation:
+    """One photometric step, its magnitude checked."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise DefectclsError(f"perturbation step {step!r}: {what}")
+
+    if kind == "brightness":
+        need(v > -100, "the light cannot fall by 100% or more")
+        return lambda im, _r: brightness(im, 1 + v / 100)
+    if kind == "contrast":
+        need(v >= -100, "contrast cannot fall by more than 100%")
+        return lambda im, _r: contrast(im, 1 + v / 100)
+    if kind == "gamma":
+        need(v > 0, "gamma must be above 0")
+        return lambda im, _r: gamma(im, v)
+    if kind == "blur":
+        need(v > 0, "blur sigma must be above 0")
+        return lambda im, _r: blur(im, v)
+    if kind == "jpeg":
+        need(v == int(v) and 1 <= v <= 100, "JPEG quality is a whole number from 1 to 100")
+        return lambda im, _r: jpeg(im, int(v))
+    need(v > 0, "noise sigma must be above 0")
+    return lambda im, r: noise(im, v, r)
+
+
+def _pose_step(pose: dict, fill: str) -> Perturbation:
+    """Turn, zoom, shift and slant of one pose as one resampling (the registry's combined poses do the same)."""
+    angle, scale, squash = pose.get("rotate", 0.0), pose.get("scale", 1.0), pose.get("slant", 1.0)
+    shift = pose.get("shift", (0.0, 0.0))
+
+    def run(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        kw = {"scale": scale, "shift": shift, "fill": fill}
+        if squash != 1.0:       # the squash direction is drawn first, then any turn (as ``_slanted``)
+            kw.update(squash=squash, squash_angle=float(rng.uniform(0.0, 180.0)))
+        return _any_angle(img, rng, **kw) if angle == "any" else affine(img, angle=angle, **kw)
+
+    return run
+
+
+def compose(name: str) -> Perturbation:
+    """The perturbation a composed NAME describes (``GRAMMAR``): photometric steps in the order given, and
+    neighbouring pose steps (rotate, scale, shift, slant) as one resampling; a registered name composes to the
+    same pixels. Raises DefectclsError naming what is wrong."""
+    fill = "background"
+    m = _FILL_END.search(name)
+    body = name[:m.start()] if m else name
+    if m:
+        fill = m.group(1)
+    steps: list[Perturbation] = []
+    pose: dict | None = None
+    pos = 0
+    while True:
+        s = _STEP.match(body, pos)
+        if not s:
+            raise DefectclsError(f"unknown perturbation {name!r}: no step at {body[pos:]!r}; {GRAMMAR}")
+        step = s.group(0)
+        kind = s.group("light") or s.group("kind") or ("shift" if s.group("shift") else "rotate")
+        if kind in _POSE:
+            if pose is None:
+                pose = {}
+                steps.append(None)          # placeholder: the pose built once its neighbours are read
+            if kind in pose:
+                raise DefectclsError(f"perturbation {name!r}: {kind} given twice in one pose")
+            if kind == "rotate":
+                a = s.group("angle")
+                pose[kind] = "any" if a == "_any" else float(a)
+            elif kind == "shift":
+                f = float(s.group("frac")) / 100
+                if abs(f) >= 0.5:
+                    raise DefectclsError(f"perturbation step {step!r}: a shift is under 50% of the side")
+                axis = s.group("shift")[len("shift_"):]
+                pose[kind] = (f if "x" in axis else 0.0, f if "y" in axis else 0.0)
+            else:
+                v = float(s.group("val"))
+                if kind == "scale" and not 0.2 <= v <= 5:
+                    raise DefectclsError(f"perturbation step {step!r}: scale from 0.2 to 5")
+                if kind == "slant" and not 0 < v <= 1:
+                    raise DefectclsError(f"perturbation step {step!r}: slant Q with 0 < Q <= 1")
+                pose[kind] = v
+        else:
+            if pose is not None:
+                steps[steps.index(None)] = _pose_step(pose, fill)
+                pose = None
+            steps.append(_photo_step(kind, float(s.group("pct") or s.group("val")), step))
+        pos = s.end()
+        if pos == len(body):
+            break
+        if body[pos] != "+" or pos + 1 == len(body):
+            where = "a fill goes at the end of the name" if body[pos] == "_" else "steps are joined by '+'"
+            raise DefectclsError(f"unknown perturbation {name!r}: {where}; {GRAMMAR}")
+        pos += 1
+    if pose is not None:
+        steps[steps.index(None)] = _pose_step(pose, fill)
+    elif m:
+        raise DefectclsError(f"perturbation {name!r}: a fill ({fill}) needs a pose step (rotate, scale, shift, slant)")
+    return steps[0] if len(steps) == 1 else _chain(*steps)
+
+
+def get(name: str) -> Perturbation:
+    """The registered perturbation NAME, or the one its steps compose (``compose``)."""
+    return PERTURBATIONS.get(name) or compose(name)
+
+
 def resolve_names(names: Sequence[str] | str | None) -> list[str]:
     """Perturbation names to run: the line's set when NAMES is None; a comma-separated string or a list
-    otherwise, where a group name (``line``, ``stronger``, ``fills``, ``slant``, ``all``) stands for its members."""
+    otherwise, where a group name (``line``, ``stronger``, ``fills``, ``slant``, ``all``) stands for its members
+    and any other name is registered or composed of steps (``GRAMMAR``)."""
     if names is None:
         return list(LINE)
     if isinstance(names, str):
         names = [n for n in (s.strip() for s in names.split(",")) if n]
     names = [m for n in names for m in GROUPS.get(n, [n])]
-    unknown = [n for n in names if n not in PERTURBATIONS]
+    unknown, errors = [], []
+    for n in dict.fromkeys(names):
+        if n in PERTURBATIONS:
+            continue
+        try:
+            compose(n)
+        except DefectclsError as exc:
+            unknown.append(n)
+            errors.append(str(exc))
     if unknown:
-        raise DefectclsError(f"unknown perturbation(s) {', '.join(unknown)}; choose from: {', '.join(PERTURBATIONS)}")
+        raise DefectclsError(f"unknown perturbation(s) {', '.join(unknown)}: {' | '.join(errors)} "
+                             f"(the registered names and groups: --perturb-names list)")
     if not names:
         raise DefectclsError("no perturbation named")
     return list(dict.fromkeys(names))
@@ -262,7 +393,7 @@ def apply(name: str, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Perturbation NAME of a decoded uint8 image (``clean`` returns it unchanged)."""
     if name == CLEAN:
         return img
-    return PERTURBATIONS[resolve_names([name])[0]](img, rng)
+    return get(resolve_names([name])[0])(img, rng)
 
 
 # ---------------------------------------------------------------- scoring

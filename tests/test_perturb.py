@@ -256,18 +256,72 @@ def test_evaluate_perturbed_has_a_row_per_perturbation_and_clean_equals_plain_ev
     assert again["rows"][1:] == [r for r in res["rows"] if r["name"] in ("noise8", "rotate_any")]
 
 
+def test_registered_names_compose_to_the_same_pixels():
+    img = _part()
+    composed = 0
+    for name, fn in P.PERTURBATIONS.items():
+        if name == "rot+scale0.88+shift5%":      # the one registered name outside the grammar
+            continue
+        for seed in (0, 7):
+            assert np.array_equal(P.compose(name)(img, _rng(seed)), fn(img, _rng(seed))), name
+        composed += 1
+    assert composed == len(P.PERTURBATIONS) - 1
+
+
+def test_composed_names_reach_any_magnitude_and_combination():
+    img = _part()
+    assert np.array_equal(P.get("blur2.5+jpeg25")(img, _rng()), P.jpeg(P.blur(img, 2.5), 25))
+    assert np.array_equal(P.get("brightness-50%+contrast+10%")(img, _rng()),
+                          P.contrast(P.brightness(img, 0.5), 1.1))
+    assert np.array_equal(P.get("gamma2.2")(img, _rng()), P.gamma(img, 2.2))
+    # neighbouring pose steps are one resampling, the fill at the end applies to it
+    assert np.array_equal(P.get("rotate_any+scale0.8+shift_y+6%_black")(img, _rng(3)),
+                          P.affine(img, angle=float(_rng(3).uniform(0.0, 360.0)), scale=0.8, shift=(0.0, 0.06),
+                                   fill="black"))
+    assert np.array_equal(P.get("rotate15+shift_xy-4%")(img, _rng()), P.affine(img, angle=15, shift=(-0.04, -0.04)))
+    # the noise is drawn from the photo's generator: repeatable, and stronger than the registered noise12
+    n16 = P.get("noise16")(img, _rng(5))
+    assert np.array_equal(n16, P.get("noise16")(img, _rng(5)))
+    spread = [np.abs(P.get(n)(img, _rng(5)).astype(int) - img).mean() for n in ("noise12", "noise16")]
+    assert spread[1] > spread[0] > 0
+    assert P.resolve_names("noise8,blur2.5+jpeg25,stronger")[:3] == ["noise8", "blur2.5+jpeg25", "brightness-40%"]
+    assert np.array_equal(P.apply("blur2.5+jpeg25", img, _rng()), P.jpeg(P.blur(img, 2.5), 25))
+
+
+@pytest.mark.parametrize("name, says", [
+    ("fog", "no step at 'fog'"),
+    ("jpeg0", "JPEG quality"),
+    ("blur0", "blur sigma"),
+    ("brightness-100%", "cannot fall by 100%"),
+    ("scale0.1", "scale from 0.2 to 5"),
+    ("slant1.2", "0 < Q <= 1"),
+    ("shift_x+60%", "under 50%"),
+    ("rotate10+rotate20", "rotate given twice"),
+    ("blur1_black", "needs a pose step"),
+    ("scale0.9_black+blur1", "a fill goes at the end"),
+    ("blur1+", "steps are joined by '+'"),
+    ("blur1++jpeg30", "no step at '+jpeg30'"),
+])
+def test_a_bad_composed_name_says_what_is_wrong(name, says):
+    with pytest.raises(DefectclsError, match="unknown perturbation|perturbation step|perturbation '") as err:
+        P.resolve_names(["noise8", name])
+    assert says in str(err.value) and name in str(err.value)
+
+
 def test_cli_evaluate_perturb_writes_the_report(tiny_model, tiny_data, tmp_path, capsys):
     from defectcls.cli import main
 
     rc = main(["evaluate", "--model", str(tiny_model), "--data", str(tiny_data), "--perturb-names",
-               "rotate90,jpeg30,slant0.65", "--report-dir", str(tmp_path), "--json"])
+               "rotate90,jpeg30,slant0.65,blur2.5+jpeg25", "--report-dir", str(tmp_path), "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in out["rows"]] == ["clean", "rotate90", "jpeg30", "slant0.65"]
+    # a composed name (not registered) is scored like a registered one
+    assert [r["name"] for r in out["rows"]] == ["clean", "rotate90", "jpeg30", "slant0.65", "blur2.5+jpeg25"]
     # a camera 49 degrees off the part's axis: photos the model cannot judge are held, bad whatever they score
     slant = out["rows"][3]
     assert slant["held_bad"] + slant["held_good"] >= out["n"] // 2 and slant["fp"] >= slant["held_good"]
     assert all(r["held_bad"] == r["held_good"] == 0 for r in out["rows"][:3])
+    assert out["rows"][4]["n_bad"] + out["rows"][4]["n_good"] == out["n"]
     md = (tmp_path / "perturb.md").read_text()
     assert "| rotate90 |" in md and "| clean |" in md and "held bad / good" in md
     assert json.loads((tmp_path / "perturb.json").read_text())["model_id"] == out["model_id"]
@@ -278,13 +332,19 @@ def test_cli_evaluate_perturb_writes_the_report(tiny_model, tiny_data, tmp_path,
     with open(tmp_path / "perturb_scores.csv", newline="") as fh:
         photos = list(csv.DictReader(fh))
     assert len(photos) == out["n"] and set(photos[0]) == {"path", "label", "clean", "rotate90", "jpeg30", "slant0.65",
-                                                          "slant0.65 held"}
+                                                          "slant0.65 held", "blur2.5+jpeg25"}
     assert all(Path(r["path"]).is_file() and r["label"] in ("good", "bad") for r in photos)
     for row in out["rows"]:
         flagged = [r["label"] for r in photos
                    if float(r[row["name"]]) >= out["threshold"] or r.get(f"{row['name']} held") == "yes"]
         assert (flagged.count("good"), row["n_bad"] - flagged.count("bad")) == (row["fp"], row["fn"])
     assert main(["evaluate", "--model", str(tiny_model), "--data", str(tiny_data), "--perturb-names", "fog"]) == 2
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(tiny_data), "--perturb-names", "jpeg0"]) == 2
+    assert "JPEG quality" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(tiny_data), "--perturb-names", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["perturbations"] == list(P.PERTURBATIONS) and listed["groups"]["stronger"] == list(P.STRONGER)
+    assert "blur2.5+jpeg25" in listed["compose"]
 
 
 def test_blur_and_jpeg_reach_bad_parts_at_the_bad_degrade_share_noise_reaches_both_alike():
