@@ -22,6 +22,7 @@ of steps joined by ``+`` (``GRAMMAR``, ``compose``): ``blur2.5+jpeg25``, ``noise
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -294,17 +295,19 @@ def _pose_step(pose: dict, fill: str) -> Perturbation:
     return run
 
 
+@functools.lru_cache(maxsize=256)      # parsed once a name, not once a photo (``apply``)
 def compose(name: str) -> Perturbation:
     """The perturbation a composed NAME describes (``GRAMMAR``): photometric steps in the order given, and
-    neighbouring pose steps (rotate, scale, shift, slant) as one resampling; a registered name composes to the
-    same pixels. Raises DefectclsError naming what is wrong."""
+    neighbouring pose steps (rotate, scale, shift, slant) as one resampling, with the fill at the end of the name
+    for every pose; a registered name composes to the same pixels. Raises DefectclsError naming what is wrong."""
     fill = "background"
     m = _FILL_END.search(name)
     body = name[:m.start()] if m else name
     if m:
         fill = m.group(1)
-    steps: list[Perturbation] = []
-    pose: dict | None = None
+    steps: list[Perturbation | None] = []
+    pose: dict | None = None        # the pose being read, built into steps[pose_at] when a photometric step ends it
+    pose_at, posed = 0, False
     pos = 0
     while True:
         s = _STEP.match(body, pos)
@@ -314,8 +317,8 @@ def compose(name: str) -> Perturbation:
         kind = s.group("light") or s.group("kind") or ("shift" if s.group("shift") else "rotate")
         if kind in _POSE:
             if pose is None:
-                pose = {}
-                steps.append(None)          # placeholder: the pose built once its neighbours are read
+                pose, pose_at, posed = {}, len(steps), True
+                steps.append(None)
             if kind in pose:
                 raise DefectclsError(f"perturbation {name!r}: {kind} given twice in one pose")
             if kind == "rotate":
@@ -336,8 +339,7 @@ def compose(name: str) -> Perturbation:
                 pose[kind] = v
         else:
             if pose is not None:
-                steps[steps.index(None)] = _pose_step(pose, fill)
-                pose = None
+                steps[pose_at], pose = _pose_step(pose, fill), None
             steps.append(_photo_step(kind, float(s.group("pct") or s.group("val")), step))
         pos = s.end()
         if pos == len(body):
@@ -347,8 +349,8 @@ def compose(name: str) -> Perturbation:
             raise DefectclsError(f"unknown perturbation {name!r}: {where}; {GRAMMAR}")
         pos += 1
     if pose is not None:
-        steps[steps.index(None)] = _pose_step(pose, fill)
-    elif m:
+        steps[pose_at] = _pose_step(pose, fill)
+    if m and not posed:
         raise DefectclsError(f"perturbation {name!r}: a fill ({fill}) needs a pose step (rotate, scale, shift, slant)")
     return steps[0] if len(steps) == 1 else _chain(*steps)
 

@@ -279,6 +279,8 @@ def test_composed_names_reach_any_magnitude_and_combination():
                           P.affine(img, angle=float(_rng(3).uniform(0.0, 360.0)), scale=0.8, shift=(0.0, 0.06),
                                    fill="black"))
     assert np.array_equal(P.get("rotate15+shift_xy-4%")(img, _rng()), P.affine(img, angle=15, shift=(-0.04, -0.04)))
+    # photometric steps after a pose keep their order; the fill still belongs to the pose before them
+    assert np.array_equal(P.get("rotate37+blur1_white")(img, _rng()), P.blur(P.affine(img, angle=37, fill="white"), 1))
     # the noise is drawn from the photo's generator: repeatable, and stronger than the registered noise12
     n16 = P.get("noise16")(img, _rng(5))
     assert np.array_equal(n16, P.get("noise16")(img, _rng(5)))
