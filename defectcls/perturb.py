@@ -423,6 +423,7 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
     t0 = time.perf_counter()
     pred = predictor or Predictor(model_dir)
     cols = [CLEAN, *resolve_names(names)]
+    fns = {name: get(name) for name in cols[1:]}     # looked up (or parsed) once, not once a photo
     samples, used = select_split(model_dir, data_root, D.scan_folder(data_root), split)
     probs: dict[str, list[np.ndarray]] = {n: [] for n in cols}
     holds: dict[str, list[np.ndarray]] = {n: [] for n in cols}
@@ -448,7 +449,7 @@ def evaluate_perturbed(model_dir: str | os.PathLike, data_root: str | os.PathLik
         if not imgs:
             continue
         for name in cols:
-            ready = [pred.prep.prepare(apply(name, img, perturbation_rng(seed, name, k)))
+            ready = [pred.prep.prepare(img if name == CLEAN else fns[name](img, perturbation_rng(seed, name, k)))
                      for img, k in zip(imgs, keys, strict=True)]
             probs[name].append(pred.probs(np.stack([r.x for r in ready])))
             holds[name].append(np.array([r.held for r in ready], bool))
