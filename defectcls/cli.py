@@ -450,8 +450,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true",
                    help="JSON lines: path, label, prob_bad, threshold, latency_ms, model_id, notes (what makes the "
-                        "verdict less sure: an oval part, no part found), held (bad whatever prob_bad says: an oval "
-                        "part, no part found); or path, error")
+                        "verdict less sure: an oval part, an outline far from round, a soft photo, no part found), held "
+                        "(bad whatever prob_bad says: all of those but the soft photo); or path, error")
     p.set_defaults(func=_run_predict)
 
 

@@ -258,6 +258,15 @@ ELLIPSE_FIT = 0.94   # overlap (IoU) of the outline with the ellipse of its mome
                      # and slanted parts, 0.947 on a slanted one whose bright hub splits the region, 0.88-0.938
                      # where the region ran into a dark patch on the rim (docs/benchmarks.md, "A camera off the
                      # part's axis")
+SURROUND_BINS = 36   # ``PartOutline.surround`` counts directions in 10-degree steps
+SURROUND_MIN = 0.8   # an outline whose region lies in fewer of the directions round its centre is a fragment's (an arc
+                     # of the casting's dark inner ring under a brighter exposure: 0.72-0.75), and its shape says
+                     # nothing about the part
+FAR_FROM_ROUND = 0.75   # minor / major axis of the outline under which the part is held whatever its ellipse fit: a
+                        # camera far off the axis, a part broken or chipped, or a dark mark or shadow joined to its
+                        # edge. Casting folder: no good photo under 0.89, clean or under 85 variations, but for three
+                        # arcs (surround 0.72-0.75) under contrast +25%; 26 bad photos are, clean
+                        # (docs/benchmarks.md, "An outline far from round")
 
 
 @dataclass(frozen=True)
@@ -270,6 +279,8 @@ class PartOutline:
     axis_ratio: float    # minor / major axis of the outline's second moments: 1 straight on, cos(tilt) tilted
     minor_deg: float     # direction of the minor axis (the tilt's), degrees counter-clockwise from +x as in ``perturb``
     ellipse_fit: float   # IoU of the outline with the ellipse of its moments: near 1 where it is an ellipse
+    surround: float = 1.0   # share of the directions around the outline's centre in which the region lies: 1 for a
+                            # disc or a closed ring, about 0.6-0.75 for an arc of a ring (a fragment of the part)
 
     @property
     def tilt_deg(self) -> float:
@@ -298,13 +309,15 @@ def part_outline(arr: np.ndarray) -> PartOutline | None:
     cov = np.cov(np.stack([hx, hy]).astype(np.float64))
     ev, vec = np.linalg.eigh(cov)
     if ev[0] <= 0:
-        return PartOutline(cx, cy, radius, 0.0, 0.0, 0.0)
+        return PartOutline(cx, cy, radius, 0.0, 0.0, 0.0, 0.0)
+    ang = np.arctan2(ys - hy.mean(), xs - hx.mean())
+    surround = float((np.histogram(ang, bins=SURROUND_BINS, range=(-math.pi, math.pi))[0] > 0).mean())
     yy, xx = np.mgrid[0:part.shape[0], 0:part.shape[1]]
     d = np.stack([xx - hx.mean(), yy - hy.mean()], axis=-1)
     ellipse = np.einsum("...i,ij,...j->...", d, np.linalg.inv(cov), d) <= 4.0   # a uniform ellipse's moments
     fit = float((ellipse & hull).sum() / (ellipse | hull).sum())
     minor = math.degrees(math.atan2(-vec[1, 0], vec[0, 0])) % 180.0
-    return PartOutline(cx, cy, radius, math.sqrt(ev[0] / ev[1]), minor, fit)
+    return PartOutline(cx, cy, radius, math.sqrt(ev[0] / ev[1]), minor, fit, surround)
 
 
 SHARP_GRID = 300   # sharpness is measured on a copy about this many pixels wide (the casting photos' native side)
@@ -392,7 +405,10 @@ def photo_check(arr: np.ndarray, photo_range: dict | None = None, sharp: float |
     is oval (a camera off the part's axis, which the models are not trained for: docs/benchmarks.md,
     "A camera off the part's axis"; none of the casting folder's 2875 good photos is held, nor any of
     431 under the line's 29 variations). An outline that is no ellipse (the region ran into a mark or
-    a shadow) says nothing about the camera and is not held. A note alone, not held, with PHOTO_RANGE
+    a shadow) says nothing about the camera, and is held only where it is far from round (``FAR_FROM_ROUND``)
+    and its region goes round the outline's centre (``SURROUND_MIN``; an arc of a ring is a fragment): the
+    slanted photo whose hub splits its region fits an ellipse only just, and noise or a turn pushes the fit
+    under ``ELLIPSE_FIT`` while its axes stay at 0.69. A note alone, not held, with PHOTO_RANGE
     (a card's, ``estimate_photo_range``): the photo is much softer than the photos the model was trained
     on (``SOFT_FACTOR``): out of focus is where false alarms gather under drift (docs/benchmarks.md,
     "Softer photos"). SHARP: ``sharpness(arr)`` where the caller has it already.
@@ -406,6 +422,11 @@ def photo_check(arr: np.ndarray, photo_range: dict | None = None, sharp: float |
         notes.append(f"the part looks oval (axes {o.axis_ratio:.2f}, a camera about {o.tilt_deg:.0f} degrees off its "
                      "axis): the model is not trained for tilted photos, so the part is judged bad until a person "
                      "looks; square the camera to the part")
+        held = True
+    elif o.axis_ratio < FAR_FROM_ROUND and o.surround >= SURROUND_MIN:
+        notes.append(f"the part's outline is far from round (axes {o.axis_ratio:.2f}): a camera far off the part's "
+                     "axis, a broken or chipped part, or a dark mark or shadow joined to its edge; judged bad until a "
+                     "person looks")
         held = True
     lim = (photo_range or {}).get("sharpness")
     if lim:

@@ -165,12 +165,28 @@ def test_photo_notes_say_when_no_part_stands_out():
 
 def test_an_outline_that_is_no_ellipse_says_nothing_about_the_camera():
     """A dark mark joined to the part's disc stretches the region (the casting folder's leaks into a rim
-    patch); its axes are not a tilt, so no note. A disc split by a bright hub is still seen as a disc."""
+    patch); its axes are not a tilt, so no note, until the outline is far from round: then the part is
+    held, and the note names no tilt. A disc split by a bright hub is still seen as a disc."""
     img = _disc(r=60.0, fg=40, bg=170)
-    img[135:165, 200:265] = 40                                   # a dark patch joined to the disc's edge
+    img[135:165, 200:245] = 40                                   # a dark patch joined to the disc's edge
     o = D.part_outline(img)
-    assert o.axis_ratio < D.OVAL_RATIO and o.ellipse_fit < D.ELLIPSE_FIT
+    assert D.FAR_FROM_ROUND < o.axis_ratio < D.OVAL_RATIO and o.ellipse_fit < D.ELLIPSE_FIT
     assert D.photo_check(img) == ([], False)
+    img[135:165, 245:265] = 40                                   # a longer one: far from round
+    half = _disc(r=80.0, fg=40, bg=170)
+    half[:, 150:] = 170                                          # half a part: broken
+    for far in (img, half):
+        o = D.part_outline(far)
+        assert o.axis_ratio < D.FAR_FROM_ROUND and o.ellipse_fit < D.ELLIPSE_FIT
+        notes, held = D.photo_check(far)
+        assert held and len(notes) == 1 and notes[0].startswith("the part's outline is far from round")
+        assert f"axes {o.axis_ratio:.2f}" in notes[0] and "degrees" not in notes[0]
+    yy, xx = np.mgrid[0:300, 0:300] - 150.0                      # an arc of a dark ring, as a brighter exposure
+    arc = np.full((300, 300), 170, np.uint8)                     # can leave of the casting's inner ring: a fragment
+    arc[(np.hypot(xx, yy) < 70) & (np.hypot(xx, yy) > 45) & (np.arctan2(yy, xx) < math.radians(20))] = 40
+    o = D.part_outline(arc)
+    assert o.axis_ratio < D.FAR_FROM_ROUND and o.surround < D.SURROUND_MIN and D.part_outline(half).surround == 1.0
+    assert D.photo_check(arc) == ([], False)
     ring = _disc(r=70.0, fg=40, bg=170, hole=0.45)               # a bore in the middle: the hull closes it
     ring[:150, 148:153] = 170                                    # and a bright spoke cuts it open, as a hub can
     tilted = P.affine(ring, squash=0.7, squash_angle=0)
