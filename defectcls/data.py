@@ -279,8 +279,8 @@ class PartOutline:
     axis_ratio: float    # minor / major axis of the outline's second moments: 1 straight on, cos(tilt) tilted
     minor_deg: float     # direction of the minor axis (the tilt's), degrees counter-clockwise from +x as in ``perturb``
     ellipse_fit: float   # IoU of the outline with the ellipse of its moments: near 1 where it is an ellipse
-    surround: float = 1.0   # share of the directions around the outline's centre in which the region lies: 1 for a
-                            # disc or a closed ring, about 0.6-0.75 for an arc of a ring (a fragment of the part)
+    surround: float      # share of the directions round the outline's centre in which the region lies: 1 for a
+                         # disc or a closed ring, about 0.7-0.75 for half a ring (a fragment of the part)
 
     @property
     def tilt_deg(self) -> float:
