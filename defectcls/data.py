@@ -403,8 +403,8 @@ def photo_check(arr: np.ndarray, photo_range: dict | None = None, sharp: float |
     Held, as the model cannot judge it and a part it cannot judge must not pass as good: no round part
     stands out from the background (a lamp off, a wrong photo), or its outline, where it is an ellipse,
     is oval (a camera off the part's axis, which the models are not trained for: docs/benchmarks.md,
-    "A camera off the part's axis"; none of the casting folder's 2875 good photos is held, nor any of
-    431 under the line's 29 variations). An outline that is no ellipse (the region ran into a mark or
+    "A camera off the part's axis"; none of the casting folder's 2875 good photos is held, clean or under
+    85 variations: docs/benchmarks.md, "An outline far from round"). An outline that is no ellipse (the region ran into a mark or
     a shadow) says nothing about the camera, and is held only where it is far from round (``FAR_FROM_ROUND``)
     and its region goes round the outline's centre (``SURROUND_MIN``; an arc of a ring is a fragment): the
     slanted photo whose hub splits its region fits an ellipse only just, and noise or a turn pushes the fit
