@@ -310,10 +310,11 @@ def part_outline(arr: np.ndarray) -> PartOutline | None:
     ev, vec = np.linalg.eigh(cov)
     if ev[0] <= 0:
         return PartOutline(cx, cy, radius, 0.0, 0.0, 0.0, 0.0)
-    ang = np.arctan2(ys - hy.mean(), xs - hx.mean())
+    mx, my = hx.mean(), hy.mean()                       # the outline's centre, on the small copy
+    ang = np.arctan2(ys - my, xs - mx)
     surround = float((np.histogram(ang, bins=SURROUND_BINS, range=(-math.pi, math.pi))[0] > 0).mean())
     yy, xx = np.mgrid[0:part.shape[0], 0:part.shape[1]]
-    d = np.stack([xx - hx.mean(), yy - hy.mean()], axis=-1)
+    d = np.stack([xx - mx, yy - my], axis=-1)
     ellipse = np.einsum("...i,ij,...j->...", d, np.linalg.inv(cov), d) <= 4.0   # a uniform ellipse's moments
     fit = float((ellipse & hull).sum() / (ellipse | hull).sum())
     minor = math.degrees(math.atan2(-vec[1, 0], vec[0, 0])) % 180.0
