@@ -340,8 +340,9 @@ def _add_calibrate(sub) -> None:
                         "fifth of every flagged validation bad part's is good, one above every validation good "
                         "part's (and the threshold) is bad; only the parts between get all views")
     p.add_argument("--photos-only", action="store_true",
-                   help="only measure what the training photos look like (their sharpness) and record it on "
-                        "the card, for the photo note on softer photos; --data may then be any folder of photos "
+                   help="only measure what the training photos look like (their sharpness and the part's size) "
+                        "and record it on the card, for the photo notes on softer photos and on parts sized past "
+                        "training; --data may then be any folder of photos "
                         "like them (the card says whether they were the training files); no scoring, the "
                         "threshold stays (a threshold calibration records it too, on cards without it)")
     p.add_argument("--focus-restore", choices=["on", "off"], default=None,
@@ -359,7 +360,11 @@ def _views_text(views: int, top: int) -> str:
 def _photo_range_text(r: dict | None) -> str:
     if not r:
         return "none"
-    return f"sharpness {r['sharpness'][0]:.3g}-{r['sharpness'][-1]:.3g} ({r['n']} photos)"
+    from .data import trained_sizes
+
+    sizes = trained_sizes(r)
+    return (f"sharpness {r['sharpness'][0]:.3g}-{r['sharpness'][-1]:.3g}"
+            + (f", part size {sizes[0]:.3f}-{sizes[1]:.3f} of the side with zoom" if sizes else "") + f" ({r['n']} photos)")
 
 
 def _run_calibrate(a) -> int:
@@ -450,8 +455,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true",
                    help="JSON lines: path, label, prob_bad, threshold, latency_ms, model_id, notes (what makes the "
-                        "verdict less sure: an oval part, an outline far from round, a soft photo, no part found), held "
-                        "(bad whatever prob_bad says: all of those but the soft photo); or path, error")
+                        "verdict less sure: an oval part, an outline far from round, a soft photo, a part sized past "
+                        "training, no part found), held (bad whatever prob_bad says: all of those but the soft photo "
+                        "and the size); or path, error")
     p.set_defaults(func=_run_predict)
 
 

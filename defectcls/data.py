@@ -349,16 +349,47 @@ SOFT_FACTOR = 0.7    # a photo whose sharpness is under this share of the traini
                      # and none clean or under light, JPEG, noise, turns, zoom, shifts or fills (docs/benchmarks.md)
 
 
+SIZE_MARGIN = 0.05   # a part this much smaller or larger than training showed (its photos' range, widened by its
+                     # zoom) gets a note. On the casting photos no good one clean, and none under scale 0.85-1.15
+                     # (docs/benchmarks.md, "The part's size in the frame")
+
+
+def part_size(arr: np.ndarray) -> float | None:
+    """The part's radius as a share of the photo's shorter side (``part_circle``); None where no part stands out."""
+    c = part_circle(arr)
+    return None if c is None else c[2] / min(arr.shape[:2])
+
+
+def _look(arr: np.ndarray) -> tuple[float, float | None]:
+    return sharpness(arr), part_size(arr)
+
+
 def estimate_photo_range(paths: Sequence[str], color: str = "gray", n: int = 256, seed: int = 0) -> dict | None:
     """What the training photos look like, for photo notes: the ``PHOTO_RANGE_Q`` quantiles of ``sharpness``
-    over up to N seeded photos of PATHS, and how many were measured. None when none of them decodes."""
-    return _photo_range_of(measure_sample(paths, sharpness, color, n, seed))
+    and of ``part_size`` over up to N seeded photos of PATHS, and how many were measured. None when none of them
+    decodes. The caller adds ``zoom`` (the training's zoom range, ``AugConfig.scale``) where the model sees the
+    whole photo: without it ``photo_check`` says nothing of the part's size."""
+    return _photo_range_of(measure_sample(paths, _look, color, n, seed))
 
 
-def _photo_range_of(sharp: list[float]) -> dict | None:
-    if not sharp:
+def _photo_range_of(looks: list[tuple[float, float | None]]) -> dict | None:
+    if not looks:
         return None
-    return {"sharpness": [round(float(x), 5) for x in np.quantile(sharp, PHOTO_RANGE_Q)], "n": len(sharp)}
+    out = {"sharpness": [round(float(x), 5) for x in np.quantile([s for s, _ in looks], PHOTO_RANGE_Q)],
+           "n": len(looks)}
+    sizes = [r for _, r in looks if r is not None]
+    if sizes:
+        out["size"] = [round(float(x), 5) for x in np.quantile(sizes, PHOTO_RANGE_Q)]
+    return out
+
+
+def trained_sizes(photo_range: dict | None) -> tuple[float, float] | None:
+    """The part sizes (``part_size``) a model was trained on: its photos' range (``photo_range["size"]``) widened
+    by the training's zoom (``photo_range["zoom"]``); None where the card does not say both."""
+    size, zoom = (photo_range or {}).get("size"), (photo_range or {}).get("zoom")
+    if not size or zoom is None:
+        return None
+    return size[0] * (1 - zoom), size[-1] * (1 + zoom)
 
 
 FOCUS_GAIN, FOCUS_MAX = 0.5, 6.0   # ``restore_focus``: unsharp amount per unit of missing sharpness, and its cap
@@ -396,8 +427,8 @@ def verdict_line(path, label: str, prob_bad: float, threshold: float, latency_ms
             f"{latency_ms:.1f} ms)" + (f" -> {cam}" if cam else "") + notes_text(notes or []))
 
 
-def photo_check(arr: np.ndarray, photo_range: dict | None = None, sharp: float | None = None
-                ) -> tuple[list[str], bool]:
+def photo_check(arr: np.ndarray, photo_range: dict | None = None, sharp: float | None = None,
+                filled: np.ndarray | None = None) -> tuple[list[str], bool]:
     """What about the photo makes its verdict less sure than the model's numbers say (notes; empty for a
     usual photo), and whether the photo is held: judged bad whatever the model says (``verdict``).
 
@@ -412,7 +443,10 @@ def photo_check(arr: np.ndarray, photo_range: dict | None = None, sharp: float |
     under ``ELLIPSE_FIT`` while its axes stay at 0.69. A note alone, not held, with PHOTO_RANGE
     (a card's, ``estimate_photo_range``): the photo is much softer than the photos the model was trained
     on (``SOFT_FACTOR``): out of focus is where false alarms gather under drift (docs/benchmarks.md,
-    "Softer photos"). SHARP: ``sharpness(arr)`` where the caller has it already.
+    "Softer photos"); or the part is smaller or larger in the photo than training showed it (``trained_sizes``,
+    ``SIZE_MARGIN``): past the zoom it was trained on is where misses begin (docs/benchmarks.md, "The part's size
+    in the frame"). SHARP: ``sharpness(arr)`` where the caller has it already. FILLED: ARR with a tool's fill
+    mended (``restore_fill``), where the size is measured: black corners make the whole photo the part.
     """
     o = part_outline(arr)
     if o is None:
@@ -436,6 +470,15 @@ def photo_check(arr: np.ndarray, photo_range: dict | None = None, sharp: float |
             notes.append(f"the photo looks softer than in training (sharpness {s:.2f}, training {lim[0]:.2f}-"
                          f"{lim[-1]:.2f}): out of focus, enlarged, or another camera; its verdict is less reliable: "
                          "check the focus")
+    sizes = trained_sizes(photo_range)
+    if sizes and not held:   # a held part's outline is no disc seen straight on: its area says nothing of distance
+        r = o.radius / min(arr.shape[:2]) if filled is None or filled is arr else part_size(filled)
+        if r is not None and r < sizes[0] * (1 - SIZE_MARGIN) or r > sizes[1] * (1 + SIZE_MARGIN):
+            # no "smaller" or "larger": a part that overflows the frame can measure small (the region found is
+            # then another)
+            notes.append(f"the part's size in the photo is outside what the model was trained on (radius {r:.3f} "
+                         f"of the side, trained on {sizes[0]:.3f}-{sizes[1]:.3f}): the camera moved closer or further, "
+                         "or its lens changed; its verdict is less reliable: check the camera's distance")
     return notes, held
 
 
@@ -621,7 +664,7 @@ def _background_of(meds: list[np.ndarray]) -> list[float] | None:
 def estimate_look(paths: Sequence[str], color: str = "gray", n: int = 256,
                   seed: int = 0) -> tuple[list[float] | None, dict | None]:
     """``estimate_background`` and ``estimate_photo_range`` of the same seeded photos, each decoded once."""
-    both = measure_sample(paths, lambda a: (border_median(a), sharpness(a)), color, n, seed)
+    both = measure_sample(paths, lambda a: (border_median(a), _look(a)), color, n, seed)
     return _background_of([b for b, _ in both]), _photo_range_of([s for _, s in both])
 
 
@@ -750,7 +793,7 @@ class Preprocessing:
         sharp = sharpness(filled) if self.focus_below else None
         x, box = self._boxed(filled, sharp)
         t1 = time.perf_counter()
-        notes, held = photo_check(img, self.photo_range, sharp if filled is img else None)
+        notes, held = photo_check(img, self.photo_range, sharp if filled is img else None, filled)
         return Prepared(x, box, notes, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, held)
 
     def load(self, src: str | os.PathLike | bytes | np.ndarray, fast_png: bool = True) -> np.ndarray:

@@ -1144,7 +1144,7 @@ figcaption{{font-size:12px;word-break:break-all}} .tag{{background:#f4a261;paddi
 <h2>Borderline good parts ({len(border_good)}): P(bad) within {band:g} of the threshold</h2>
 <table><tr><th>#</th><th>file</th><th>P(bad)</th><th>threshold</th><th>time</th><th></th></tr>{good_rows}</table>
 <h2>Photos with notes ({len(noted)}): verdicts less sure than their numbers
-(a tilted camera, a photo out of focus)</h2>
+(a tilted camera, a photo out of focus, the camera moved closer or further)</h2>
 <table><tr><th>#</th><th>file</th><th>verdict</th><th>note</th></tr>{note_rows}</table>
 <h2>Unreadable files ({len(errors)})</h2>
 <table><tr><th>#</th><th>file</th><th>reason</th><th>time</th></tr>{err_rows}</table>

@@ -150,6 +150,7 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
         photo_range = D.estimate_photo_range([x.path for x in folder], card.color, seed=int(card.train.get("seed", 0)))
         if photo_range is not None:
             photo_range["training_files"] = True   # the fingerprint was checked above
+            _add_zoom(photo_range, card)
     views, top = pred.card.tta, pred.card.tta_top
     if screen and views == 1:
         raise DefectclsError("--screen needs test-time views to save: use it with --tta 4 or 8 (or a card with them)")
@@ -225,6 +226,15 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
             "stale_exports": stale}
 
 
+def _add_zoom(photo_range: dict, card) -> None:
+    """PHOTO_RANGE's ``zoom``: the zoom range CARD's model was trained with, where it sees the whole photo (not
+    framed on the part) and its card says it (``data.trained_sizes``)."""
+    cfg = card.train.get("config") or {}
+    zoom = (cfg.get("aug") or {}).get("scale")
+    if cfg.get("frame", "full") == "full" and not card.frame_ref and zoom is not None:
+        photo_range["zoom"] = float(zoom)
+
+
 def record_photo_range(model_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,
                        write: bool = True, focus_restore: bool | None = None) -> dict:
     """Measure what MODEL_DIR's training photos look like (``data.estimate_photo_range``, as ``train`` does) and
@@ -252,6 +262,7 @@ def record_photo_range(model_dir: str | os.PathLike, data_root: str | os.PathLik
     if photo_range is None:
         raise DefectclsError(f"no photo of {root} could be read: nothing to measure")
     photo_range["training_files"] = D.fingerprint(folder) == saved.get("data_fingerprint")
+    _add_zoom(photo_range, card)
     before = {"photo_range": card.photo_range, "focus_below": card.focus_below}
     restore = bool(card.focus_below) if focus_restore is None else focus_restore
     focus_below = photo_range["sharpness"][0] if restore else None

@@ -111,6 +111,13 @@ def framed_model(tiny_data, tmp_path_factory):
 def test_framed_training_caches_what_inference_sees(framed_model, tiny_data, tmp_path):
     card = json.loads((framed_model / "card.json").read_text())
     assert 0.2 < card["frame_ref"] < 0.6 and card["train"]["config"]["frame"] == "part"
+    assert "size" in card["photo_range"] and "zoom" not in card["photo_range"]   # framed: no note on the part's size
+    from defectcls.models import read_card
+    from defectcls.scoring import _add_zoom
+
+    again = dict(card["photo_range"])
+    _add_zoom(again, read_card(framed_model))                                   # nor when the card is measured again
+    assert again == card["photo_range"]
     pred = Predictor(framed_model, device="cpu", backend="torch")
     assert pred.prep.frame_ref == card["frame_ref"]
     samples = D.scan_folder(tiny_data)[:6]
@@ -236,6 +243,45 @@ def test_photo_notes_compare_the_photo_with_the_training_photos(tmp_path):
     assert [n.split(" (")[0] for n in tilted_soft] == ["the part looks oval", "the photo looks softer than in training"]
     assert D.estimate_photo_range([str(tmp_path / "broken.png")]) is None
     assert D.photo_notes(np.full((120, 120), 90, np.uint8), rng)[0].startswith("no round part")
+
+
+def test_photo_notes_say_when_the_part_is_sized_past_what_training_showed(tmp_path):
+    paths = []
+    for i, img in enumerate(_emblems(12, 555)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(img).save(paths[-1])
+    rng = D.estimate_photo_range(paths, seed=0, n=12)
+    sizes = [D.part_size(D.load_image(p)) for p in paths]
+    lo, mid, hi = rng["size"]
+    assert min(sizes) <= lo <= mid <= hi <= max(sizes) and 0.3 < mid < 0.45   # the emblem's disc, of the side
+    assert D.trained_sizes(rng) is None                                        # no zoom on record: nothing said
+    photos = _emblems(4, 777)                                                  # photos it did not measure
+    assert all(D.photo_notes(P.affine(img, scale=0.7), rng) == [] for img in photos)
+    rng["zoom"] = 0.15                                                         # trained with zoom +-15%
+    assert D.trained_sizes(rng) == pytest.approx((0.85 * lo, 1.15 * hi))
+    for img in photos:
+        assert D.photo_notes(img, rng) == []
+        for near in (P.affine(img, scale=0.88), P.affine(img, scale=1.1), P.affine(img, angle=40, scale=0.9, shift=(0.03, 0))):
+            assert D.photo_notes(near, rng) == []                              # within the zoom it was trained on
+        far = P.affine(img, scale=0.6)
+        notes = D.photo_notes(far, rng)
+        assert len(notes) == 1 and notes[0].startswith("the part's size in the photo is outside what the model was")
+        assert f"radius {D.part_size(far):.3f} of the side, trained on {0.85 * lo:.3f}-{1.15 * hi:.3f}" in notes[0]
+        assert D.photo_check(far, rng)[1] is False                             # a note, not a hold
+        oval = D.photo_check(P.affine(img, squash=0.6), rng)                   # (a smaller area, but tilted)
+        assert oval[1] is True and [n.split(" (")[0] for n in oval[0]] == ["the part looks oval"]
+    # a tool's black corners around a part on a light background: the whole photo would measure as the part, so
+    # the size is measured where the card's background mended them (as the model sees the photo)
+    disc = _disc(fg=40, bg=170, hole=0.35)
+    near = {"sharpness": [0.0, 0.0, 9.0], "size": [0.22, D.part_size(disc), 0.25], "zoom": 0.15, "n": 1}
+    prep = D.Preprocessing("gray", 64, (0.5,), (0.25,), background=(170.0,), photo_range=near)
+    corners = P.affine(disc, angle=30, scale=0.9, fill="black")
+    assert D.photo_notes(corners, near)[0].startswith("the part's size in the photo")     # (as it came)
+    assert prep.prepare(corners).notes == [] and prep.prepare(disc).notes == []
+    assert prep.prepare(P.affine(disc, scale=0.6, fill="black")).notes[0].startswith("the part's size in the photo")
+    rng["zoom"] = 0.0                                                          # no zoom in training: the photos' own
+    assert D.photo_notes(P.affine(photos[0], scale=0.8), rng)[0].startswith("the part's size in the photo")
+    assert D.part_size(np.full((120, 120), 90, np.uint8)) is None
 
 
 def test_restore_focus_sharpens_only_photos_softer_than_the_training_photos(tmp_path):
