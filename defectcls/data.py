@@ -473,7 +473,7 @@ def photo_check(arr: np.ndarray, photo_range: dict | None = None, sharp: float |
     sizes = trained_sizes(photo_range)
     if sizes and not held:   # a held part's outline is no disc seen straight on: its area says nothing of distance
         r = o.radius / min(arr.shape[:2]) if filled is None or filled is arr else part_size(filled)
-        if r is not None and r < sizes[0] * (1 - SIZE_MARGIN) or r > sizes[1] * (1 + SIZE_MARGIN):
+        if r is not None and not sizes[0] * (1 - SIZE_MARGIN) <= r <= sizes[1] * (1 + SIZE_MARGIN):
             # no "smaller" or "larger": a part that overflows the frame can measure small (the region found is
             # then another)
             notes.append(f"the part's size in the photo is outside what the model was trained on (radius {r:.3f} "

@@ -279,6 +279,7 @@ def test_photo_notes_say_when_the_part_is_sized_past_what_training_showed(tmp_pa
     assert D.photo_notes(corners, near)[0].startswith("the part's size in the photo")     # (as it came)
     assert prep.prepare(corners).notes == [] and prep.prepare(disc).notes == []
     assert prep.prepare(P.affine(disc, scale=0.6, fill="black")).notes[0].startswith("the part's size in the photo")
+    assert D.photo_check(disc, near, filled=np.full_like(disc, 90)) == ([], False)   # no part where it is mended
     rng["zoom"] = 0.0                                                          # no zoom in training: the photos' own
     assert D.photo_notes(P.affine(photos[0], scale=0.8), rng)[0].startswith("the part's size in the photo")
     assert D.part_size(np.full((120, 120), 90, np.uint8)) is None
