@@ -383,6 +383,13 @@ def _photo_range_of(looks: list[tuple[float, float | None]]) -> dict | None:
     return out
 
 
+def add_zoom(photo_range: dict, frame_ref: float | None, zoom: float | None) -> None:
+    """Record on PHOTO_RANGE the training's zoom range (``AugConfig.scale``) where the model sees the whole photo
+    (no FRAME_REF): what ``trained_sizes`` widens the photos' sizes by. A model framed on the part gets none."""
+    if not frame_ref and zoom is not None:
+        photo_range["zoom"] = float(zoom)
+
+
 def trained_sizes(photo_range: dict | None) -> tuple[float, float] | None:
     """The part sizes (``part_size``) a model was trained on: its photos' range (``photo_range["size"]``) widened
     by the training's zoom (``photo_range["zoom"]``); None where the card does not say both."""

@@ -227,12 +227,8 @@ def recalibrate(model_dir: str | os.PathLike, target_fnr: float, method: str = "
 
 
 def _add_zoom(photo_range: dict, card) -> None:
-    """PHOTO_RANGE's ``zoom``: the zoom range CARD's model was trained with, where it sees the whole photo (not
-    framed on the part) and its card says it (``data.trained_sizes``)."""
-    cfg = card.train.get("config") or {}
-    zoom = (cfg.get("aug") or {}).get("scale")
-    if cfg.get("frame", "full") == "full" and not card.frame_ref and zoom is not None:
-        photo_range["zoom"] = float(zoom)
+    """``data.add_zoom`` with the zoom CARD's model was trained with, where its card says it."""
+    D.add_zoom(photo_range, card.frame_ref, ((card.train.get("config") or {}).get("aug") or {}).get("scale"))
 
 
 def record_photo_range(model_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,

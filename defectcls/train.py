@@ -412,8 +412,7 @@ def _load_data(cfg: TrainConfig, rank: int = 0, distributed: bool = False) -> _D
     background, photo_range = D.estimate_look([s.path for s in samples], cfg.color, seed=cfg.seed)
     if photo_range is not None:
         photo_range["training_files"] = True
-        if frame_ref is None:   # the part's size in the photo is what the model saw, up to the zoom of training
-            photo_range["zoom"] = cfg.aug.scale
+        D.add_zoom(photo_range, frame_ref, cfg.aug.scale)
     focus_below = photo_range["sharpness"][0] if photo_range and cfg.focus_restore else None
     if distributed and rank != 0:
         torch.distributed.barrier()  # let rank 0 decode and fill the disk cache first
